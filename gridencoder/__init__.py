@@ -1,0 +1,105 @@
+"""Multi-resolution hash-grid encoder with a CUDA kernel and a PyTorch twin.
+
+``GridEncoder`` runs ``gridencoder/_cuda.py`` when its input lives on a GPU and the
+extension builds, and ``_torch_impl.grid_encode`` otherwise (same semantics, see there).
+Set ``DREAMFUSION_GRIDENCODER=torch`` to force the twin everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ._torch_impl import grid_encode, level_layout
+
+_cuda_module: ModuleType | None | bool = None
+
+
+def cuda_backend() -> ModuleType | None:
+    """The CUDA backend module, built on first use, or None when it cannot be used."""
+    global _cuda_module
+    if _cuda_module is None:
+        _cuda_module = False
+        if os.environ.get("DREAMFUSION_GRIDENCODER", "") != "torch" and torch.cuda.is_available():
+            try:
+                from . import _cuda  # noqa: PLC0415 - built lazily, only on GPU machines
+
+                if _cuda.available():
+                    _cuda_module = _cuda
+            except ImportError:
+                _cuda_module = False
+    return _cuda_module or None
+
+
+class GridEncoder(nn.Module):
+    """Hash-grid encoder of points in [-bound, bound]^D.
+
+    Args:
+        input_dim: D.
+        num_levels: L levels, each giving ``level_dim`` features (output ``L * level_dim``).
+        base_resolution: resolution of the coarsest level.
+        log2_hashmap_size: at most 2^this table entries per level.
+        desired_resolution: finest resolution; sets ``per_level_scale`` when given.
+        interpolation: "linear" or "smoothstep" (smooth second derivatives for normals).
+
+    >>> enc = GridEncoder(num_levels=4, base_resolution=4, log2_hashmap_size=10, desired_resolution=32)
+    >>> enc(torch.rand(5, 3) * 2 - 1).shape
+    torch.Size([5, 8])
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 3,
+        num_levels: int = 16,
+        level_dim: int = 2,
+        per_level_scale: float = 2.0,
+        base_resolution: int = 16,
+        log2_hashmap_size: int = 19,
+        desired_resolution: int | None = None,
+        align_corners: bool = False,
+        interpolation: str = "smoothstep",
+        init_std: float = 1e-4,
+    ):
+        super().__init__()
+        if desired_resolution is not None and num_levels > 1:
+            per_level_scale = math.exp2(math.log2(desired_resolution / base_resolution) / (num_levels - 1))
+        self.input_dim, self.num_levels, self.level_dim = input_dim, num_levels, level_dim
+        self.per_level_scale, self.base_resolution = per_level_scale, base_resolution
+        self.log2_hashmap_size = log2_hashmap_size
+        self.align_corners, self.interpolation = align_corners, interpolation
+        self.output_dim = num_levels * level_dim
+        self.offsets, self.points = level_layout(
+            input_dim, num_levels, per_level_scale, base_resolution, log2_hashmap_size, align_corners
+        )
+        self.embeddings = nn.Parameter(torch.empty(self.offsets[-1], level_dim))
+        nn.init.uniform_(self.embeddings, -init_std, init_std)
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.num_levels}, level_dim={self.level_dim}, base={self.base_resolution}, "
+            f"scale={self.per_level_scale:.4f}, table=2^{self.log2_hashmap_size}, "
+            f"params={self.offsets[-1] * self.level_dim}, interpolation={self.interpolation}"
+        )
+
+    def forward(self, inputs: torch.Tensor, bound: float = 1.0, max_level: float | None = None) -> torch.Tensor:
+        """[..., D] points in [-bound, bound] to [..., L*level_dim] features.
+
+        ``max_level`` is the fraction of levels in use (1 = all), for coarse-to-fine training.
+        """
+        shape = inputs.shape[:-1]
+        x = ((inputs.reshape(-1, self.input_dim) + bound) / (2 * bound)).clamp(0, 1)
+        levels = None if max_level is None else max(1, math.ceil(max_level * self.num_levels))
+        cuda = cuda_backend() if x.is_cuda else None
+        fn = cuda.grid_encode if cuda is not None else grid_encode
+        out = fn(
+            x, self.embeddings, self.offsets, self.points, self.per_level_scale,
+            self.base_resolution, self.align_corners, self.interpolation, levels,
+        )
+        return out.reshape(*shape, self.output_dim)
+
+
+__all__ = ["GridEncoder", "grid_encode", "level_layout", "cuda_backend"]

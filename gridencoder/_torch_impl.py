@@ -1,0 +1,120 @@
+"""Pure-PyTorch multi-resolution hash-grid encoding (instant-ngp style).
+
+This defines the semantics that the CUDA kernel (``gridencoder/_cuda.py``) reproduces.
+
+Level ``l`` has scale ``s_l = base_resolution * per_level_scale**l - 1`` and
+``res_l = ceil(s_l) + 1``. With ``align_corners=False`` a point ``x`` in [0,1] sits at
+``p = x * s_l + 0.5`` in grid units (``p = x * (res_l - 1)`` with ``align_corners=True``),
+and the level has ``P_l = res_l + 1`` (``res_l``) lattice points per axis. A level whose
+``P_l^D`` lattice points fit in its table is indexed densely (``x + y P + z P^2``), otherwise
+through the hash ``(x * 1) xor (y * 2654435761) xor (z * 805459861)`` in uint32 arithmetic,
+modulo the level's table size ``T_l = min(2^log2_hashmap_size, P_l^D)`` rounded up to a
+multiple of 8. Interpolation weights are trilinear, or smoothstep ``f^2 (3 - 2f)`` of the
+fraction ``f``. Levels at or above ``max_level`` output zeros (coarse-to-fine training).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
+
+
+def level_layout(
+    input_dim: int,
+    num_levels: int,
+    per_level_scale: float,
+    base_resolution: int,
+    log2_hashmap_size: int,
+    align_corners: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Table offsets [L+1] and lattice points per axis [L] of every level.
+
+    >>> level_layout(3, 2, 2.0, 4, 19)
+    ([0, 128, 864], [5, 9])
+    """
+    offsets, points, total = [0], [], 0
+    max_params = 2**log2_hashmap_size
+    for level in range(num_levels):
+        scale = base_resolution * per_level_scale**level - 1
+        res = math.ceil(scale) + 1
+        P = res if align_corners else res + 1
+        size = min(max_params, P**input_dim)
+        size = int(math.ceil(size / 8) * 8)
+        total += size
+        offsets.append(total)
+        points.append(P)
+    return offsets, points
+
+
+def grid_encode(
+    inputs: torch.Tensor,
+    embeddings: torch.Tensor,
+    offsets: list[int],
+    points: list[int],
+    per_level_scale: float,
+    base_resolution: int,
+    align_corners: bool = False,
+    interpolation: str = "linear",
+    max_level: int | None = None,
+) -> torch.Tensor:
+    """Encode points with a multi-resolution grid.
+
+    Args:
+        inputs: [N,D] coordinates in [0,1].
+        embeddings: [T,F] all levels' tables, level ``l`` at rows ``offsets[l]:offsets[l+1]``.
+        offsets, points: from ``level_layout``.
+        interpolation: "linear" or "smoothstep".
+        max_level: levels >= max_level give zeros (None: all levels).
+
+    Returns:
+        [N, L*F] features, level-major (level 0's F features first); differentiable with
+        respect to both ``embeddings`` and ``inputs``.
+
+    >>> off, pts = level_layout(3, 2, 2.0, 4, 19, align_corners=True)
+    >>> emb = torch.arange(off[-1], dtype=torch.float32)[:, None]
+    >>> grid_encode(torch.zeros(1, 3), emb, off, pts, 2.0, 4, align_corners=True).tolist()
+    [[0.0, 64.0]]
+    """
+    N, D = inputs.shape
+    L = len(points)
+    F_ = embeddings.shape[1]
+    dev = inputs.device
+    levels = torch.arange(L, device=dev, dtype=torch.float32)
+    scale = base_resolution * torch.pow(torch.tensor(per_level_scale, device=dev), levels) - 1  # [L]
+    if align_corners:
+        pos = inputs.float()[:, None, :] * torch.ceil(scale)[None, :, None]
+    else:
+        pos = inputs.float()[:, None, :] * scale[None, :, None] + 0.5
+    grid = torch.floor(pos)
+    frac = pos - grid  # [N,L,D], carries the input gradient
+    if interpolation == "smoothstep":
+        frac = frac * frac * (3 - 2 * frac)
+    elif interpolation != "linear":
+        raise ValueError(f"unknown interpolation {interpolation!r}")
+    grid = grid.long()
+
+    P = torch.tensor(points, device=dev, dtype=torch.int64)  # [L]
+    sizes = torch.tensor([offsets[i + 1] - offsets[i] for i in range(L)], device=dev, dtype=torch.int64)
+    base = torch.tensor(offsets[:-1], device=dev, dtype=torch.int64)
+    dense = P**D <= sizes  # [L]
+    primes = torch.tensor(PRIMES[:D], device=dev, dtype=torch.int64)
+    strides = P[:, None] ** torch.arange(D, device=dev)[None, :]  # [L,D]
+
+    out = torch.zeros(N, L, F_, device=dev, dtype=embeddings.dtype)
+    for corner in range(2**D):
+        bits = torch.tensor([(corner >> d) & 1 for d in range(D)], device=dev)
+        c = torch.minimum(grid + bits, (P - 1)[None, :, None])  # [N,L,D]
+        w = torch.where(bits.bool(), frac, 1 - frac).prod(-1)  # [N,L]
+        dense_idx = (c * strides[None]).sum(-1)
+        h = torch.zeros(N, L, device=dev, dtype=torch.int64)
+        for d in range(D):
+            h = h ^ ((c[..., d] * primes[d]) & 0xFFFFFFFF)
+        idx = torch.where(dense[None], dense_idx, h) % sizes[None] + base[None]
+        out = out + w[..., None].to(embeddings.dtype) * embeddings[idx]
+    if max_level is not None and max_level < L:
+        keep = (torch.arange(L, device=dev) < max_level).to(out.dtype)
+        out = out * keep[None, :, None]
+    return out.reshape(N, L * F_)

@@ -1,0 +1,360 @@
+"""Cameras, rays and view-dependent prompt classes.
+
+One convention everywhere (pinned by ``tests/test_provider.py``):
+
+* world: y is up; the object's front faces +z;
+* a camera is given by its polar angle ``theta`` (degrees from +y, 90 = horizon), azimuth
+  ``phi`` (degrees, 0 = on the +z axis, positive towards +x) and radius; it looks at the origin;
+* camera-to-world poses follow OpenGL: the camera looks down its local -z, its local +y is up;
+* image row 0 is the top of the image, pixel centres sit at ``(i + 0.5, j + 0.5)``.
+
+So the camera at azimuth 0, polar 90 sits at ``(0, 0, r)`` and sees the object's front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Discrete view classes returned by ``get_view_direction``.
+FRONT, SIDE, BACK, SIDE_OTHER, OVERHEAD, BOTTOM = 0, 1, 2, 3, 4, 5
+VIEW_NAMES = ("front", "side", "back", "side", "overhead", "bottom")
+
+
+def safe_normalize(x: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
+    """Normalise along the last dim without dividing by zero.
+
+    >>> safe_normalize(torch.tensor([[3.0, 0.0, 4.0]]))
+    tensor([[0.6000, 0.0000, 0.8000]])
+    """
+    return x / torch.sqrt(torch.clamp((x * x).sum(-1, keepdim=True), min=eps))
+
+
+def wrap_azimuth(phi: torch.Tensor) -> torch.Tensor:
+    """Map azimuths in degrees to [-180, 180)."""
+    return torch.remainder(phi + 180.0, 360.0) - 180.0
+
+
+def get_view_direction(
+    thetas: torch.Tensor, phis: torch.Tensor, overhead: float, front: float
+) -> torch.Tensor:
+    """Classify cameras into front / side / back / side / overhead / bottom.
+
+    Args:
+        thetas: [B] polar angles in degrees (0 = straight above, 90 = horizon).
+        phis: [B] azimuths in degrees (any range; 0 = the object's front).
+        overhead: ``angle_overhead`` in degrees: polar <= overhead is "overhead",
+            polar >= 180 - overhead is "bottom".
+        front: ``angle_front`` in degrees: the width of the front wedge, so
+            |azimuth| < front/2 is "front" and |azimuth| > 180 - front/2 is "back".
+
+    Returns:
+        [B] int64 class indices (FRONT=0, SIDE=1, BACK=2, SIDE_OTHER=3, OVERHEAD=4, BOTTOM=5).
+
+    >>> get_view_direction(torch.tensor([90.0, 90.0, 90.0, 10.0]),
+    ...                    torch.tensor([0.0, 90.0, 180.0, 0.0]), 30, 60)
+    tensor([0, 1, 2, 4])
+    """
+    phis = wrap_azimuth(phis)
+    half = front / 2
+    res = torch.full(phis.shape, SIDE, dtype=torch.long, device=phis.device)
+    res[phis < 0] = SIDE_OTHER
+    res[phis.abs() < half] = FRONT
+    res[phis.abs() > 180 - half] = BACK
+    res[thetas <= overhead] = OVERHEAD
+    res[thetas >= 180 - overhead] = BOTTOM
+    return res
+
+
+INTERP_VIEWS = ("front", "side", "back", "overhead", "bottom")
+
+
+def view_prompt(text: str, direction: int) -> str:
+    """The discrete view-dependent prompt for a class from ``get_view_direction``.
+
+    >>> view_prompt("a red cube", FRONT), view_prompt("a red cube", OVERHEAD)
+    ('a red cube, front view', 'a red cube, overhead view')
+    """
+    return f"{text}, {VIEW_NAMES[int(direction)]} view"
+
+
+def interp_view_weights(
+    thetas: torch.Tensor, phis: torch.Tensor, overhead: float, front: float
+) -> torch.Tensor:
+    """Blend weights of the front/side/back/overhead/bottom text embeddings per camera.
+
+    The embedding is pure "front" inside the front wedge (|azimuth| <= front/2), blends
+    linearly to pure "side" at |azimuth| = 90 and on to pure "back" from
+    |azimuth| >= 180 - front/2. Cameras within ``overhead`` degrees of the top (bottom)
+    pole use the overhead (bottom) embedding alone. With ``front = 0`` this is the
+    reference's azimuth interpolation.
+
+    Returns:
+        [B,5] weights in the order of ``INTERP_VIEWS``; each row sums to 1.
+
+    >>> interp_view_weights(torch.tensor([90.0, 90.0, 90.0]), torch.tensor([0.0, 60.0, 135.0]), 30, 60)
+    tensor([[1.0000, 0.0000, 0.0000, 0.0000, 0.0000],
+            [0.5000, 0.5000, 0.0000, 0.0000, 0.0000],
+            [0.0000, 0.2500, 0.7500, 0.0000, 0.0000]])
+    """
+    a = wrap_azimuth(phis).abs()
+    half = min(max(front / 2, 0.0), 89.0)
+    w = torch.zeros(a.shape + (5,), device=a.device)
+    r_front = ((a - half) / (90 - half)).clamp(0, 1)  # 0 at the wedge edge, 1 at the side
+    r_back = ((a - 90) / (90 - half)).clamp(0, 1)  # 0 at the side, 1 at the back wedge edge
+    is_front = a < 90
+    w[..., 0] = torch.where(is_front, 1 - r_front, torch.zeros_like(a))
+    w[..., 1] = torch.where(is_front, r_front, 1 - r_back)
+    w[..., 2] = torch.where(is_front, torch.zeros_like(a), r_back)
+    top, bottom = thetas <= overhead, thetas >= 180 - overhead
+    for mask, k in ((top, 3), (bottom, 4)):
+        if mask.any():
+            w[mask] = 0.0
+            w[mask, k] = 1.0
+    return w
+
+
+def look_at_poses(centers: torch.Tensor, targets: torch.Tensor, up: torch.Tensor | None = None):
+    """Camera-to-world matrices for cameras at ``centers`` [B,3] looking at ``targets`` [B,3].
+
+    Returns [B,4,4] OpenGL poses (columns: right, up, backward, position).
+    """
+    B = centers.shape[0]
+    if up is None:
+        up = torch.tensor([0.0, 1.0, 0.0], device=centers.device).expand(B, 3)
+    forward = safe_normalize(targets - centers)
+    right = safe_normalize(torch.cross(forward, up, dim=-1))
+    # Looking straight up/down makes forward parallel to up; pick any perpendicular right.
+    degenerate = (right.norm(dim=-1) < 1e-6) | ~torch.isfinite(right).all(-1)
+    if degenerate.any():
+        right[degenerate] = torch.tensor([1.0, 0.0, 0.0], device=centers.device)
+    true_up = safe_normalize(torch.cross(right, forward, dim=-1))
+    poses = torch.eye(4, device=centers.device).repeat(B, 1, 1)
+    poses[:, :3, 0] = right
+    poses[:, :3, 1] = true_up
+    poses[:, :3, 2] = -forward
+    poses[:, :3, 3] = centers
+    return poses
+
+
+def spherical_to_cartesian(radius: torch.Tensor, thetas: torch.Tensor, phis: torch.Tensor):
+    """[B] radius, polar and azimuth (degrees) to [B,3] positions in the world convention."""
+    t, p = torch.deg2rad(thetas), torch.deg2rad(phis)
+    return torch.stack(
+        [radius * torch.sin(t) * torch.sin(p), radius * torch.cos(t), radius * torch.sin(t) * torch.cos(p)],
+        dim=-1,
+    )
+
+
+def circle_poses(
+    radius: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Poses [B,4,4] of cameras at the given spherical coordinates looking at the origin."""
+    centers = spherical_to_cartesian(radius.to(device), theta.to(device), phi.to(device))
+    return look_at_poses(centers, torch.zeros_like(centers))
+
+
+@dataclass(frozen=True)
+class CameraRanges:
+    """Ranges that random training cameras are drawn from (angles in degrees)."""
+
+    radius: tuple[float, float] = (3.0, 3.5)
+    theta: tuple[float, float] = (45.0, 105.0)
+    phi: tuple[float, float] = (-180.0, 180.0)
+    fovy: tuple[float, float] = (10.0, 30.0)
+
+    def towards(self, default: "CameraRanges", ratio: float) -> "CameraRanges":
+        """Progressive view: interpolate from ``default`` (ratio 0) to these ranges (ratio 1)."""
+        r = min(max(ratio, 0.0), 1.0)
+
+        def lerp(a, b):
+            return (b[0] + r * (a[0] - b[0]), b[1] + r * (a[1] - b[1]))
+
+        return CameraRanges(
+            lerp(self.radius, default.radius),
+            lerp(self.theta, default.theta),
+            lerp(self.phi, default.phi),
+            lerp(self.fovy, default.fovy),
+        )
+
+
+def _uniform(n: int, lo: float, hi: float, device) -> torch.Tensor:
+    return torch.rand(n, device=device) * (hi - lo) + lo
+
+
+def rand_poses(
+    size: int,
+    ranges: CameraRanges,
+    *,
+    uniform_sphere_rate: float = 0.0,
+    jitter: bool = False,
+    jitter_center: float = 0.2,
+    jitter_target: float = 0.2,
+    jitter_up: float = 0.02,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Random training cameras looking at (about) the origin.
+
+    With probability ``uniform_sphere_rate`` a batch is drawn uniformly on the upper
+    hemisphere instead of uniformly in polar angle (which over-samples the pole).
+    Jitter moves the centre uniformly in +-jitter_center/2, the look-at target with
+    N(0, jitter_target) and the up vector with N(0, jitter_up).
+
+    Returns a dict of [size] tensors ``radius``, ``theta``, ``phi`` (wrapped to [-180, 180)),
+    ``fovy`` (degrees) and ``poses`` [size,4,4].
+
+    >>> _ = torch.manual_seed(0); out = rand_poses(2, CameraRanges())
+    >>> out["poses"].shape
+    torch.Size([2, 4, 4])
+    """
+    radius = _uniform(size, *ranges.radius, device)
+    if uniform_sphere_rate > 0 and torch.rand(()).item() < uniform_sphere_rate:
+        v = safe_normalize(torch.randn(size, 3, device=device))
+        v[:, 1] = v[:, 1].abs()  # upper hemisphere
+        thetas = torch.rad2deg(torch.acos(v[:, 1].clamp(-1, 1)))
+        phis = torch.rad2deg(torch.atan2(v[:, 0], v[:, 2]))
+    else:
+        thetas = _uniform(size, *ranges.theta, device)
+        phis = _uniform(size, *ranges.phi, device)
+    phis = wrap_azimuth(phis)
+    fovy = _uniform(size, *ranges.fovy, device)
+
+    centers = spherical_to_cartesian(radius, thetas, phis)
+    targets = torch.zeros_like(centers)
+    up = None
+    if jitter:
+        centers = centers + (torch.rand_like(centers) - 0.5) * jitter_center
+        targets = targets + torch.randn_like(centers) * jitter_target
+        up = safe_normalize(torch.tensor([0.0, 1.0, 0.0], device=device) + torch.randn_like(centers) * jitter_up)
+    poses = look_at_poses(centers, targets, up)
+    return {"radius": radius, "theta": thetas, "phi": phis, "fovy": fovy, "poses": poses}
+
+
+def intrinsics_from_fovy(fovy: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """[B] fovy (degrees) to [B,4] intrinsics (fx, fy, cx, cy) with square pixels."""
+    focal = H / (2 * torch.tan(torch.deg2rad(fovy) / 2))
+    cx = torch.full_like(focal, W / 2)
+    cy = torch.full_like(focal, H / 2)
+    return torch.stack([focal, focal, cx, cy], dim=-1)
+
+
+def get_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int):
+    """Rays through every pixel centre.
+
+    Args:
+        poses: [B,4,4] camera-to-world (OpenGL).
+        intrinsics: [B,4] (fx, fy, cx, cy) in pixels.
+
+    Returns:
+        rays_o, rays_d: [B, H*W, 3], rows first (pixel (row j, column i) at index j*W+i);
+        directions are unit length.
+
+    >>> poses = circle_poses(torch.tensor([3.0]), torch.tensor([90.0]), torch.tensor([0.0]))
+    >>> o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0]), 4, 4), 4, 4)
+    >>> o.shape, bool((safe_normalize(d.mean(1)) - torch.tensor([0, 0, -1.0])).abs().max() < 1e-6)
+    (torch.Size([1, 16, 3]), True)
+    """
+    device = poses.device
+    j, i = torch.meshgrid(
+        torch.arange(H, device=device, dtype=torch.float32) + 0.5,
+        torch.arange(W, device=device, dtype=torch.float32) + 0.5,
+        indexing="ij",
+    )
+    i, j = i.reshape(1, -1), j.reshape(1, -1)
+    fx, fy, cx, cy = (intrinsics[:, k : k + 1] for k in range(4))
+    dirs_cam = torch.stack([(i - cx) / fx, -(j - cy) / fy, -torch.ones_like(i).expand(fx.shape[0], -1)], -1)
+    rays_d = safe_normalize(dirs_cam @ poses[:, :3, :3].transpose(1, 2))
+    rays_o = poses[:, None, :3, 3].expand_as(rays_d)
+    return rays_o.contiguous(), rays_d.contiguous()
+
+
+class NeRFDataset:
+    """Cameras generated on the fly; holds no images.
+
+    ``type='train'`` draws random cameras; ``'val'``/``'test'`` walk a circle of ``size``
+    cameras at the default polar angle, radius and field of view.
+    """
+
+    def __init__(
+        self,
+        *,
+        type: str,
+        H: int,
+        W: int,
+        size: int,
+        ranges: CameraRanges = CameraRanges(),
+        default_radius: float = 3.2,
+        default_polar: float = 90.0,
+        default_azimuth: float = 0.0,
+        default_fovy: float = 20.0,
+        angle_overhead: float = 30.0,
+        angle_front: float = 60.0,
+        uniform_sphere_rate: float = 0.0,
+        jitter_pose: bool = False,
+        jitter_center: float = 0.2,
+        jitter_target: float = 0.2,
+        jitter_up: float = 0.02,
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        if type not in ("train", "val", "test"):
+            raise ValueError(f"unknown dataset type {type!r}")
+        self.type, self.H, self.W, self.size = type, H, W, size
+        self.ranges = ranges
+        self.default = CameraRanges(
+            (default_radius, default_radius),
+            (default_polar, default_polar),
+            (default_azimuth, default_azimuth),
+            (default_fovy, default_fovy),
+        )
+        self.angle_overhead, self.angle_front = angle_overhead, angle_front
+        self.uniform_sphere_rate = uniform_sphere_rate
+        self.jitter = dict(jitter=jitter_pose, jitter_center=jitter_center, jitter_target=jitter_target, jitter_up=jitter_up)
+        self.batch_size = batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _pack(self, cams: dict[str, torch.Tensor]) -> dict:
+        intr = intrinsics_from_fovy(cams["fovy"], self.H, self.W)
+        rays_o, rays_d = get_rays(cams["poses"], intr, self.H, self.W)
+        return {
+            "H": self.H,
+            "W": self.W,
+            "rays_o": rays_o,
+            "rays_d": rays_d,
+            "poses": cams["poses"],
+            "polar": cams["theta"],
+            "azimuth": cams["phi"],
+            "radius": cams["radius"],
+            "fovy": cams["fovy"],
+            "dir": get_view_direction(cams["theta"], cams["phi"], self.angle_overhead, self.angle_front),
+        }
+
+    def train_batch(self, progress: float | None = None) -> dict:
+        """A batch of random cameras. ``progress`` in [0,1] enables progressive view."""
+        ranges = self.ranges if progress is None else self.ranges.towards(self.default, progress)
+        cams = rand_poses(
+            self.batch_size,
+            ranges,
+            uniform_sphere_rate=0.0 if progress is not None else self.uniform_sphere_rate,
+            device=self.device,
+            **self.jitter,
+        )
+        return self._pack(cams)
+
+    def circle_batch(self, index: int) -> dict:
+        """Camera ``index`` of ``size`` evenly spaced around the default polar angle."""
+        d = self.default
+        phi = torch.tensor([d.phi[0] + 360.0 * index / self.size])
+        cams = {
+            "radius": torch.tensor([d.radius[0]]),
+            "theta": torch.tensor([d.theta[0]]),
+            "phi": wrap_azimuth(phi),
+            "fovy": torch.tensor([d.fovy[0]]),
+        }
+        cams = {k: v.to(self.device) for k, v in cams.items()}
+        cams["poses"] = circle_poses(cams["radius"], cams["theta"], cams["phi"], self.device)
+        return self._pack(cams)

@@ -1,0 +1,86 @@
+"""Occupancy-grid ray marching: leaf functions on tensors.
+
+Each function runs the CUDA kernel when its tensors live on a GPU and the extension
+builds (``raymarching/_cuda.py``), and the pure-PyTorch twin (``_torch_impl``) otherwise.
+Both have the same signatures and semantics; see ``_torch_impl`` for the definitions.
+Set ``DREAMFUSION_RAYMARCHING=torch`` to force the twin everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import _torch_impl
+
+_cuda_module: ModuleType | None | bool = None  # None: not tried yet; False: unavailable
+
+
+def cuda_backend() -> ModuleType | None:
+    """The CUDA backend module, built on first use, or None when it cannot be used."""
+    global _cuda_module
+    if _cuda_module is None:
+        _cuda_module = False
+        if os.environ.get("DREAMFUSION_RAYMARCHING", "") != "torch" and torch.cuda.is_available():
+            try:
+                from . import _cuda  # noqa: PLC0415 - built lazily, only on GPU machines
+
+                if _cuda.available():
+                    _cuda_module = _cuda
+            except ImportError:
+                _cuda_module = False
+    return _cuda_module or None
+
+
+def _impl(t: torch.Tensor) -> ModuleType:
+    if t.is_cuda:
+        mod = cuda_backend()
+        if mod is not None:
+            return mod
+    return _torch_impl
+
+
+def near_far_from_aabb(rays_o, rays_d, aabb, min_near=0.2):
+    return _impl(rays_o).near_far_from_aabb(rays_o, rays_d, aabb, min_near)
+
+
+def morton3D(coords):
+    return _impl(coords).morton3D(coords)
+
+
+def morton3D_invert(indices):
+    return _impl(indices).morton3D_invert(indices)
+
+
+def packbits(grid, thresh):
+    return _impl(grid).packbits(grid, thresh)
+
+
+def march_rays_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb=False,
+                     dt_gamma=0.0, max_steps=1024, noise=None):
+    return _impl(rays_o).march_rays_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars,
+                                          perturb, dt_gamma, max_steps, noise)
+
+
+def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
+    return _impl(sigmas).composite_rays_train(sigmas, rgbs, ts, rays, T_thresh)
+
+
+def march_rays(n_alive, n_step, rays_alive, rays_t, rays_o, rays_d, bound, density_bitfield, C, G,
+               nears, fars, dt_gamma=0.0, max_steps=1024):
+    return _impl(rays_o).march_rays(n_alive, n_step, rays_alive, rays_t, rays_o, rays_d, bound,
+                                    density_bitfield, C, G, nears, fars, dt_gamma, max_steps)
+
+
+def composite_rays(n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image,
+                   fars, T_thresh=1e-2):
+    return _impl(sigmas).composite_rays(n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts,
+                                        weights_sum, depth, image, fars, T_thresh)
+
+
+__all__ = [
+    "near_far_from_aabb", "morton3D", "morton3D_invert", "packbits", "march_rays_train",
+    "composite_rays_train", "march_rays", "composite_rays", "cuda_backend",
+]

@@ -1,0 +1,363 @@
+"""Pure-PyTorch twin of the CUDA ray marcher.
+
+These functions define the semantics; the CUDA kernels must return the same values
+(``tests/test_raymarching.py`` compares them). They are what ``--cuda_ray`` runs on CPU.
+
+Occupancy grid layout: ``C`` cascades of ``G^3`` cells, cascade ``m`` covering
+``[-s, s]^3`` with ``s = min(2^m, bound)``; cells are stored in Morton (Z-order) so that
+neighbouring cells share cache lines. The bitfield packs cell ``8k+b`` into bit ``b`` of
+byte ``k``.
+
+Sample positions along a ray lie on a lattice: ``t_0 = near + u * dt(near)`` (``u`` the
+per-ray jitter in [0,1), 0 without perturbation) and ``t_{k+1} = t_k + dt(t_k)`` with
+``dt(t) = clamp(t * dt_gamma, dt_min, dt_max)``, ``dt_min = 2*sqrt(3)/max_steps`` and
+``dt_max = 2*sqrt(3)*s_max/G``. With ``dt_gamma = 0`` that is ``t_k = t_0 + k*dt_min``,
+computed as such (no accumulation) so that all implementations agree. At most
+``max_steps`` lattice points per ray are visited; a sample is emitted for a lattice point
+before ``far`` whose cell is occupied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SQRT3 = math.sqrt(3.0)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def near_far_from_aabb(
+    rays_o: torch.Tensor, rays_d: torch.Tensor, aabb: torch.Tensor, min_near: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry/exit distances of rays through an axis-aligned box.
+
+    Args:
+        rays_o, rays_d: [N,3] origins and directions.
+        aabb: [6] (xmin, ymin, zmin, xmax, ymax, zmax).
+        min_near: nears are clamped to at least this.
+
+    Returns:
+        nears, fars: [N]; rays that miss the box get ``near = far = 1e10``.
+
+    >>> o = torch.tensor([[0.0, 0.0, 3.0]]); d = torch.tensor([[0.0, 0.0, -1.0]])
+    >>> near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    (tensor([2.]), tensor([4.]))
+    """
+    inv = 1.0 / torch.where(rays_d.abs() < 1e-15, torch.full_like(rays_d, 1e-15), rays_d)
+    t1 = (aabb[:3] - rays_o) * inv
+    t2 = (aabb[3:] - rays_o) * inv
+    near = torch.minimum(t1, t2).amax(-1)
+    far = torch.maximum(t1, t2).amin(-1)
+    miss = far < near
+    near = torch.clamp(near, min=min_near)
+    miss = miss | (far < near)
+    big = torch.full_like(near, 1e10)
+    return torch.where(miss, big, near), torch.where(miss, big, far)
+
+
+def _split_by_3(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.int64) & 0x3FF
+    x = (x | (x << 16)) & 0x030000FF
+    x = (x | (x << 8)) & 0x0300F00F
+    x = (x | (x << 4)) & 0x030C30C3
+    x = (x | (x << 2)) & 0x09249249
+    return x
+
+
+def _compact_by_3(x: torch.Tensor) -> torch.Tensor:
+    x = x & 0x09249249
+    x = (x | (x >> 2)) & 0x030C30C3
+    x = (x | (x >> 4)) & 0x0300F00F
+    x = (x | (x >> 8)) & 0x030000FF
+    x = (x | (x >> 16)) & 0x3FF
+    return x
+
+
+def morton3D(coords: torch.Tensor) -> torch.Tensor:
+    """[N,3] integer cell coordinates (each < 1024) to [N] int64 Morton indices.
+
+    >>> morton3D(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]))
+    tensor([1, 2, 4, 7])
+    """
+    return _split_by_3(coords[:, 0]) | (_split_by_3(coords[:, 1]) << 1) | (_split_by_3(coords[:, 2]) << 2)
+
+
+def morton3D_invert(indices: torch.Tensor) -> torch.Tensor:
+    """[N] Morton indices to [N,3] int64 coordinates (inverse of ``morton3D``)."""
+    i = indices.to(torch.int64)
+    return torch.stack([_compact_by_3(i), _compact_by_3(i >> 1), _compact_by_3(i >> 2)], -1)
+
+
+def packbits(grid: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Occupancy bits of a density grid.
+
+    Args:
+        grid: [C, G^3] (or flat) densities in Morton order.
+        thresh: a cell is occupied when its density is above this.
+
+    Returns:
+        [C*G^3/8] uint8; bit ``b`` of byte ``k`` is cell ``8k+b``.
+
+    >>> packbits(torch.tensor([0.0, 2, 0, 0, 0, 0, 0, 3]), 1.0)
+    tensor([130], dtype=torch.uint8)
+    """
+    bits = (grid.reshape(-1, 8) > thresh).to(torch.int32)
+    weights = 2 ** torch.arange(8, device=grid.device, dtype=torch.int32)
+    return (bits * weights).sum(-1).to(torch.uint8)
+
+
+def _cell_index(xyz: torch.Tensor, bound: float, C: int, G: int) -> torch.Tensor:
+    """[...,3] positions to flat grid indices (cascade * G^3 + morton)."""
+    mx = xyz.abs().amax(-1).clamp(min=1e-12)
+    # Smallest cascade whose box contains the point: 2^m >= max|x|.
+    mip = torch.ceil(torch.log2(mx)).clamp(min=0, max=C - 1)
+    scale = torch.clamp(torch.exp2(mip), max=bound)
+    nx = ((xyz / scale[..., None] + 1) * 0.5 * G).floor().clamp(0, G - 1).to(torch.int64)
+    m = morton3D(nx.reshape(-1, 3)).reshape(nx.shape[:-1])
+    return mip.to(torch.int64) * G**3 + m
+
+
+def _occupied(xyz: torch.Tensor, bitfield: torch.Tensor, bound: float, C: int, G: int) -> torch.Tensor:
+    idx = _cell_index(xyz, bound, C, G)
+    byte = bitfield[idx // 8].to(torch.int32)
+    return ((byte >> (idx % 8).to(torch.int32)) & 1).bool()
+
+
+def _step_params(bound: float, C: int, G: int, max_steps: int) -> tuple[float, float]:
+    dt_min = 2 * SQRT3 / max_steps
+    dt_max = 2 * SQRT3 * min(2 ** (C - 1), bound) / G
+    return dt_min, dt_max
+
+
+def _lattice(t0: torch.Tensor, n: int, dt_gamma: float, dt_min: float, dt_max: float):
+    """[R] start points to [R,n] lattice points and their step sizes."""
+    if dt_gamma == 0:
+        k = torch.arange(n, device=t0.device, dtype=t0.dtype)
+        ts = t0[:, None] + k * dt_min
+        return ts, torch.full_like(ts, dt_min)
+    ts, dts = [], []
+    t = t0
+    for _ in range(n):
+        dt = torch.clamp(t * dt_gamma, dt_min, dt_max)
+        ts.append(t)
+        dts.append(dt)
+        t = t + dt
+    return torch.stack(ts, 1), torch.stack(dts, 1)
+
+
+def march_rays_train(
+    rays_o: torch.Tensor,
+    rays_d: torch.Tensor,
+    bound: float,
+    density_bitfield: torch.Tensor,
+    C: int,
+    G: int,
+    nears: torch.Tensor,
+    fars: torch.Tensor,
+    perturb: bool = False,
+    dt_gamma: float = 0.0,
+    max_steps: int = 1024,
+    noise: torch.Tensor | None = None,
+):
+    """Packed samples in occupied cells along each ray (training).
+
+    Args:
+        rays_o, rays_d: [N,3]; nears, fars: [N] from ``near_far_from_aabb``.
+        density_bitfield: [C*G^3/8] uint8 from ``packbits``.
+        perturb: jitter each ray's first sample by ``noise`` (drawn if None) times its step.
+        noise: [N] in [0,1), the jitter to use (for reproducible comparisons).
+
+    Returns:
+        xyzs, dirs: [M,3]; ts: [M,2] (t, dt); rays: [N,2] int32 (offset, count), each ray's
+        samples contiguous and ordered front to back.
+
+    >>> o = torch.tensor([[0.0, 0, 3]]); d = torch.tensor([[0.0, 0, -1]])
+    >>> bits = packbits(torch.ones(8**3), 0.5)
+    >>> n, f = near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    >>> xyzs, dirs, ts, rays = march_rays_train(o, d, 1.0, bits, 1, 8, n, f, max_steps=8)
+    >>> rays.tolist(), [round(v, 3) for v in ts[:, 0].tolist()][:3]
+    ([[0, 5]], [2.0, 2.433, 2.866])
+    """
+    N = rays_o.shape[0]
+    dt_min, dt_max = _step_params(bound, C, G, max_steps)
+    if perturb:
+        if noise is None:
+            noise = torch.rand(N, device=rays_o.device)
+        t0 = nears + noise * torch.clamp(nears * dt_gamma, dt_min, dt_max)
+    else:
+        t0 = nears.clone()
+    ts, dts = _lattice(t0, max_steps, dt_gamma, dt_min, dt_max)  # [N, S]
+    xyz = rays_o[:, None] + ts[..., None] * rays_d[:, None]
+    xyz = torch.clamp(xyz, -bound, bound)
+    keep = (ts < fars[:, None]) & _occupied(xyz, density_bitfield, bound, C, G)
+    counts = keep.sum(1)
+    offsets = torch.cumsum(counts, 0) - counts
+    ray_ids = torch.arange(N, device=rays_o.device)[:, None].expand_as(keep)[keep]
+    rays = torch.stack([offsets, counts], -1).to(torch.int32)
+    return xyz[keep], rays_d[ray_ids], torch.stack([ts[keep], dts[keep]], -1), rays
+
+
+def _ray_ids(rays: torch.Tensor, M: int) -> torch.Tensor:
+    """[M] index of the ray that owns each packed sample (samples not owned: -1)."""
+    ids = torch.full((M,), -1, dtype=torch.int64, device=rays.device)
+    counts = rays[:, 1].long()
+    owner = torch.repeat_interleave(torch.arange(rays.shape[0], device=rays.device), counts)
+    start = torch.repeat_interleave(rays[:, 0].long(), counts)
+    within = torch.arange(owner.numel(), device=rays.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
+    ids[start + within] = owner
+    return ids
+
+
+def composite_rays_train(
+    sigmas: torch.Tensor,
+    rgbs: torch.Tensor,
+    ts: torch.Tensor,
+    rays: torch.Tensor,
+    T_thresh: float = 1e-4,
+):
+    """Front-to-back alpha compositing of packed samples (differentiable).
+
+    ``alpha_i = 1 - exp(-sigma_i dt_i)``, ``T_i = prod_{j<i} (1 - alpha_j)``,
+    ``w_i = alpha_i T_i``; a sample whose ``T_i < T_thresh`` is dropped (early termination).
+
+    Args:
+        sigmas: [M]; rgbs: [M,C]; ts: [M,2] (t, dt); rays: [N,2] (offset, count).
+
+    Returns:
+        weights [M], weights_sum [N], depth [N] (``sum w t``), image [N,C].
+
+    >>> w, ws, d, img = composite_rays_train(torch.tensor([1e9]), torch.ones(1, 3),
+    ...     torch.tensor([[2.0, 0.1]]), torch.tensor([[0, 1]]))
+    >>> ws.tolist(), d.tolist()
+    ([1.0], [2.0])
+    """
+    M, N = sigmas.shape[0], rays.shape[0]
+    ids = _ray_ids(rays, M)
+    owned = ids >= 0
+    ids_c = ids.clamp(min=0)
+    tau = sigmas.float() * ts[:, 1].float()
+    # Exclusive cumulative optical depth within each ray: global cumsum minus the value at
+    # the ray's first sample (float64 keeps the subtraction exact over long packed arrays).
+    csum = torch.cumsum(tau.double(), 0) - tau.double()
+    start = rays[:, 0].long().clamp(max=max(M - 1, 0))
+    excl = csum - csum[start][ids_c] if M > 0 else csum
+    T = torch.exp(-excl.float())
+    alpha = 1 - torch.exp(-tau)
+    weights = alpha * T * ((T >= T_thresh) & owned).float()
+    weights_sum = torch.zeros(N, device=sigmas.device, dtype=weights.dtype).index_add(0, ids_c, weights)
+    depth = torch.zeros(N, device=sigmas.device, dtype=weights.dtype).index_add(0, ids_c, weights * ts[:, 0])
+    image = torch.zeros(N, rgbs.shape[-1], device=sigmas.device, dtype=weights.dtype).index_add(
+        0, ids_c, weights[:, None] * rgbs.float()
+    )
+    return weights, weights_sum, depth, image
+
+
+def march_rays(
+    n_alive: int,
+    n_step: int,
+    rays_alive: torch.Tensor,
+    rays_t: torch.Tensor,
+    rays_o: torch.Tensor,
+    rays_d: torch.Tensor,
+    bound: float,
+    density_bitfield: torch.Tensor,
+    C: int,
+    G: int,
+    nears: torch.Tensor,
+    fars: torch.Tensor,
+    dt_gamma: float = 0.0,
+    max_steps: int = 1024,
+):
+    """The next ``n_step`` occupied samples of each alive ray (inference).
+
+    ``rays_t`` [N] holds each ray's next lattice point and is advanced in place past the
+    last lattice point visited; unused sample slots have ``dt = 0``. Rays with ``rays_t >=
+    far`` are exhausted.
+
+    Args:
+        rays_alive: [n_alive] int indices of the rays still marching.
+        rays_t: [N] float, updated in place; start it at ``nears``.
+
+    Returns:
+        xyzs, dirs: [n_alive*n_step, 3]; ts: [n_alive*n_step, 2] (t, dt).
+    """
+    dt_min, dt_max = _step_params(bound, C, G, max_steps)
+    idx = rays_alive.long()
+    o, d, far = rays_o[idx], rays_d[idx], fars[idx]
+    t = rays_t[idx].clone()
+    out_t = torch.zeros(n_alive, n_step, device=o.device)
+    out_dt = torch.zeros(n_alive, n_step, device=o.device)
+    count = torch.zeros(n_alive, dtype=torch.int64, device=o.device)
+    window = max(2 * n_step, 16)
+    active = t < far
+    while bool(active.any()):
+        a = active.nonzero().squeeze(1)
+        cand_t, cand_dt = _lattice(t[a], window, dt_gamma, dt_min, dt_max)
+        inside = cand_t < far[a, None]
+        xyz = torch.clamp(o[a, None] + cand_t[..., None] * d[a, None], -bound, bound)
+        occ = _occupied(xyz, density_bitfield, bound, C, G) & inside
+        rank = torch.cumsum(occ.long(), 1) - 1 + count[a, None]
+        keep = occ & (rank < n_step)
+        rows = a[:, None].expand_as(keep)[keep]
+        out_t[rows, rank[keep]] = cand_t[keep]
+        out_dt[rows, rank[keep]] = cand_dt[keep]
+        count[a] += keep.sum(1)
+        # Continue after the last kept sample when full, else after the whole window.
+        full = count[a] >= n_step
+        last = torch.where(keep, torch.arange(window, device=o.device), -1).amax(1)
+        nxt = torch.where(full, last + 1, torch.full_like(last, window))
+        next_t = cand_t[:, -1] + cand_dt[:, -1]
+        within = nxt < window
+        gather = cand_t.gather(1, nxt.clamp(max=window - 1)[:, None]).squeeze(1)
+        t[a] = torch.where(within, gather, next_t)
+        active = (count < n_step) & (t < far)
+    rays_t[idx] = t
+    ts = torch.stack([out_t, out_dt], -1).reshape(-1, 2)
+    xyzs = (o[:, None] + out_t[..., None] * d[:, None]).reshape(-1, 3)
+    xyzs = torch.where(ts[:, 1:] > 0, torch.clamp(xyzs, -bound, bound), torch.zeros_like(xyzs))
+    dirs = d[:, None].expand(n_alive, n_step, 3).reshape(-1, 3)
+    return xyzs, dirs, ts
+
+
+def composite_rays(
+    n_alive: int,
+    n_step: int,
+    rays_alive: torch.Tensor,
+    rays_t: torch.Tensor,
+    sigmas: torch.Tensor,
+    rgbs: torch.Tensor,
+    ts: torch.Tensor,
+    weights_sum: torch.Tensor,
+    depth: torch.Tensor,
+    image: torch.Tensor,
+    fars: torch.Tensor,
+    T_thresh: float = 1e-2,
+) -> None:
+    """Accumulate one ``march_rays`` batch into the frame, in place (inference).
+
+    Rays whose transmittance falls below ``T_thresh``, or that are exhausted
+    (``rays_t >= far``), are marked dead by setting ``rays_alive[i] = -1``.
+    """
+    idx = rays_alive.long()
+    sig = sigmas.float().reshape(n_alive, n_step)
+    dt = ts[:, 1].reshape(n_alive, n_step)
+    tt = ts[:, 0].reshape(n_alive, n_step)
+    col = rgbs.float().reshape(n_alive, n_step, -1)
+    tau = sig * dt
+    T0 = (1 - weights_sum[idx]).clamp(min=0)
+    T = T0[:, None] * torch.exp(-(torch.cumsum(tau, 1) - tau))
+    alpha = 1 - torch.exp(-tau)
+    w = alpha * T * ((T >= T_thresh) & (dt > 0)).float()
+    weights_sum[idx] += w.sum(1)
+    depth[idx] += (w * tt).sum(1)
+    image[idx] += (w[..., None] * col).sum(1)
+    T_end = T0 * torch.exp(-tau.sum(1))
+    dead = (T_end < T_thresh) | (rays_t[idx] >= fars[idx])
+    rays_alive[dead] = -1
