@@ -1,0 +1,273 @@
+"""Stable Diffusion as a score-distillation prior (``StableDiffusion.train_step``).
+
+Self-contained: it scores images and knows nothing of NeRFs. Models load through
+diffusers/transformers ``from_pretrained`` from the Hugging Face cache (offline once
+cached), a hub id, or a local folder in diffusers' layout (``--hf_key``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MODEL_KEYS = {
+    "2.1": "stabilityai/stable-diffusion-2-1-base",
+    "2.0": "stabilityai/stable-diffusion-2-base",
+    "1.5": "runwayml/stable-diffusion-v1-5",
+    "builtin": str(Path(__file__).resolve().parent.parent / "pretrained" / "builtin"),
+}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The diffusion model is neither cached, nor a local folder, nor downloadable."""
+
+
+def cfg(noise_uncond: torch.Tensor, noise_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``eps_u + s * (eps_c - eps_u)``.
+
+    >>> cfg(torch.tensor([1.0]), torch.tensor([2.0]), 100.0)
+    tensor([101.])
+    """
+    return noise_uncond + scale * (noise_cond - noise_uncond)
+
+
+def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient with respect to ``latents`` [B,...] is ``grad / B``.
+
+    ``0.5 * ||latents - stopgrad(latents - grad)||^2 / B``: its value ``0.5 ||grad||^2 / B``
+    is the size of the SDS update (not a convergence signal). The reduction is in fp32, so
+    the gradient survives fp16 autocast and a GradScaler multiplies it exactly.
+
+    >>> x = torch.zeros(2, 3, requires_grad=True); sds_loss(x, torch.ones(2, 3)).backward()
+    >>> x.grad.tolist()
+    [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    """
+    latents = latents.float()
+    target = (latents - grad.float()).detach()
+    return 0.5 * F.mse_loss(latents, target, reduction="sum") / latents.shape[0]
+
+
+def _load(cls, key: str, subfolder: str, **kwargs):
+    """``cls.from_pretrained`` from the local cache first, the hub second, one clear error last."""
+    local_dir = os.path.isdir(key)
+    try:
+        return cls.from_pretrained(key, subfolder=subfolder, local_files_only=True, **kwargs)
+    except Exception as first:  # noqa: BLE001 - any failure here means "not available locally"
+        if local_dir:
+            raise ModelNotFoundError(
+                f"{key}/{subfolder} could not be loaded ({type(first).__name__}: {str(first).splitlines()[0]})"
+            ) from None
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise ModelNotFoundError(_missing_message(key)) from None
+    try:
+        return cls.from_pretrained(key, subfolder=subfolder, **kwargs)
+    except Exception:  # noqa: BLE001 - network or repo errors all mean the same to the user
+        raise ModelNotFoundError(_missing_message(key)) from None
+
+
+def _missing_message(key: str) -> str:
+    return (
+        f"diffusion model '{key}' is not in the Hugging Face cache and could not be downloaded; "
+        f"on a machine with internet run `huggingface-cli download {key}` (then copy "
+        f"~/.cache/huggingface), or pass --hf_key /path/to/a/diffusers/folder, "
+        f"or use --sd_version builtin"
+    )
+
+
+def _fingerprint(key: str) -> str:
+    """Identity of the text encoder for the embedding cache: the folder and its weights'
+    size and mtime for a local model, the cached snapshot (commit) for a hub id."""
+    if os.path.isdir(key):
+        parts = [os.path.abspath(key)]
+        te = Path(key) / "text_encoder"
+        for f in sorted(te.glob("*")) if te.is_dir() else []:
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+        return "|".join(parts)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(key, local_files_only=True, allow_patterns=["text_encoder/*"])
+    except Exception:  # noqa: BLE001 - not cached: the key alone (embeddings computed anew)
+        return key
+
+
+class StableDiffusion(torch.nn.Module):
+    """A latent diffusion model used as a score-distillation prior.
+
+    Args:
+        device: where the models run.
+        fp16: load UNet and VAE in float16 (CUDA only).
+        vram_O: save memory (VAE slicing, attention slicing, channels_last).
+        sd_version: "2.1", "2.0", "1.5" or "builtin"; ``hf_key`` overrides it.
+        hf_key: hub id or local folder in diffusers' layout.
+        t_range: fractions of the training timesteps that t is drawn from.
+        cache_dir: where text embeddings are cached (default ~/.cache/dreamfusion/text_embeds).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        fp16: bool = False,
+        vram_O: bool = False,
+        sd_version: str = "2.1",
+        hf_key: str | None = None,
+        t_range: tuple[float, float] = (0.02, 0.98),
+        cache_dir: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        self.device = torch.device(device)
+        self.key = hf_key or MODEL_KEYS[sd_version]
+        self.dtype = torch.float16 if fp16 and self.device.type == "cuda" else torch.float32
+        self.vae = _load(AutoencoderKL, self.key, "vae", torch_dtype=self.dtype).to(self.device)
+        self.unet = _load(UNet2DConditionModel, self.key, "unet", torch_dtype=self.dtype).to(self.device)
+        self.scheduler = _load(DDIMScheduler, self.key, "scheduler")
+        for m in (self.vae, self.unet):
+            m.eval()
+            m.requires_grad_(False)  # the prior is frozen: no weight gradients are ever needed
+        if vram_O:
+            self.vae.enable_slicing()
+            self.unet.set_attention_slice(1)
+            self.unet.to(memory_format=torch.channels_last)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_size = int(self.unet.config.sample_size)
+        self.image_size = self.latent_size * self.vae_scale_factor  # the model's native input
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.min_step = int(self.num_train_timesteps * t_range[0])
+        self.max_step = int(self.num_train_timesteps * t_range[1])
+        self.register_buffer("alphas", self.scheduler.alphas_cumprod.to(self.device, torch.float32), persistent=False)
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "dreamfusion" / "text_embeds")
+        self._text = None  # (tokenizer, text_encoder), loaded only when a prompt is not cached
+
+    # --- text --------------------------------------------------------------------------------
+    def _text_models(self):
+        if self._text is None:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            tok = _load(CLIPTokenizer, self.key, "tokenizer")
+            enc = _load(CLIPTextModel, self.key, "text_encoder").to(self.device).eval()
+            self._text = (tok, enc)
+        return self._text
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder once all prompts are embedded."""
+        self._text = None
+
+    @torch.no_grad()
+    def get_text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """[B] prompts -> [B, 77, D] CLIP hidden states, cached on disk per model and prompt."""
+        from safetensors.torch import load_file, save_file
+
+        fp = _fingerprint(self.key)
+        out = []
+        for p in prompts:
+            h = hashlib.sha256(f"{fp}\n{p}".encode()).hexdigest()[:32]
+            path = self.cache_dir / f"{h}.safetensors"
+            emb = None
+            if path.exists():
+                try:
+                    emb = load_file(str(path))["embeds"]
+                except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+                    emb = None
+            if emb is None:
+                tok, enc = self._text_models()
+                ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device)
+                emb = enc(ids)[0].float().cpu()
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                save_file({"embeds": emb.contiguous()}, str(tmp))
+                os.replace(tmp, path)
+            out.append(emb)
+        return torch.cat(out).to(self.device)
+
+    # --- images <-> latents ----------------------------------------------------------------------
+    def encode_imgs(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [0,1] -> [B,4,h,w] scaled latents (differentiable)."""
+        posterior = self.vae.encode((2 * imgs - 1).to(self.dtype)).latent_dist
+        return posterior.sample() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B,4,h,w] scaled latents -> [B,3,H,W] in [0,1]."""
+        imgs = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
+        return ((imgs.float() + 1) / 2).clamp(0, 1)
+
+    # --- score distillation ---------------------------------------------------------------------
+    def train_step(
+        self,
+        text_embeddings: torch.Tensor,
+        pred_rgb: torch.Tensor,
+        guidance_scale: float = 100.0,
+        as_latent: bool = False,
+        grad_scale: float = 1.0,
+        save_guidance_path: str | os.PathLike | None = None,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The SDS loss of a batch of renders.
+
+        Args:
+            text_embeddings: [2B,77,D], the unconditional (negative) embeddings first.
+            pred_rgb: [B,3,H,W] renders in [0,1], or [B,4,H,W] (normal + mask) with ``as_latent``.
+            guidance_scale: classifier-free guidance scale s.
+            grad_scale: lambda multiplying the SDS gradient.
+            t, noise: [B] timesteps and latent noise to use (drawn when None).
+
+        Returns:
+            A scalar loss whose gradient with respect to the latents is
+            ``grad_scale * (1 - alphas_cumprod[t]) * (eps_hat - eps) / B``.
+        """
+        B = pred_rgb.shape[0]
+        if as_latent:
+            latents = F.interpolate(pred_rgb, (self.latent_size,) * 2, mode="bilinear", align_corners=False) * 2 - 1
+        else:
+            rgb = F.interpolate(pred_rgb, (self.image_size,) * 2, mode="bilinear", align_corners=False)
+            latents = self.encode_imgs(rgb)
+        if t is None:
+            t = torch.randint(self.min_step, self.max_step + 1, (B,), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            if noise is None:
+                noise = torch.randn_like(latents)
+            noisy = self.scheduler.add_noise(latents.detach(), noise.to(latents.dtype), t)
+            noise_pred = self.unet(
+                torch.cat([noisy] * 2).to(self.dtype),
+                torch.cat([t] * 2),
+                encoder_hidden_states=text_embeddings.to(self.dtype),
+            ).sample
+            uncond, cond = noise_pred.float().chunk(2)
+            eps_hat = cfg(uncond, cond, guidance_scale)
+        w = (1 - self.alphas[t]).view(-1, 1, 1, 1)
+        grad = torch.nan_to_num(grad_scale * w * (eps_hat - noise.float()))
+        if save_guidance_path is not None:
+            self._save_guidance(pred_rgb, noisy, eps_hat, t, as_latent, save_guidance_path)
+        return sds_loss(latents, grad)
+
+    @torch.no_grad()
+    def predict_x0(self, noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One-step clean-latent estimate ``(x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``."""
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        return (noisy.float() - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+
+    def _save_guidance(self, pred_rgb, noisy, eps_hat, t, as_latent, path) -> None:
+        from PIL import Image
+
+        x0 = self.predict_x0(noisy, eps_hat, t)
+        size = (self.image_size,) * 2
+        first = pred_rgb[:, :3] if not as_latent else pred_rgb[:, :3]
+        panels = [
+            F.interpolate(first.detach().float(), size, mode="bilinear", align_corners=False),
+            self.decode_latents(noisy),
+            self.decode_latents(x0),
+        ]
+        strip = torch.cat([torch.cat(list(p), -1) for p in panels], -2)  # rows: render, noisy, x0
+        arr = (strip.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)

@@ -1,0 +1,229 @@
+"""The one backbone design shared by every ``--backbone``.
+
+A backbone only chooses its encoder and MLP sizes (``network_grid.py``, ``network.py``);
+everything else lives here once: the density activation and the density blob, albedo,
+normals (finite differences, a 4-point tetrahedral stencil, or autograd), shading and the
+background network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoding import FreqEncoder
+from .provider import safe_normalize
+from .renderer import NeRFRenderer
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp(x) in fp32 whose backward is clamped at exp(15), so large logits cannot blow up."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.exp(x.clamp(max=15))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    return _TruncExp.apply(x)
+
+
+def biased_softplus(x: torch.Tensor, bias: float = 0.0) -> torch.Tensor:
+    return F.softplus(x - bias)
+
+
+class ResBlock(nn.Module):
+    """Linear + LayerNorm with a skip connection and SiLU (the vanilla backbone's block)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return F.silu(x + self.norm(self.dense(x)))
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU (or residual blocks in the middle)."""
+
+    def __init__(self, dim_in: int, dim_out: int, dim_hidden: int, num_layers: int, residual: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            first, last = i == 0, i == num_layers - 1
+            if residual and not first and not last:
+                layers.append(ResBlock(dim_hidden))
+            else:
+                layers.append(nn.Linear(dim_in if first else dim_hidden, dim_out if last else dim_hidden))
+        self.layers = nn.ModuleList(layers)
+        self.residual = residual
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i != len(self.layers) - 1 and isinstance(layer, nn.Linear):
+                x = F.silu(x) if self.residual else F.relu(x, inplace=True)
+        return x
+
+
+SHADINGS = ("albedo", "lambertian", "textureless", "normal")
+
+
+class FieldNetwork(NeRFRenderer):
+    """A NeRF field: encoder -> MLP -> (density logit, albedo logits), plus shading.
+
+    Subclasses call ``super().__init__(opt, encoder, hidden_dim, num_layers, ...)``.
+    """
+
+    def __init__(
+        self,
+        opt,
+        encoder: nn.Module,
+        hidden_dim: int,
+        num_layers: int,
+        *,
+        residual: bool = False,
+        normal_method: str = "fd",
+        bg_multires: int = 6,
+        bg_hidden: int = 32,
+    ):
+        super().__init__(opt)
+        self.encoder = encoder
+        self.sigma_net = MLP(encoder.output_dim, 4, hidden_dim, num_layers, residual=residual)
+        self.density_activation = opt.density_activation
+        self.blob_density, self.blob_radius = opt.blob_density, opt.blob_radius
+        if normal_method not in ("fd", "tetra", "autograd"):
+            raise ValueError(f"unknown normal method {normal_method!r}")
+        self.normal_method = normal_method
+        self.normal_eps = 1e-2
+        self.max_level: float | None = None  # fraction of encoder levels in use
+        if opt.bg_radius > 0:
+            self.encoder_bg = FreqEncoder(3, bg_multires)
+            self.bg_net = MLP(self.encoder_bg.output_dim, 3, bg_hidden, 2)
+        else:
+            self.bg_net = None
+
+    # --- density -----------------------------------------------------------------------
+    def density_blob(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,3] -> [N] the density prior added to the logit (a centred Gaussian or cone)."""
+        d = (x * x).sum(-1)
+        if self.density_activation == "exp":
+            return self.blob_density * torch.exp(-d / (2 * self.blob_radius**2))
+        return self.blob_density * (1 - torch.sqrt(d + 1e-12) / self.blob_radius)
+
+    def common_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N,3] -> sigma [N] (activated, >= 0) and albedo [N,3] in [0,1]."""
+        h = self.sigma_net(self.encoder(x, bound=self.bound, max_level=self.max_level))
+        logit = h[..., 0].float() + self.density_blob(x.float())
+        if self.density_activation == "exp":
+            sigma = trunc_exp(logit)
+        else:
+            sigma = biased_softplus(logit)
+        albedo = torch.sigmoid(h[..., 1:])
+        return sigma, albedo
+
+    def density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        sigma, albedo = self.common_forward(x)
+        return {"sigma": sigma, "albedo": albedo}
+
+    # --- normals -----------------------------------------------------------------------
+    def _sigma(self, x: torch.Tensor) -> torch.Tensor:
+        return self.common_forward(x)[0]
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,3] -> [N,3] unit normals, the negated density gradient.
+
+        "fd": central differences (6 extra density passes); "tetra": a 4-point tetrahedral
+        stencil (4 passes, same second-order accuracy for smooth fields); "autograd": exact
+        gradient (a backward pass, with a graph when training).
+        """
+        if self.normal_method == "autograd":
+            with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+                xg = x.detach().float().requires_grad_(True) if not x.requires_grad else x.float()
+                sigma = self._sigma(xg)
+                grad = torch.autograd.grad(sigma.sum(), xg, create_graph=self.training)[0]
+        else:
+            e = self.normal_eps
+            with torch.autocast(x.device.type, enabled=False):
+                xf = x.float()
+                if self.normal_method == "fd":
+                    offs = torch.eye(3, device=x.device) * e
+                    pts = torch.cat([xf + offs[k] for k in range(3)] + [xf - offs[k] for k in range(3)])
+                    s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(6, -1)
+                    grad = torch.stack([s[k] - s[k + 3] for k in range(3)], -1) / (2 * e)
+                else:
+                    v = torch.tensor(
+                        [[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], device=x.device
+                    )
+                    pts = torch.cat([xf + e * v[k] for k in range(4)])
+                    s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(4, -1)
+                    grad = (s[:, :, None] * v[:, None, :]).sum(0) / (4 * e)
+        return safe_normalize(-torch.nan_to_num(grad))
+
+    # --- shading -----------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        d: torch.Tensor,
+        l: torch.Tensor | None = None,
+        ratio: float = 1.0,
+        shading: str = "albedo",
+        need_normal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Density, shaded colour and normals at [N,3] points.
+
+        Args:
+            d: [N,3] view directions (unused: the colour does not depend on view).
+            l: [N,3] or [3] light direction (lambertian/textureless).
+            ratio: ambient ratio; lambertian = ratio + (1 - ratio) * max(0, n.l).
+            shading: one of "albedo", "lambertian", "textureless", "normal".
+            need_normal: compute normals even for albedo shading (orientation loss, normal maps).
+
+        Returns:
+            sigma [N], color [N,3], normal [N,3] or None.
+        """
+        sigma, albedo = self.common_forward(x)
+        normal = None
+        if shading != "albedo" or need_normal:
+            normal = self.normal(x)
+        if shading == "albedo":
+            color = albedo
+        elif shading == "normal":
+            color = (normal + 1) / 2
+        else:
+            if l is None:
+                raise ValueError(f"{shading} shading needs a light direction")
+            lam = ratio + (1 - ratio) * (normal * l).sum(-1).clamp(min=0)
+            if shading == "textureless":
+                color = lam[:, None].expand(-1, 3)
+            elif shading == "lambertian":
+                color = albedo * lam[:, None]
+            else:
+                raise ValueError(f"unknown shading {shading!r}")
+        return sigma, color, normal
+
+    def background(self, d: torch.Tensor) -> torch.Tensor:
+        """[N,3] ray directions -> [N,3] background colour in [0,1]."""
+        return torch.sigmoid(self.bg_net(self.encoder_bg(d)))
+
+    # --- optimisation ------------------------------------------------------------------
+    encoder_lr_mult = 10.0  # hash tables learn faster than the MLP (instant-ngp practice)
+
+    def get_params(self, lr: float) -> list[dict]:
+        groups = [{"params": self.sigma_net.parameters(), "lr": lr}]
+        enc = list(self.encoder.parameters())
+        if enc:
+            groups.append({"params": enc, "lr": lr * self.encoder_lr_mult})
+        if self.bg_net is not None:
+            groups.append({"params": self.bg_net.parameters(), "lr": lr})
+        return groups

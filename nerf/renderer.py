@@ -1,0 +1,344 @@
+"""Volume rendering of a NeRF field: ``run`` (pure PyTorch sampling) and ``run_cuda``
+(occupancy-grid ray marching through ``raymarching``, CUDA on GPUs, its PyTorch twin on CPU).
+
+Both paths composite front to back with ``alpha_i = 1 - exp(-sigma_i dt_i)``,
+``w_i = alpha_i prod_{j<i}(1 - alpha_j)``, ``depth = sum w_i t_i`` and
+``image = sum w_i c_i + (1 - sum w_i) * background``. Their orientation loss is the same:
+``sum_i stopgrad(w_i) max(0, n_i . d)^2`` summed over samples and averaged over rays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import raymarching
+from raymarching._torch_impl import _ray_ids
+
+
+def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n_samples: int, det: bool = False) -> torch.Tensor:
+    """Inverse-CDF sampling of ``n_samples`` per ray from piecewise-constant weights.
+
+    Args:
+        bins: [N, K+1] bin edges; weights: [N, K] non-negative.
+
+    Returns:
+        [N, n_samples] samples inside the bins.
+
+    >>> s = sample_pdf(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[0.0, 1.0]]), 4, det=True)
+    >>> bool(((s >= 1) & (s <= 2)).all())
+    True
+    """
+    weights = weights + 1e-5
+    pdf = weights / weights.sum(-1, keepdim=True)
+    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, -1)], -1)  # [N, K+1]
+    if det:
+        u = torch.linspace(0.5 / n_samples, 1 - 0.5 / n_samples, n_samples, device=bins.device)
+        u = u.expand(cdf.shape[0], n_samples).contiguous()
+    else:
+        u = torch.rand(cdf.shape[0], n_samples, device=bins.device)
+    idx = torch.searchsorted(cdf, u, right=True)
+    below = (idx - 1).clamp(min=0)
+    above = idx.clamp(max=cdf.shape[-1] - 1)
+    cdf_b, cdf_a = cdf.gather(1, below), cdf.gather(1, above)
+    bin_b, bin_a = bins.gather(1, below), bins.gather(1, above)
+    denom = torch.where(cdf_a - cdf_b < 1e-5, torch.ones_like(cdf_a), cdf_a - cdf_b)
+    return bin_b + (u - cdf_b) / denom * (bin_a - bin_b)
+
+
+def composite(sigmas: torch.Tensor, colors: torch.Tensor, z: torch.Tensor, deltas: torch.Tensor):
+    """Dense front-to-back compositing.
+
+    Args:
+        sigmas: [N,S]; colors: [N,S,C]; z: [N,S] sample distances; deltas: [N,S] step lengths.
+
+    Returns:
+        weights [N,S], weights_sum [N], depth [N], image [N,C].
+
+    >>> w, ws, d, img = composite(torch.tensor([[0.0, 1e9]]), torch.ones(1, 2, 3),
+    ...                           torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]]))
+    >>> w.tolist(), d.tolist()
+    ([[0.0, 1.0]], [2.0])
+    """
+    alphas = 1 - torch.exp(-deltas * sigmas)
+    trans = torch.cumprod(torch.cat([torch.ones_like(alphas[:, :1]), 1 - alphas + 1e-15], -1), -1)[:, :-1]
+    weights = alphas * trans
+    return weights, weights.sum(-1), (weights * z).sum(-1), (weights[..., None] * colors).sum(-2)
+
+
+class NeRFRenderer(nn.Module):
+    """Renders a field. Subclasses provide ``forward``, ``density``, ``normal``, ``background``.
+
+    With ``opt.cuda_ray`` it keeps an occupancy grid: ``C = 1 + ceil(log2(bound))`` cascades
+    of ``grid_size^3`` cells (Morton order), the densities' decayed maximum, its mean, and a
+    packed bitfield of the cells above ``min(mean_density, density_thresh)``.
+    """
+
+    lr_decay = False
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+        self.bound = float(opt.bound)
+        self.cascade = 1 + math.ceil(math.log2(max(self.bound, 1.0)))
+        self.grid_size = int(opt.grid_size)
+        self.density_thresh = float(opt.density_thresh) * (25 if opt.density_activation == "softplus" else 1)
+        self.min_near = float(opt.min_near)
+        self.cuda_ray = bool(opt.cuda_ray)
+        b = self.bound
+        self.register_buffer("aabb", torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32))
+        if self.cuda_ray:
+            G3 = self.grid_size**3
+            self.register_buffer("density_grid", torch.zeros(self.cascade, G3))
+            self.register_buffer("density_bitfield", torch.zeros(self.cascade * G3 // 8, dtype=torch.uint8))
+            self.register_buffer("mean_density", torch.zeros(()))
+            self.register_buffer("grid_updates", torch.zeros((), dtype=torch.long))
+
+    # ---------------------------------------------------------------------------------------
+    def _expand_light(self, light_d, n_per_image: int, B: int, device) -> torch.Tensor | None:
+        if light_d is None:
+            return None
+        light_d = light_d.to(device).reshape(-1, 3)
+        if light_d.shape[0] == 1:
+            light_d = light_d.expand(B, 3)
+        return light_d.repeat_interleave(n_per_image, 0)  # [B*n, 3]
+
+    def run(self, rays_o, rays_d, light_d=None, ambient_ratio=1.0, shading="albedo", perturb=False,
+            need_normal=False, **_) -> dict:
+        """Stratified (``--num_steps``) plus importance (``--upsample_steps``) sampling.
+
+        rays_o, rays_d: [N,3]; light_d: [N,3] per ray or None.
+        """
+        opt = self.opt
+        N, device = rays_o.shape[0], rays_o.device
+        nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
+        miss = nears >= 1e9
+        nears = torch.where(miss, torch.full_like(nears, self.min_near), nears)
+        fars = torch.where(miss, nears, fars)
+        S = opt.num_steps
+        span = (fars - nears)[:, None]
+        z = nears[:, None] + span * torch.linspace(0, 1, S, device=device)[None]
+        if perturb:
+            z = z + (torch.rand_like(z) - 0.5) * span / S
+        z = torch.maximum(torch.minimum(z, fars[:, None]), nears[:, None])
+        need = need_normal or shading != "albedo"
+
+        def evaluate(zz):
+            xyz = rays_o[:, None] + rays_d[:, None] * zz[..., None]
+            xyz = torch.clamp(xyz, -self.bound, self.bound).reshape(-1, 3)
+            k = zz.shape[1]
+            dirs = rays_d[:, None].expand(-1, k, -1).reshape(-1, 3)
+            light = None if light_d is None else light_d[:, None].expand(-1, k, -1).reshape(-1, 3)
+            sigma, color, normal = self(xyz, dirs, light, ambient_ratio, shading, need_normal=need)
+            sigma = sigma.reshape(N, k).float()
+            color = color.reshape(N, k, -1).float()
+            normal = None if normal is None else normal.reshape(N, k, 3).float()
+            return sigma, color, normal
+
+        sigma, color, normal = evaluate(z)
+        if opt.upsample_steps > 0:
+            with torch.no_grad():
+                deltas = torch.cat([z[:, 1:] - z[:, :-1], span / S], -1)
+                w = composite(sigma.detach(), color.detach()[..., :1], z, deltas)[0]
+                mids = 0.5 * (z[:, 1:] + z[:, :-1])
+                new_z = sample_pdf(mids, w[:, 1:-1], opt.upsample_steps, det=not perturb).detach()
+            s2, c2, n2 = evaluate(new_z)
+            z = torch.cat([z, new_z], 1)
+            z, order = torch.sort(z, 1)
+            sigma = torch.cat([sigma, s2], 1).gather(1, order)
+            color = torch.cat([color, c2], 1).gather(1, order[..., None].expand(-1, -1, color.shape[-1]))
+            if normal is not None:
+                normal = torch.cat([normal, n2], 1).gather(1, order[..., None].expand(-1, -1, 3))
+        deltas = torch.cat([z[:, 1:] - z[:, :-1], span / S], -1)
+        weights, weights_sum, depth, image = composite(sigma, color, z, deltas)
+        out = {"image": image, "depth": depth, "weights_sum": weights_sum, "weights": weights}
+        if normal is not None:
+            out["normal_image"] = (weights.detach()[..., None] * normal).sum(-2) if not self.training else (
+                weights[..., None] * normal
+            ).sum(-2)
+            nd = (normal * rays_d[:, None]).sum(-1).clamp(min=0)
+            out["loss_orient"] = (weights.detach() * nd**2).sum() / N
+        return out
+
+    def run_cuda(self, rays_o, rays_d, light_d=None, ambient_ratio=1.0, shading="albedo", perturb=False,
+                 need_normal=False, T_thresh=1e-4, **_) -> dict:
+        """Occupancy-grid ray marching (``raymarching``): packed samples in training, an
+        alive-ray loop with early termination at inference.
+
+        rays_o, rays_d: [N,3]; light_d: [N,3] per ray or None.
+        """
+        opt = self.opt
+        N, device = rays_o.shape[0], rays_o.device
+        nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
+        C, G = self.cascade, self.grid_size
+        need = need_normal or shading != "albedo"
+        if self.training:
+            xyzs, dirs, ts, rays = raymarching.march_rays_train(
+                rays_o, rays_d, self.bound, self.density_bitfield, C, G, nears, fars, perturb,
+                opt.dt_gamma, opt.max_steps,
+            )
+            M = xyzs.shape[0]
+            light = None
+            if light_d is not None:
+                light = light_d[_ray_ids(rays, M).clamp(min=0)]
+            sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
+            weights, weights_sum, depth, image = raymarching.composite_rays_train(
+                sigma.float(), color.float(), ts, rays, T_thresh
+            )
+            out = {"image": image, "depth": depth, "weights_sum": weights_sum, "weights": weights}
+            if normal is not None:
+                out["normal_image"] = raymarching.composite_rays_train(
+                    sigma.detach().float(), normal.float(), ts, rays, T_thresh
+                )[3]
+                nd = (normal * dirs).sum(-1).clamp(min=0)
+                out["loss_orient"] = (weights.detach() * nd**2).sum() / N
+            return out
+
+        # Inference: march a few samples per alive ray at a time, drop finished rays.
+        weights_sum = torch.zeros(N, device=device)
+        depth = torch.zeros(N, device=device)
+        image = torch.zeros(N, 3, device=device)
+        normal_image = torch.zeros(N, 3, device=device) if need else None
+        alive = torch.arange(N, dtype=torch.int32, device=device)
+        rays_t = nears.clone()
+        step = 0
+        while step < opt.max_steps:
+            n_alive = alive.numel()
+            if n_alive == 0:
+                break
+            n_step = max(min(N // n_alive, 8), 1)
+            xyzs, dirs, ts = raymarching.march_rays(
+                n_alive, n_step, alive, rays_t, rays_o, rays_d, self.bound, self.density_bitfield,
+                C, G, nears, fars, opt.dt_gamma, opt.max_steps,
+            )
+            light = None
+            if light_d is not None:
+                light = light_d[alive.long()].repeat_interleave(n_step, 0)
+            sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
+            sigma, color = sigma.float(), color.float()
+            if normal is not None:
+                # Normals ride along as three extra colour channels of the same composite.
+                color = torch.cat([color, (normal.float() + 1) / 2], -1)
+                acc = torch.cat([image, normal_image], -1)
+            else:
+                acc = image
+            raymarching.composite_rays(
+                n_alive, n_step, alive, rays_t, sigma, color, ts, weights_sum, depth, acc, fars, T_thresh
+            )
+            if normal is not None:
+                image, normal_image = acc[:, :3].contiguous(), acc[:, 3:].contiguous()
+            alive = alive[alive >= 0]
+            step += n_step
+        out = {"image": image, "depth": depth, "weights_sum": weights_sum}
+        if normal_image is not None:
+            out["normal_image"] = normal_image * 2 - weights_sum[:, None]  # back to [-1,1]-weighted
+        return out
+
+    def render(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        *,
+        light_d: torch.Tensor | None = None,
+        ambient_ratio: float = 1.0,
+        shading: str = "albedo",
+        bg_color: torch.Tensor | None = None,
+        perturb: bool = False,
+        need_normal: bool = False,
+        max_ray_batch: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Render rays [B,N,3]; returns ``image`` [B,N,C], ``depth``/``weights_sum`` [B,N],
+        ``normal_image`` [B,N,3] when normals were computed, ``weights`` (per sample) and
+        ``loss_orient`` in training.
+
+        ``bg_color``: None uses the background network if there is one, else white; a tensor
+        broadcastable to [B,N,3] is used as is. ``light_d``: [B,3] or [3].
+        ``max_ray_batch`` renders in chunks (inference).
+        """
+        B, n = rays_o.shape[:2]
+        device = rays_o.device
+        ro, rd = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
+        light = self._expand_light(light_d, n, B, device)
+        fn = self.run_cuda if self.cuda_ray else self.run
+        kwargs = dict(ambient_ratio=ambient_ratio, shading=shading, perturb=perturb, need_normal=need_normal)
+        if max_ray_batch is None or ro.shape[0] <= max_ray_batch or self.training:
+            out = fn(ro, rd, light, **kwargs)
+        else:
+            parts = []
+            for s in range(0, ro.shape[0], max_ray_batch):
+                sl = slice(s, s + max_ray_batch)
+                parts.append(fn(ro[sl], rd[sl], None if light is None else light[sl], **kwargs))
+            out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("weights", "loss_orient")}
+        if bg_color is None:
+            bg = self.background(rd) if getattr(self, "bg_net", None) is not None else torch.ones_like(ro)
+        else:
+            bg = torch.as_tensor(bg_color, device=device, dtype=torch.float32).expand(B, n, 3).reshape(-1, 3)
+        img = out["image"]
+        if img.shape[-1] == 3:
+            img = img + (1 - out["weights_sum"][:, None]) * bg
+        res = {
+            "image": img.reshape(B, n, -1),
+            "depth": out["depth"].reshape(B, n),
+            "weights_sum": out["weights_sum"].reshape(B, n),
+        }
+        if "normal_image" in out:
+            res["normal_image"] = out["normal_image"].reshape(B, n, 3)
+        for k in ("weights", "loss_orient"):
+            if k in out:
+                res[k] = out[k]
+        return res
+
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_extra_state(self, decay: float = 0.95, full: bool | None = None, chunk: int = 2**18) -> None:
+        """Refresh the occupancy grid: ``grid = max(grid * decay, sigma(cell + jitter))``.
+
+        The first 16 refreshes (and every refresh with ``--grid_update_frac 1``) evaluate every
+        cell; later ones evaluate a random ``grid_update_frac`` of the cells plus as many drawn
+        among the currently occupied cells (instant-ngp's scheme), so a refresh costs a
+        fraction of a full sweep while occupied space is re-checked often.
+        """
+        if not self.cuda_ray:
+            return
+        G, C = self.grid_size, self.cascade
+        G3 = G**3
+        device = self.density_grid.device
+        frac = float(self.opt.grid_update_frac)
+        if full is None:
+            full = frac >= 1 or int(self.grid_updates) < 16
+        thresh = min(float(self.mean_density), self.density_thresh)
+        new = torch.full_like(self.density_grid, -1.0)
+        for c in range(C):
+            if full:
+                idx = torch.arange(G3, device=device)
+            else:
+                n = max(1, int(G3 * frac))
+                uniform = torch.randint(0, G3, (n,), device=device)
+                occ = (self.density_grid[c] > thresh).nonzero().squeeze(1)
+                if occ.numel() > 0:
+                    occ = occ[torch.randint(0, occ.numel(), (n,), device=device)]
+                idx = torch.cat([uniform, occ])
+            coords = raymarching.morton3D_invert(idx)
+            scale = min(2.0**c, self.bound)
+            half_cell = scale / G
+            for s in range(0, idx.numel(), chunk):
+                cc = coords[s : s + chunk].float()
+                xyz = (cc / (G - 1) * 2 - 1) * (scale - half_cell)
+                xyz = xyz + (torch.rand_like(xyz) * 2 - 1) * half_cell
+                sigma = self.density(xyz)["sigma"].reshape(-1).float()
+                new[c].scatter_reduce_(0, idx[s : s + chunk], sigma, reduce="amax")
+        valid = new >= 0
+        self.density_grid[valid] = torch.maximum(self.density_grid[valid] * decay, new[valid])
+        self.mean_density.fill_(float(self.density_grid.clamp(min=0).mean()))
+        self.grid_updates += 1
+        thresh = min(float(self.mean_density), self.density_thresh)
+        self.density_bitfield.copy_(raymarching.packbits(self.density_grid, thresh))
+
+    def occupancy(self) -> float:
+        """Fraction of occupied cells (for logs)."""
+        if not self.cuda_ray:
+            return 1.0
+        thresh = min(float(self.mean_density), self.density_thresh)
+        return float((self.density_grid > thresh).float().mean())
