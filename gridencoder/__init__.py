@@ -85,7 +85,9 @@ class GridEncoder(nn.Module):
             f"params={self.offsets[-1] * self.level_dim}, interpolation={self.interpolation}"
         )
 
-    def forward(self, inputs: torch.Tensor, bound: float = 1.0, max_level: float | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, bound: float = 1.0, max_level: float | None = None
+    ) -> torch.Tensor:
         """[..., D] points in [-bound, bound] to [..., L*level_dim] features.
 
         ``max_level`` is the fraction of levels in use (1 = all), for coarse-to-fine training.
@@ -96,8 +98,15 @@ class GridEncoder(nn.Module):
         cuda = cuda_backend() if x.is_cuda else None
         fn = cuda.grid_encode if cuda is not None else grid_encode
         out = fn(
-            x, self.embeddings, self.offsets, self.points, self.per_level_scale,
-            self.base_resolution, self.align_corners, self.interpolation, levels,
+            x,
+            self.embeddings,
+            self.offsets,
+            self.points,
+            self.per_level_scale,
+            self.base_resolution,
+            self.align_corners,
+            self.interpolation,
+            levels,
         )
         return out.reshape(*shape, self.output_dim)
 

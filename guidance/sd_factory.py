@@ -75,10 +75,17 @@ CONFIGS = {
     ),
     # Stable Diffusion 2.1-base (512x512 images, 64x64 latents, OpenCLIP ViT-H text tower).
     "sd2.1-base": dict(
-        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                  hidden_act="gelu", projection_dim=512),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                 sample_size=512),
+        text=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            projection_dim=512,
+        ),
+        vae=dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512
+        ),
         unet=dict(
             sample_size=64,
             block_out_channels=(320, 640, 1280, 1280),
@@ -105,29 +112,48 @@ def build_sd(path: str | Path, config: str = "tiny", seed: int = 0) -> Path:
     write_char_tokenizer(path / "tokenizer")
     vocab_size = len(json.loads((path / "tokenizer" / "vocab.json").read_text()))
     text = CLIPTextModel(
-        CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                       pad_token_id=1, **spec["text"])
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            **spec["text"],
+        )
     )
     text.save_pretrained(path / "text_encoder")
     n = len(spec["vae"]["block_out_channels"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
         **spec["vae"],
     )
     vae.save_pretrained(path / "vae")
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     unet.save_pretrained(path / "unet")
     DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     ).save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline",
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }, indent=2))
+    (path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+            indent=2,
+        )
+    )
     return path

@@ -142,7 +142,9 @@ class StableDiffusion(torch.nn.Module):
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.min_step = int(self.num_train_timesteps * t_range[0])
         self.max_step = int(self.num_train_timesteps * t_range[1])
-        self.register_buffer("alphas", self.scheduler.alphas_cumprod.to(self.device, torch.float32), persistent=False)
+        self.register_buffer(
+            "alphas", self.scheduler.alphas_cumprod.to(self.device, torch.float32), persistent=False
+        )
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "dreamfusion" / "text_embeds")
         self._text = None  # (tokenizer, text_encoder), loaded only when a prompt is not cached
 
@@ -178,8 +180,13 @@ class StableDiffusion(torch.nn.Module):
                     emb = None
             if emb is None:
                 tok, enc = self._text_models()
-                ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(self.device)
+                ids = tok(
+                    [p],
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(self.device)
                 emb = enc(ids)[0].float().cpu()
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -227,7 +234,9 @@ class StableDiffusion(torch.nn.Module):
         """
         B = pred_rgb.shape[0]
         if as_latent:
-            latents = F.interpolate(pred_rgb, (self.latent_size,) * 2, mode="bilinear", align_corners=False) * 2 - 1
+            latents = (
+                F.interpolate(pred_rgb, (self.latent_size,) * 2, mode="bilinear", align_corners=False) * 2 - 1
+            )
         else:
             rgb = F.interpolate(pred_rgb, (self.image_size,) * 2, mode="bilinear", align_corners=False)
             latents = self.encode_imgs(rgb)

@@ -15,6 +15,11 @@ class NeRFNetwork(FieldNetwork):
     def __init__(self, opt, hidden_dim: int = 64, num_layers: int = 5):
         encoder = get_encoder("frequency", input_dim=3, multires=12)
         super().__init__(
-            opt, encoder, hidden_dim, num_layers, residual=True,
-            normal_method=opt.normal_method or "autograd", bg_multires=4,
+            opt,
+            encoder,
+            hidden_dim,
+            num_layers,
+            residual=True,
+            normal_method=opt.normal_method or "autograd",
+            bg_multires=4,
         )

@@ -162,9 +162,7 @@ class FieldNetwork(NeRFRenderer):
                     s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(6, -1)
                     grad = torch.stack([s[k] - s[k + 3] for k in range(3)], -1) / (2 * e)
                 else:
-                    v = torch.tensor(
-                        [[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], device=x.device
-                    )
+                    v = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], device=x.device)
                     pts = torch.cat([xf + e * v[k] for k in range(4)])
                     s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(4, -1)
                     grad = (s[:, :, None] * v[:, None, :]).sum(0) / (4 * e)

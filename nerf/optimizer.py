@@ -26,12 +26,20 @@ class Adan(torch.optim.Optimizer):
     [0.8999999761581421, 0.8999999761581421]
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.98, 0.92, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, max_grad_norm: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.98, 0.92, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 0.0,
+    ):
         if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError("invalid Adan hyper-parameters")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      max_grad_norm=max_grad_norm))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -44,7 +52,9 @@ class Adan(torch.optim.Optimizer):
         if max_norm > 0:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if grads:
-                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                total = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                )
                 clip = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for group in self.param_groups:
             b1, b2, b3 = group["betas"]

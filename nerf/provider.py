@@ -226,7 +226,9 @@ def rand_poses(
     if jitter:
         centers = centers + (torch.rand_like(centers) - 0.5) * jitter_center
         targets = targets + torch.randn_like(centers) * jitter_target
-        up = safe_normalize(torch.tensor([0.0, 1.0, 0.0], device=device) + torch.randn_like(centers) * jitter_up)
+        up = safe_normalize(
+            torch.tensor([0.0, 1.0, 0.0], device=device) + torch.randn_like(centers) * jitter_up
+        )
     poses = look_at_poses(centers, targets, up)
     return {"radius": radius, "theta": thetas, "phi": phis, "fovy": fovy, "poses": poses}
 
@@ -310,7 +312,9 @@ class NeRFDataset:
         )
         self.angle_overhead, self.angle_front = angle_overhead, angle_front
         self.uniform_sphere_rate = uniform_sphere_rate
-        self.jitter = dict(jitter=jitter_pose, jitter_center=jitter_center, jitter_target=jitter_target, jitter_up=jitter_up)
+        self.jitter = dict(
+            jitter=jitter_pose, jitter_center=jitter_center, jitter_target=jitter_target, jitter_up=jitter_up
+        )
         self.batch_size = batch_size
         self.device = device
 

@@ -105,8 +105,17 @@ class NeRFRenderer(nn.Module):
             light_d = light_d.expand(B, 3)
         return light_d.repeat_interleave(n_per_image, 0)  # [B*n, 3]
 
-    def run(self, rays_o, rays_d, light_d=None, ambient_ratio=1.0, shading="albedo", perturb=False,
-            need_normal=False, **_) -> dict:
+    def run(
+        self,
+        rays_o,
+        rays_d,
+        light_d=None,
+        ambient_ratio=1.0,
+        shading="albedo",
+        perturb=False,
+        need_normal=False,
+        **_,
+    ) -> dict:
         """Stratified (``--num_steps``) plus importance (``--upsample_steps``) sampling.
 
         rays_o, rays_d: [N,3]; light_d: [N,3] per ray or None.
@@ -155,15 +164,27 @@ class NeRFRenderer(nn.Module):
         weights, weights_sum, depth, image = composite(sigma, color, z, deltas)
         out = {"image": image, "depth": depth, "weights_sum": weights_sum, "weights": weights}
         if normal is not None:
-            out["normal_image"] = (weights.detach()[..., None] * normal).sum(-2) if not self.training else (
-                weights[..., None] * normal
-            ).sum(-2)
+            out["normal_image"] = (
+                (weights.detach()[..., None] * normal).sum(-2)
+                if not self.training
+                else (weights[..., None] * normal).sum(-2)
+            )
             nd = (normal * rays_d[:, None]).sum(-1).clamp(min=0)
             out["loss_orient"] = (weights.detach() * nd**2).sum() / N
         return out
 
-    def run_cuda(self, rays_o, rays_d, light_d=None, ambient_ratio=1.0, shading="albedo", perturb=False,
-                 need_normal=False, T_thresh=1e-4, **_) -> dict:
+    def run_cuda(
+        self,
+        rays_o,
+        rays_d,
+        light_d=None,
+        ambient_ratio=1.0,
+        shading="albedo",
+        perturb=False,
+        need_normal=False,
+        T_thresh=1e-4,
+        **_,
+    ) -> dict:
         """Occupancy-grid ray marching (``raymarching``): packed samples in training, an
         alive-ray loop with early termination at inference.
 
@@ -176,8 +197,17 @@ class NeRFRenderer(nn.Module):
         need = need_normal or shading != "albedo"
         if self.training:
             xyzs, dirs, ts, rays = raymarching.march_rays_train(
-                rays_o, rays_d, self.bound, self.density_bitfield, C, G, nears, fars, perturb,
-                opt.dt_gamma, opt.max_steps,
+                rays_o,
+                rays_d,
+                self.bound,
+                self.density_bitfield,
+                C,
+                G,
+                nears,
+                fars,
+                perturb,
+                opt.dt_gamma,
+                opt.max_steps,
             )
             M = xyzs.shape[0]
             light = None
@@ -210,8 +240,20 @@ class NeRFRenderer(nn.Module):
                 break
             n_step = max(min(N // n_alive, 8), 1)
             xyzs, dirs, ts = raymarching.march_rays(
-                n_alive, n_step, alive, rays_t, rays_o, rays_d, self.bound, self.density_bitfield,
-                C, G, nears, fars, opt.dt_gamma, opt.max_steps,
+                n_alive,
+                n_step,
+                alive,
+                rays_t,
+                rays_o,
+                rays_d,
+                self.bound,
+                self.density_bitfield,
+                C,
+                G,
+                nears,
+                fars,
+                opt.dt_gamma,
+                opt.max_steps,
             )
             light = None
             if light_d is not None:
@@ -270,7 +312,9 @@ class NeRFRenderer(nn.Module):
             for s in range(0, ro.shape[0], max_ray_batch):
                 sl = slice(s, s + max_ray_batch)
                 parts.append(fn(ro[sl], rd[sl], None if light is None else light[sl], **kwargs))
-            out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("weights", "loss_orient")}
+            out = {
+                k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("weights", "loss_orient")
+            }
         if bg_color is None:
             bg = self.background(rd) if getattr(self, "bg_net", None) is not None else torch.ones_like(ro)
         else:

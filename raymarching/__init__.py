@@ -58,29 +58,79 @@ def packbits(grid, thresh):
     return _impl(grid).packbits(grid, thresh)
 
 
-def march_rays_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb=False,
-                     dt_gamma=0.0, max_steps=1024, noise=None):
-    return _impl(rays_o).march_rays_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars,
-                                          perturb, dt_gamma, max_steps, noise)
+def march_rays_train(
+    rays_o,
+    rays_d,
+    bound,
+    density_bitfield,
+    C,
+    G,
+    nears,
+    fars,
+    perturb=False,
+    dt_gamma=0.0,
+    max_steps=1024,
+    noise=None,
+):
+    return _impl(rays_o).march_rays_train(
+        rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb, dt_gamma, max_steps, noise
+    )
 
 
 def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
     return _impl(sigmas).composite_rays_train(sigmas, rgbs, ts, rays, T_thresh)
 
 
-def march_rays(n_alive, n_step, rays_alive, rays_t, rays_o, rays_d, bound, density_bitfield, C, G,
-               nears, fars, dt_gamma=0.0, max_steps=1024):
-    return _impl(rays_o).march_rays(n_alive, n_step, rays_alive, rays_t, rays_o, rays_d, bound,
-                                    density_bitfield, C, G, nears, fars, dt_gamma, max_steps)
+def march_rays(
+    n_alive,
+    n_step,
+    rays_alive,
+    rays_t,
+    rays_o,
+    rays_d,
+    bound,
+    density_bitfield,
+    C,
+    G,
+    nears,
+    fars,
+    dt_gamma=0.0,
+    max_steps=1024,
+):
+    return _impl(rays_o).march_rays(
+        n_alive,
+        n_step,
+        rays_alive,
+        rays_t,
+        rays_o,
+        rays_d,
+        bound,
+        density_bitfield,
+        C,
+        G,
+        nears,
+        fars,
+        dt_gamma,
+        max_steps,
+    )
 
 
-def composite_rays(n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image,
-                   fars, T_thresh=1e-2):
-    return _impl(sigmas).composite_rays(n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts,
-                                        weights_sum, depth, image, fars, T_thresh)
+def composite_rays(
+    n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image, fars, T_thresh=1e-2
+):
+    return _impl(sigmas).composite_rays(
+        n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image, fars, T_thresh
+    )
 
 
 __all__ = [
-    "near_far_from_aabb", "morton3D", "morton3D_invert", "packbits", "march_rays_train",
-    "composite_rays_train", "march_rays", "composite_rays", "cuda_backend",
+    "near_far_from_aabb",
+    "morton3D",
+    "morton3D_invert",
+    "packbits",
+    "march_rays_train",
+    "composite_rays_train",
+    "march_rays",
+    "composite_rays",
+    "cuda_backend",
 ]
