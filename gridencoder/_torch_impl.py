@@ -84,10 +84,12 @@ def grid_encode(
     dev = inputs.device
     levels = torch.arange(L, device=dev, dtype=torch.float32)
     scale = base_resolution * torch.pow(torch.tensor(per_level_scale, device=dev), levels) - 1  # [L]
+    # float32 positions, or float64 when given float64 inputs (for gradcheck).
+    cdt = torch.float64 if inputs.dtype == torch.float64 else torch.float32
     if align_corners:
-        pos = inputs.float()[:, None, :] * torch.ceil(scale)[None, :, None]
+        pos = inputs.to(cdt)[:, None, :] * torch.ceil(scale).to(cdt)[None, :, None]
     else:
-        pos = inputs.float()[:, None, :] * scale[None, :, None] + 0.5
+        pos = inputs.to(cdt)[:, None, :] * scale.to(cdt)[None, :, None] + 0.5
     grid = torch.floor(pos)
     frac = pos - grid  # [N,L,D], carries the input gradient
     if interpolation == "smoothstep":
@@ -113,7 +115,10 @@ def grid_encode(
         for d in range(D):
             h = h ^ ((c[..., d] * primes[d]) & 0xFFFFFFFF)
         idx = torch.where(dense[None], dense_idx, h) % sizes[None] + base[None]
-        out = out + w[..., None].to(embeddings.dtype) * embeddings[idx]
+        # index_select: its backward (index_add) is deterministic on multi-threaded CPUs,
+        # unlike advanced indexing's accumulate-put.
+        feats = embeddings.index_select(0, idx.reshape(-1)).reshape(N, L, F_)
+        out = out + w[..., None].to(embeddings.dtype) * feats
     if max_level is not None and max_level < L:
         keep = (torch.arange(L, device=dev) < max_level).to(out.dtype)
         out = out * keep[None, :, None]

@@ -122,8 +122,8 @@ def marching_cubes(
     (v [V, 3] float32 world coordinates, f [F, 3] int64, outward winding).
 
     The lattice is padded with empty cells, so a surface cut by the box is closed by a flat cap
-    on the box face and the mesh is always watertight. Raises ``EmptyMeshError`` when no value exceeds
-    ``threshold``.
+    on the box face and the mesh is always watertight. Raises ``EmptyMeshError`` when no value
+    exceeds ``threshold``.
 
     >>> x = np.linspace(-1, 1, 32, dtype=np.float32)
     >>> g = 1 - np.sqrt((x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2))
@@ -174,8 +174,8 @@ def extract_mesh(
     >>> v.shape[1], f.shape[1], bool(abs(np.linalg.norm(v, axis=1).mean() - 0.5) < 0.01)
     (3, 3, True)
     """
-    grid = query_density_grid(density_fn, bound=bound, resolution=resolution, chunk=chunk, device=device)
-    return marching_cubes(grid, threshold, bound=bound)
+    kw = dict(bound=bound, resolution=resolution, chunk=chunk, device=device)
+    return marching_cubes(query_density_grid(density_fn, **kw), threshold, bound=bound)
 
 
 def _compact(v: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -350,14 +350,13 @@ def rasterize_uv(
     rmin = torch.ceil(py.min(1).values - 0.5 - margin).clamp(min=0).long()
     rmax = torch.floor(py.max(1).values - 0.5 + margin).clamp(max=t - 1).long()
     bw, bh = cmax - cmin + 1, rmax - rmin + 1
-    area = (px[:, 1] - px[:, 0]) * (py[:, 2] - py[:, 0]) - (py[:, 1] - py[:, 0]) * (px[:, 2] - px[:, 0])
+    ex, ey = px - px[:, :1], py - py[:, :1]  # corners relative to corner 0
+    area = ex[:, 1] * ey[:, 2] - ey[:, 1] * ex[:, 2]  # twice the signed area
     valid = (bw > 0) & (bh > 0) & (area.abs() > 1e-12)
     # Distance to the edge opposite corner i is w_i * |area| / len_i, so "within margin" is
     # w_i >= -margin * len_i / |area|.
-    opp = torch.stack(
-        [torch.hypot(px[:, (i + 2) % 3] - px[:, (i + 1) % 3], py[:, (i + 2) % 3] - py[:, (i + 1) % 3])
-         for i in range(3)], dim=-1
-    )  # fmt: skip
+    nxt, prv = [1, 2, 0], [2, 0, 1]
+    opp = torch.hypot(px[:, prv] - px[:, nxt], py[:, prv] - py[:, nxt])  # [F, 3]
     loose = -margin * opp / area.abs().clamp(min=1e-12).unsqueeze(-1)
 
     # Value = face + n_faces for exact hits, so that scatter's amax prefers exact hits and,
@@ -443,7 +442,9 @@ def bake_texture(
 
     >>> v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32)
     >>> uv = np.array([[0, 0], [1, 0], [0, 1]], np.float32)
-    >>> tex = bake_texture(v, [[0, 1, 2]], uv, lambda p: p.new_tensor([1.0, 0.5, 0.0]).expand_as(p), 8)
+    >>> def orange(p):
+    ...     return p.new_tensor([1.0, 0.5, 0.0]).expand_as(p)
+    >>> tex = bake_texture(v, [[0, 1, 2]], uv, orange, 8)
     >>> tex.shape, tex[0, 7].tolist()  # top-right texel is empty, filled from the chart
     ((8, 8, 3), [255, 128, 0])
     """
@@ -499,8 +500,9 @@ def _png_bytes(texture: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    # Level 1: 3-4x faster than the default for 2048^2, files about 10 % larger.
-    Image.fromarray(np.ascontiguousarray(texture, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    # zlib level 6 (default): 0.57 s at 2048^2 vs 0.20 s for level 1, but a third smaller file.
+    image = Image.fromarray(np.ascontiguousarray(texture, dtype=np.uint8))
+    image.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 

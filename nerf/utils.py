@@ -180,7 +180,10 @@ class Trainer:
         names = ["uncond", "default"] + list(INTERP_VIEWS)
         dirs = {"front": FRONT, "side": SIDE, "back": BACK, "overhead": OVERHEAD, "bottom": BOTTOM}
         prompts = [opt.negative, opt.text] + [view_prompt(opt.text, dirs[v]) for v in INTERP_VIEWS]
-        embeds = sd.get_text_embeds(prompts)
+        # Loading a text encoder initialises weights from the global RNG: keep it out of the
+        # training stream so a cached run and a fresh one draw the same random numbers.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            embeds = sd.get_text_embeds(prompts)
         self.embeddings = {n: embeds[i : i + 1] for i, n in enumerate(names)}
         sd.release_text_encoder()
 

@@ -242,19 +242,21 @@ def composite_rays_train(
     ids = _ray_ids(rays, M)
     owned = ids >= 0
     ids_c = ids.clamp(min=0)
-    tau = sigmas.float() * ts[:, 1].float()
+    # float32 arithmetic, or float64 when given float64 (for gradcheck).
+    cdt = torch.float64 if sigmas.dtype == torch.float64 else torch.float32
+    tau = sigmas.to(cdt) * ts[:, 1].to(cdt)
     # Exclusive cumulative optical depth within each ray: global cumsum minus the value at
     # the ray's first sample (float64 keeps the subtraction exact over long packed arrays).
     csum = torch.cumsum(tau.double(), 0) - tau.double()
     start = rays[:, 0].long().clamp(max=max(M - 1, 0))
-    excl = csum - csum[start][ids_c] if M > 0 else csum
-    T = torch.exp(-excl.float())
+    excl = csum - csum.index_select(0, start).index_select(0, ids_c) if M > 0 else csum
+    T = torch.exp(-excl.to(cdt))
     alpha = 1 - torch.exp(-tau)
-    weights = alpha * T * ((T >= T_thresh) & owned).float()
-    weights_sum = torch.zeros(N, device=sigmas.device, dtype=weights.dtype).index_add(0, ids_c, weights)
-    depth = torch.zeros(N, device=sigmas.device, dtype=weights.dtype).index_add(0, ids_c, weights * ts[:, 0])
-    image = torch.zeros(N, rgbs.shape[-1], device=sigmas.device, dtype=weights.dtype).index_add(
-        0, ids_c, weights[:, None] * rgbs.float()
+    weights = alpha * T * ((T >= T_thresh) & owned).to(cdt)
+    weights_sum = torch.zeros(N, device=sigmas.device, dtype=cdt).index_add(0, ids_c, weights)
+    depth = torch.zeros(N, device=sigmas.device, dtype=cdt).index_add(0, ids_c, weights * ts[:, 0].to(cdt))
+    image = torch.zeros(N, rgbs.shape[-1], device=sigmas.device, dtype=cdt).index_add(
+        0, ids_c, weights[:, None] * rgbs.to(cdt)
     )
     return weights, weights_sum, depth, image
 

@@ -1,0 +1,85 @@
+"""The camera convention: y up, the camera at azimuth 0 sits on +z and sees the front."""
+
+import pytest
+import torch
+
+from nerf.provider import (
+    BACK, FRONT, OVERHEAD, SIDE, SIDE_OTHER, CameraRanges, NeRFDataset, circle_poses, get_rays,
+    get_view_direction, interp_view_weights, intrinsics_from_fovy, rand_poses,
+)
+
+
+def _project(point, theta, phi, H=64, W=64, fovy=20.0, radius=3.2):
+    """Pixel (row, col) where the ray closest to ``point`` starts; brute force over rays."""
+    poses = circle_poses(torch.tensor([radius]), torch.tensor([theta]), torch.tensor([phi]))
+    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([fovy]), H, W), H, W)
+    p = torch.tensor(point)
+    v = p - o[0]
+    t = (v * d[0]).sum(-1, keepdim=True)
+    dist = (v - t * d[0]).norm(dim=-1)
+    idx = int(dist.argmin())
+    return divmod(idx, W)
+
+
+def test_front_camera_sits_on_plus_z_and_looks_at_origin():
+    poses = circle_poses(torch.tensor([3.2]), torch.tensor([90.0]), torch.tensor([0.0]))
+    assert torch.allclose(poses[0, :3, 3], torch.tensor([0.0, 0.0, 3.2]), atol=1e-5)
+    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0]), 2, 2), 2, 2)
+    assert torch.allclose(d[0].mean(0) / d[0].mean(0).norm(), torch.tensor([0.0, 0.0, -1.0]), atol=1e-6)
+
+
+def test_image_orientation_right_is_plus_x_and_top_is_plus_y():
+    row, col = _project([0.4, 0.0, 0.0], 90.0, 0.0)
+    assert col > 32 and abs(row - 31.5) <= 1  # +x on the right of the front view
+    row, col = _project([0.0, 0.4, 0.0], 90.0, 0.0)
+    assert row < 32 and abs(col - 31.5) <= 1  # +y at the top
+    # From azimuth 90 (camera on +x) the object's front (+z) appears on the left.
+    row, col = _project([0.0, 0.0, 0.4], 90.0, 90.0)
+    assert col < 32
+
+
+def test_polar_angle_zero_is_above():
+    poses = circle_poses(torch.tensor([3.0]), torch.tensor([1e-3]), torch.tensor([0.0]))
+    assert poses[0, 1, 3] > 2.99
+
+
+def test_view_direction_classes_use_angle_front_and_overhead():
+    th = torch.tensor([90.0, 90.0, 90.0, 90.0, 90.0, 20.0])
+    ph = torch.tensor([0.0, 29.0, 31.0, 179.0, -90.0, 0.0])
+    assert get_view_direction(th, ph, 30, 60).tolist() == [FRONT, FRONT, SIDE, BACK, SIDE_OTHER, OVERHEAD]
+    # A wider front wedge reclassifies the 31-degree camera.
+    assert get_view_direction(th, ph, 30, 90)[2].item() == FRONT
+    assert get_view_direction(th, ph, 10, 60)[5].item() == FRONT
+
+
+def test_interp_weights_are_continuous_and_normalised():
+    phi = torch.linspace(-180, 180, 721)
+    w = interp_view_weights(torch.full_like(phi, 90.0), phi, 30, 60)
+    assert torch.allclose(w.sum(-1), torch.ones_like(phi))
+    assert (w[1:] - w[:-1]).abs().max() < 0.02  # no jumps
+    assert w[360, 0] == 1 and w[0, 2] == 1  # azimuth 0 is front, +-180 is back
+    w0 = interp_view_weights(torch.tensor([90.0]), torch.tensor([45.0]), 30, 0)
+    assert torch.allclose(w0[0, :2], torch.tensor([0.5, 0.5]))  # angle_front 0 = the reference's blend
+
+
+def test_random_cameras_stay_in_their_ranges():
+    torch.manual_seed(0)
+    r = CameraRanges((3.0, 3.5), (45.0, 105.0), (-180.0, 180.0), (10.0, 30.0))
+    cams = rand_poses(256, r)
+    for key, (lo, hi) in (("radius", r.radius), ("theta", r.theta), ("fovy", r.fovy)):
+        assert cams[key].min() >= lo and cams[key].max() <= hi
+    assert torch.allclose(cams["poses"][:, :3, 3].norm(dim=-1), cams["radius"], atol=1e-4)
+
+
+def test_progressive_view_starts_at_the_default_view():
+    full = CameraRanges()
+    default = CameraRanges((3.2, 3.2), (90.0, 90.0), (0.0, 0.0), (20.0, 20.0))
+    assert full.towards(default, 0.0) == default
+    assert full.towards(default, 1.0) == full
+
+
+@pytest.mark.parametrize("kind", ["val", "test"])
+def test_circle_dataset_walks_around(kind):
+    ds = NeRFDataset(type=kind, H=4, W=4, size=4)
+    az = [ds.circle_batch(i)["azimuth"].item() for i in range(4)]
+    assert az == [0.0, 90.0, -180.0, -90.0]
