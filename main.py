@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a = p.add_argument
 
     g = p.add_argument_group("shortcuts")
     g.add_argument(

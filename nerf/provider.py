@@ -164,7 +164,7 @@ class CameraRanges:
     phi: tuple[float, float] = (-180.0, 180.0)
     fovy: tuple[float, float] = (10.0, 30.0)
 
-    def towards(self, default: "CameraRanges", ratio: float) -> "CameraRanges":
+    def towards(self, default: CameraRanges, ratio: float) -> CameraRanges:
         """Progressive view: interpolate from ``default`` (ratio 0) to these ranges (ratio 1)."""
         r = min(max(ratio, 0.0), 1.0)
 

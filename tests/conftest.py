@@ -16,10 +16,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 # Options of a tiny but complete run (grid backbone, occupancy grid, 16x16 renders).
 TINY_RUN = [
-    "--w", "16", "--h", "16", "--W", "24", "--H", "24",
-    "--dataset_size_train", "10", "--dataset_size_valid", "2", "--dataset_size_test", "3",
-    "--grid_levels", "4", "--grid_log2_size", "12", "--grid_finest", "64",
-    "--grid_size", "32", "--max_steps", "64", "--quiet",
+    "--w",
+    "16",
+    "--h",
+    "16",
+    "--W",
+    "24",
+    "--H",
+    "24",
+    "--dataset_size_train",
+    "10",
+    "--dataset_size_valid",
+    "2",
+    "--dataset_size_test",
+    "3",
+    "--grid_levels",
+    "4",
+    "--grid_log2_size",
+    "12",
+    "--grid_finest",
+    "64",
+    "--grid_size",
+    "32",
+    "--max_steps",
+    "64",
+    "--quiet",
 ]
 
 

@@ -13,8 +13,14 @@ from tests.conftest import ROOT, TINY_RUN
 
 def _run(args, env=None, check=True):
     e = {**os.environ, **(env or {})}
-    r = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, env=e,
-                       cwd=ROOT, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=ROOT,
+        timeout=600,
+    )
     if check and r.returncode != 0:
         raise AssertionError(r.stderr[-3000:])
     return r
@@ -23,8 +29,21 @@ def _run(args, env=None, check=True):
 @pytest.mark.slow
 def test_thirty_step_run_writes_checkpoint_validation_and_video(tiny_sd, tmp_path):
     ws = tmp_path / "trial"
-    r = _run(["--text", "a red cube", "--workspace", str(ws), "--hf_key", str(tiny_sd), "-O", "--iters", "30",
-              *TINY_RUN], env={"HOME": str(tmp_path)})
+    r = _run(
+        [
+            "--text",
+            "a red cube",
+            "--workspace",
+            str(ws),
+            "--hf_key",
+            str(tiny_sd),
+            "-O",
+            "--iters",
+            "30",
+            *TINY_RUN,
+        ],
+        env={"HOME": str(tmp_path)},
+    )
     assert "[option] cuda_ray = True (-O)" in r.stdout
     assert "precision = fp32 (no CUDA device" in r.stdout
     ckpts = sorted(p.name for p in (ws / "checkpoints").iterdir())
@@ -41,20 +60,65 @@ def test_thirty_step_run_writes_checkpoint_validation_and_video(tiny_sd, tmp_pat
     ckpt = torch.load(ws / "checkpoints" / "df_ep0003.pth", weights_only=True)
     assert ckpt["global_step"] == 30 and "optimizer" in ckpt and "ema" in ckpt
     # --test renders again from the checkpoint.
-    _run(["--workspace", str(ws), "--test", "-O", *TINY_RUN, "--dataset_size_test", "2", "--six_views"],
-         env={"HOME": str(tmp_path)})
+    _run(
+        [
+            "--workspace",
+            str(ws),
+            "--test",
+            "-O",
+            *TINY_RUN,
+            "--dataset_size_test",
+            "2",
+            "--six_views",
+            "--save_mesh",
+            "--mcubes_resolution",
+            "48",
+            "--texture_size",
+            "128",
+            "--decimate_target",
+            "2000",
+            "--mesh_format",
+            "obj",
+            "glb",
+        ],
+        env={"HOME": str(tmp_path)},
+    )
     assert (ws / "results" / "df_ep0003_top.png").exists()
+    import trimesh
+
+    glb = trimesh.load(ws / "mesh" / "mesh.glb", force="mesh")
+    assert len(glb.faces) > 100 and glb.visual.material.baseColorTexture is not None
+    assert (ws / "mesh" / "mesh.obj").exists() and (ws / "mesh" / "albedo.png").exists()
+    assert "mesh (glb)" in (ws / "README.md").read_text()
 
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    common = ["--text", "a blue sphere", "--hf_key", str(tiny_sd), "-O", "--iters", "20", *TINY_RUN,
-              "--test_interval", "1000", "--lambda_orient", "0.01", "--textureless_ratio", "0.5",
-              "--latent_iter_ratio", "0.1"]
+    common = [
+        "--text",
+        "a blue sphere",
+        "--hf_key",
+        str(tiny_sd),
+        "-O",
+        "--iters",
+        "20",
+        *TINY_RUN,
+        "--test_interval",
+        "1000",
+        "--lambda_orient",
+        "0.01",
+        "--textureless_ratio",
+        "0.5",
+        "--latent_iter_ratio",
+        "0.1",
+    ]
     assert main(["--workspace", str(tmp_path / "a"), *common]) == 0
-    r = _run(["--workspace", str(tmp_path / "b"), *common], env={"DREAMFUSION_KILL_AFTER_STEP": "15",
-                                                                  "HOME": str(tmp_path)}, check=False)
+    r = _run(
+        ["--workspace", str(tmp_path / "b"), *common],
+        env={"DREAMFUSION_KILL_AFTER_STEP": "15", "HOME": str(tmp_path)},
+        check=False,
+    )
     assert r.returncode == 3  # killed mid-epoch, after the epoch-1 checkpoint
     assert not (tmp_path / "b" / "checkpoints" / "df_ep0002.pth").exists()
     assert main(["--workspace", str(tmp_path / "b"), *common]) == 0
@@ -103,7 +167,9 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_not_overwritten(tiny_sd, tmp
     (ws / "checkpoints").mkdir(parents=True)
     bad = ws / "checkpoints" / "df_ep0001.pth"
     bad.write_bytes(b"not a checkpoint")
-    rc = main(["--text", "a cube", "--workspace", str(ws), "--hf_key", str(tiny_sd), *TINY_RUN, "--iters", "5"])
+    rc = main(
+        ["--text", "a cube", "--workspace", str(ws), "--hf_key", str(tiny_sd), *TINY_RUN, "--iters", "5"]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "df_ep0001.pth is corrupt" in err
@@ -114,8 +180,17 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_not_overwritten(tiny_sd, tmp
 
 def test_missing_model_is_reported_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rc = main(["--text", "a cube", "--workspace", str(tmp_path / "w"), "--hf_key", "nobody/missing-model",
-               *TINY_RUN])
+    rc = main(
+        [
+            "--text",
+            "a cube",
+            "--workspace",
+            str(tmp_path / "w"),
+            "--hf_key",
+            "nobody/missing-model",
+            *TINY_RUN,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: diffusion model 'nobody/missing-model'")
 
@@ -134,8 +209,21 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sd, tmp_path, monke
 
     monkeypatch.setattr(sd_utils.StableDiffusion, "train_step", flaky)
     ws = tmp_path / "nan"
-    rc = main(["--text", "a cube", "--workspace", str(ws), "--hf_key", str(tiny_sd), *TINY_RUN, "--iters", "40",
-               "--max_nonfinite", "5"])
+    rc = main(
+        [
+            "--text",
+            "a cube",
+            "--workspace",
+            str(ws),
+            "--hf_key",
+            str(tiny_sd),
+            *TINY_RUN,
+            "--iters",
+            "40",
+            "--max_nonfinite",
+            "5",
+        ]
+    )
     assert rc == 1
     assert "5 non-finite steps in a row" in capsys.readouterr().err
     assert (ws / "checkpoints" / "df_ep0001.pth").exists()  # the last good checkpoint is kept

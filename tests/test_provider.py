@@ -4,8 +4,19 @@ import pytest
 import torch
 
 from nerf.provider import (
-    BACK, FRONT, OVERHEAD, SIDE, SIDE_OTHER, CameraRanges, NeRFDataset, circle_poses, get_rays,
-    get_view_direction, interp_view_weights, intrinsics_from_fovy, rand_poses,
+    BACK,
+    FRONT,
+    OVERHEAD,
+    SIDE,
+    SIDE_OTHER,
+    CameraRanges,
+    NeRFDataset,
+    circle_poses,
+    get_rays,
+    get_view_direction,
+    interp_view_weights,
+    intrinsics_from_fovy,
+    rand_poses,
 )
 
 

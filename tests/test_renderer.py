@@ -21,15 +21,29 @@ def test_composite_two_samples_by_hand():
     assert torch.allclose(depth, torch.tensor([0.5 * 1 + 0.375 * 2]))
     assert torch.allclose(img, torch.tensor([[0.5, 0.375, 0.0]]))
     # The packed (ray-marching) compositor gives the same numbers.
-    w2, ws2, d2, img2 = composite_rays_train(sig[0], col[0], torch.tensor([[1.0, 1.0], [2.0, 1.0]]),
-                                             torch.tensor([[0, 2]]))
+    w2, ws2, d2, img2 = composite_rays_train(
+        sig[0], col[0], torch.tensor([[1.0, 1.0], [2.0, 1.0]]), torch.tensor([[0, 2]])
+    )
     assert torch.allclose(w2, w[0]) and torch.allclose(img2, img) and torch.allclose(d2, depth)
 
 
 def _opt(**kw):
-    base = dict(bound=1.0, grid_size=32, density_thresh=10.0, density_activation="exp", min_near=0.01,
-                cuda_ray=False, num_steps=128, upsample_steps=64, max_steps=512, dt_gamma=0.0, grid_update_frac=1.0,
-                bg_radius=-1, blob_density=0.0, blob_radius=0.2)
+    base = dict(
+        bound=1.0,
+        grid_size=32,
+        density_thresh=10.0,
+        density_activation="exp",
+        min_near=0.01,
+        cuda_ray=False,
+        num_steps=128,
+        upsample_steps=64,
+        max_steps=512,
+        dt_gamma=0.0,
+        grid_update_frac=1.0,
+        bg_radius=-1,
+        blob_density=0.0,
+        blob_radius=0.2,
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
