@@ -35,6 +35,14 @@ def cuda_backend() -> ModuleType | None:
     return _cuda_module or None
 
 
+def set_backend(name: str) -> None:
+    """Use "torch" (the PyTorch twin everywhere) or "auto" (CUDA for GPU tensors when it builds)."""
+    global _cuda_module
+    if name not in ("torch", "auto"):
+        raise ValueError(f"unknown backend {name!r}")
+    _cuda_module = False if name == "torch" else None
+
+
 class GridEncoder(nn.Module):
     """Hash-grid encoder of points in [-bound, bound]^D.
 
@@ -111,4 +119,4 @@ class GridEncoder(nn.Module):
         return out.reshape(*shape, self.output_dim)
 
 
-__all__ = ["GridEncoder", "grid_encode", "level_layout", "cuda_backend"]
+__all__ = ["GridEncoder", "grid_encode", "level_layout", "cuda_backend", "set_backend"]

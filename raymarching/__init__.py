@@ -34,6 +34,14 @@ def cuda_backend() -> ModuleType | None:
     return _cuda_module or None
 
 
+def set_backend(name: str) -> None:
+    """Use "torch" (the PyTorch twin everywhere) or "auto" (CUDA for GPU tensors when it builds)."""
+    global _cuda_module
+    if name not in ("torch", "auto"):
+        raise ValueError(f"unknown backend {name!r}")
+    _cuda_module = False if name == "torch" else None
+
+
 def _impl(t: torch.Tensor) -> ModuleType:
     if t.is_cuda:
         mod = cuda_backend()
@@ -133,4 +141,5 @@ __all__ = [
     "march_rays",
     "composite_rays",
     "cuda_backend",
+    "set_backend",
 ]

@@ -1,0 +1,124 @@
+"""CUDA hash-grid encoding: ``grid_encode`` of ``_torch_impl`` on GPU tensors.
+
+Kernels live in ``gridencoder/csrc`` and are built (with the ray marcher's, as one
+extension) on first use by ``raymarching/_build.py``. Supported: D in {2, 3}, at most 8
+features per level, float32 inputs with float32/float16/bfloat16 tables, or float64 with
+float64 (for gradcheck); anything else goes to the twin. Gradients reach the embeddings
+(atomic adds, accumulated in float32) and the inputs (so autograd normals work); there is
+no double backward.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from raymarching._build import load_kernels
+
+from . import _torch_impl
+
+_EMB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether the kernels are built (building them now if needed) and a GPU is present."""
+    return load_kernels() is not None
+
+
+def _ext() -> ModuleType:
+    mod = load_kernels()
+    if mod is None:
+        raise RuntimeError("the CUDA grid-encoder kernels are not available")
+    return mod
+
+
+_layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _layout(
+    offsets: list[int], points: list[int], per_level_scale: float, base_resolution: int,
+    align_corners: bool, dtype: torch.dtype, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Device copies of offsets [L+1] int32, points [L] int32 and the position scales [L],
+    cached (one upload per encoder). The scales are computed on the CPU in float32 exactly as
+    the twin does, so that both put every point in the same cell."""
+    key = (tuple(offsets), tuple(points), per_level_scale, base_resolution, align_corners, dtype,
+           device)
+    if key not in _layouts:
+        levels = torch.arange(len(points), dtype=torch.float32)
+        scale = base_resolution * torch.pow(torch.tensor(per_level_scale), levels) - 1
+        if align_corners:
+            scale = torch.ceil(scale)
+        _layouts[key] = (
+            torch.tensor(offsets, dtype=torch.int32, device=device),
+            torch.tensor(points, dtype=torch.int32, device=device),
+            scale.to(dtype).to(device),
+        )
+    return _layouts[key]
+
+
+class _GridEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, embeddings, offsets_t, points_t, scales, align_corners, smoothstep,
+                max_level):
+        out = _ext().grid_encode_forward(inputs, embeddings, offsets_t, points_t, scales,
+                                         align_corners, smoothstep, max_level)
+        ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
+        ctx.cfg = (align_corners, smoothstep, max_level)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        inputs, embeddings, offsets_t, points_t, scales = ctx.saved_tensors
+        need_inputs, need_emb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_emb, grad_in = _ext().grid_encode_backward(
+            grad_out.to(embeddings.dtype).contiguous(), inputs, embeddings, offsets_t, points_t,
+            scales, *ctx.cfg, need_emb, need_inputs,
+        )
+        return (grad_in if need_inputs else None, grad_emb if need_emb else None,
+                None, None, None, None, None, None)
+
+
+def grid_encode(
+    inputs: torch.Tensor,
+    embeddings: torch.Tensor,
+    offsets: list[int],
+    points: list[int],
+    per_level_scale: float,
+    base_resolution: int,
+    align_corners: bool = False,
+    interpolation: str = "linear",
+    max_level: int | None = None,
+) -> torch.Tensor:
+    """The twin's ``grid_encode`` on GPU tensors.
+
+    Args:
+        inputs: [N,D] coordinates in [0,1].
+        embeddings: [T,F] all levels' tables (rows of level l from offsets[l]).
+        offsets, points: from ``level_layout`` ([L+1] and [L]).
+        interpolation: "linear" or "smoothstep".
+        max_level: levels >= max_level give zeros (None: all levels).
+
+    Returns:
+        [N, L*F] in the embeddings' dtype, differentiable in embeddings and inputs.
+    """
+    if interpolation not in ("linear", "smoothstep"):
+        raise ValueError(f"unknown interpolation {interpolation!r}")
+    N, D = inputs.shape
+    L, F = len(points), embeddings.shape[1]
+    if inputs.dtype in (torch.float16, torch.bfloat16):
+        inputs = inputs.float()  # the twin computes positions in float32 too
+    pair_ok = (inputs.dtype == torch.float32 and embeddings.dtype in _EMB_DTYPES) or (
+        inputs.dtype == torch.float64 and embeddings.dtype == torch.float64)
+    if not (inputs.is_cuda and embeddings.is_cuda and D in (2, 3) and 1 <= F <= 8 and pair_ok
+            and offsets[-1] < 2**31):
+        return _torch_impl.grid_encode(inputs, embeddings, offsets, points, per_level_scale,
+                                       base_resolution, align_corners, interpolation, max_level)
+    offsets_t, points_t, scales = _layout(offsets, points, per_level_scale, base_resolution,
+                                          align_corners, inputs.dtype, inputs.device)
+    levels = L if max_level is None else max(0, min(int(max_level), L))
+    return _GridEncode.apply(inputs.contiguous(), embeddings.contiguous(), offsets_t, points_t,
+                             scales, bool(align_corners), interpolation == "smoothstep", levels)

@@ -1,0 +1,293 @@
+// Hash-grid encoding kernels (see gridencoder.h and gridencoder/_torch_impl.py).
+//
+// One thread per (level, point); threads of a warp share the level and take consecutive
+// points, so input reads coalesce and the level's parameters stay uniform. The position
+// p = x * s + 0.5 decides the cell, so it is rounded exactly as the twin computes it (the
+// extension is built with --fmad=false: no fused multiply-add).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "gridencoder.h"
+
+namespace dfk {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxF = 8;
+// Hash primes of the twin (PRIMES[:D]).
+__constant__ uint32_t kPrimes[3] = {1u, 2654435761u, 805459861u};
+
+__device__ inline float to_acc(float v) { return v; }
+__device__ inline float to_acc(__half v) { return __half2float(v); }
+__device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline double to_acc(double v) { return v; }
+
+template <typename T>
+__device__ inline T from_acc(float v);
+template <>
+__device__ inline float from_acc<float>(float v) { return v; }
+template <>
+__device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename T>
+__device__ inline T from_acc(double v) { return v; }
+
+// A point's cell in one level: lower corner, interpolation fractions (after smoothstep) and
+// their derivatives d frac / d x (smoothstep' times the scale).
+template <typename in_t, int D>
+struct Located {
+  int corner[D];
+  in_t w[D];
+  in_t dw[D];
+};
+
+template <typename in_t, int D>
+__device__ inline Located<in_t, D> locate(const in_t* x, in_t scale, bool align, bool smooth) {
+  Located<in_t, D> r;
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    const in_t pos = align ? x[d] * scale : x[d] * scale + in_t(0.5);
+    const in_t g = floor(pos);
+    const in_t f = pos - g;
+    r.corner[d] = static_cast<int>(g);
+    if (smooth) {
+      r.w[d] = f * f * (in_t(3) - in_t(2) * f);
+      r.dw[d] = in_t(6) * f * (in_t(1) - f) * scale;
+    } else {
+      r.w[d] = f;
+      r.dw[d] = scale;
+    }
+  }
+  return r;
+}
+
+// Table row of lattice point c (clamped to the level) in level l: dense x + y P + z P^2 when
+// the level's P^D points fit its table, else the uint32 xor hash, modulo the table size.
+template <int D>
+__device__ inline int64_t table_row(const int* c, int P, int64_t size, int64_t base) {
+  int64_t dense_n = 1;
+#pragma unroll
+  for (int d = 0; d < D; ++d) dense_n *= P;
+  uint64_t idx;
+  if (dense_n <= size) {
+    uint64_t stride = 1;
+    idx = 0;
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      idx += static_cast<uint64_t>(c[d]) * stride;
+      stride *= static_cast<uint64_t>(P);
+    }
+  } else {
+    uint32_t h = 0;
+#pragma unroll
+    for (int d = 0; d < D; ++d) h ^= static_cast<uint32_t>(c[d]) * kPrimes[d];
+    idx = h;
+  }
+  return static_cast<int64_t>(idx % static_cast<uint64_t>(size)) + base;
+}
+
+template <int D>
+__device__ inline void corner_point(const int* lower, int corner, int P, int* c) {
+#pragma unroll
+  for (int d = 0; d < D; ++d) c[d] = min(lower[d] + ((corner >> d) & 1), P - 1);
+}
+
+template <typename in_t, typename emb_t, int D>
+__global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __restrict__ emb,
+                               int64_t N, GridLayout lay, emb_t* __restrict__ out) {
+  using acc_t = decltype(to_acc(emb_t()));
+  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (tid >= N * lay.L) return;
+  const int l = static_cast<int>(tid / N);
+  const int64_t n = tid - l * N;
+  const int F = lay.F;
+  emb_t* o = out + (n * lay.L + l) * F;
+  if (l >= lay.max_level) {
+    for (int f = 0; f < F; ++f) o[f] = from_acc<emb_t>(acc_t(0));
+    return;
+  }
+  const in_t scale = static_cast<const in_t*>(lay.scales)[l];
+  const int P = lay.points[l];
+  const int64_t base = lay.offsets[l], size = lay.offsets[l + 1] - base;
+  const auto loc = locate<in_t, D>(inputs + n * D, scale, lay.align_corners, lay.smoothstep);
+  acc_t acc[kMaxF];
+#pragma unroll
+  for (int f = 0; f < kMaxF; ++f) acc[f] = 0;
+#pragma unroll
+  for (int corner = 0; corner < (1 << D); ++corner) {
+    int c[D];
+    corner_point<D>(loc.corner, corner, P, c);
+    in_t w = 1;
+#pragma unroll
+    for (int d = 0; d < D; ++d) w *= ((corner >> d) & 1) ? loc.w[d] : in_t(1) - loc.w[d];
+    const emb_t* e = emb + table_row<D>(c, P, size, base) * F;
+#pragma unroll
+    for (int f = 0; f < kMaxF; ++f) {
+      if (f < F) acc[f] += static_cast<acc_t>(w) * to_acc(e[f]);
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < kMaxF; ++f) {
+    if (f < F) o[f] = from_acc<emb_t>(acc[f]);
+  }
+}
+
+// Embedding gradients by atomicAdd (fp32, or fp64 for double tables) and input gradients
+// sum_corners (dy . e_corner) d w_corner / d x, added atomically across levels.
+template <typename in_t, typename emb_t, int D>
+__global__ void backward_kernel(const emb_t* __restrict__ grad_out,
+                                const in_t* __restrict__ inputs, const emb_t* __restrict__ emb,
+                                int64_t N, GridLayout lay,
+                                decltype(to_acc(emb_t()))* __restrict__ grad_emb,
+                                in_t* __restrict__ grad_in) {
+  using acc_t = decltype(to_acc(emb_t()));
+  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (tid >= N * lay.L) return;
+  const int l = static_cast<int>(tid / N);
+  const int64_t n = tid - l * N;
+  if (l >= lay.max_level) return;  // zeroed levels pass no gradient
+  const int F = lay.F;
+  const in_t scale = static_cast<const in_t*>(lay.scales)[l];
+  const int P = lay.points[l];
+  const int64_t base = lay.offsets[l], size = lay.offsets[l + 1] - base;
+  const auto loc = locate<in_t, D>(inputs + n * D, scale, lay.align_corners, lay.smoothstep);
+  acc_t go[kMaxF];
+  const emb_t* g = grad_out + (n * lay.L + l) * F;
+#pragma unroll
+  for (int f = 0; f < kMaxF; ++f) go[f] = f < F ? to_acc(g[f]) : acc_t(0);
+  in_t gx[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) gx[d] = 0;
+#pragma unroll
+  for (int corner = 0; corner < (1 << D); ++corner) {
+    int c[D];
+    corner_point<D>(loc.corner, corner, P, c);
+    in_t f1[D];  // per-axis factor of this corner's weight
+#pragma unroll
+    for (int d = 0; d < D; ++d) f1[d] = ((corner >> d) & 1) ? loc.w[d] : in_t(1) - loc.w[d];
+    const int64_t row = table_row<D>(c, P, size, base);
+    if (grad_emb != nullptr) {
+      in_t w = 1;
+#pragma unroll
+      for (int d = 0; d < D; ++d) w *= f1[d];
+#pragma unroll
+      for (int f = 0; f < kMaxF; ++f) {
+        if (f < F) atomicAdd(grad_emb + row * F + f, static_cast<acc_t>(w) * go[f]);
+      }
+    }
+    if (grad_in != nullptr) {
+      acc_t ge = 0;  // dy . e_corner
+#pragma unroll
+      for (int f = 0; f < kMaxF; ++f) {
+        if (f < F) ge += go[f] * to_acc(emb[row * F + f]);
+      }
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        in_t others = 1;
+#pragma unroll
+        for (int e = 0; e < D; ++e) {
+          if (e != d) others *= f1[e];
+        }
+        const in_t sign = ((corner >> d) & 1) ? in_t(1) : in_t(-1);
+        gx[d] += static_cast<in_t>(ge) * sign * others;
+      }
+    }
+  }
+  if (grad_in != nullptr) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) atomicAdd(grad_in + n * D + d, gx[d] * loc.dw[d]);
+  }
+}
+
+inline unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>((n + kThreads - 1) / kThreads);
+}
+
+template <typename in_t, typename emb_t>
+cudaError_t forward_typed(const void* inputs, const void* emb, int64_t N, int D, GridLayout lay,
+                          void* out, cudaStream_t stream) {
+  const auto* x = static_cast<const in_t*>(inputs);
+  const auto* e = static_cast<const emb_t*>(emb);
+  auto* o = static_cast<emb_t*>(out);
+  const unsigned blocks = blocks_for(N * lay.L);
+  if (D == 2) {
+    forward_kernel<in_t, emb_t, 2><<<blocks, kThreads, 0, stream>>>(x, e, N, lay, o);
+  } else if (D == 3) {
+    forward_kernel<in_t, emb_t, 3><<<blocks, kThreads, 0, stream>>>(x, e, N, lay, o);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename in_t, typename emb_t>
+cudaError_t backward_typed(const void* grad_out, const void* inputs, const void* emb, int64_t N,
+                           int D, GridLayout lay, void* grad_emb, void* grad_in,
+                           cudaStream_t stream) {
+  using acc_t = decltype(to_acc(emb_t()));
+  const auto* go = static_cast<const emb_t*>(grad_out);
+  const auto* x = static_cast<const in_t*>(inputs);
+  const auto* e = static_cast<const emb_t*>(emb);
+  auto* ge = static_cast<acc_t*>(grad_emb);
+  auto* gi = static_cast<in_t*>(grad_in);
+  const unsigned blocks = blocks_for(N * lay.L);
+  if (D == 2) {
+    backward_kernel<in_t, emb_t, 2><<<blocks, kThreads, 0, stream>>>(go, x, e, N, lay, ge, gi);
+  } else if (D == 3) {
+    backward_kernel<in_t, emb_t, 3><<<blocks, kThreads, 0, stream>>>(go, x, e, N, lay, ge, gi);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t grid_encode_forward(const void* inputs, const void* embeddings, EmbType emb,
+                                int64_t N, int D, GridLayout layout, void* out,
+                                cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (layout.F < 1 || layout.F > kMaxF) return cudaErrorInvalidValue;
+  switch (emb) {
+    case EmbType::kFloat32:
+      return forward_typed<float, float>(inputs, embeddings, N, D, layout, out, stream);
+    case EmbType::kFloat16:
+      return forward_typed<float, __half>(inputs, embeddings, N, D, layout, out, stream);
+    case EmbType::kBFloat16:
+      return forward_typed<float, __nv_bfloat16>(inputs, embeddings, N, D, layout, out, stream);
+    case EmbType::kFloat64:
+      return forward_typed<double, double>(inputs, embeddings, N, D, layout, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t grid_encode_backward(const void* grad_out, const void* inputs,
+                                 const void* embeddings, EmbType emb, int64_t N, int D,
+                                 GridLayout layout, void* grad_embeddings, void* grad_inputs,
+                                 cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (layout.F < 1 || layout.F > kMaxF) return cudaErrorInvalidValue;
+  switch (emb) {
+    case EmbType::kFloat32:
+      return backward_typed<float, float>(grad_out, inputs, embeddings, N, D, layout,
+                                          grad_embeddings, grad_inputs, stream);
+    case EmbType::kFloat16:
+      return backward_typed<float, __half>(grad_out, inputs, embeddings, N, D, layout,
+                                           grad_embeddings, grad_inputs, stream);
+    case EmbType::kBFloat16:
+      return backward_typed<float, __nv_bfloat16>(grad_out, inputs, embeddings, N, D, layout,
+                                                  grad_embeddings, grad_inputs, stream);
+    case EmbType::kFloat64:
+      return backward_typed<double, double>(grad_out, inputs, embeddings, N, D, layout,
+                                            grad_embeddings, grad_inputs, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace dfk

@@ -1,0 +1,43 @@
+// Multi-resolution hash-grid encoding: launchers on raw device pointers.
+//
+// Semantics are those of gridencoder/_torch_impl.py; the .cu file includes no torch header
+// so that it compiles quickly. Shapes are given on every argument.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dfk {
+
+enum class EmbType { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
+// Per-level layout (device arrays): offsets [L+1] int32 (table rows of level l start at
+// offsets[l]), points [L] int32 (lattice points per axis), scales [L] (the position scale:
+// s_l, or ceil(s_l) with align_corners) in the input type.
+struct GridLayout {
+  const int32_t* offsets;
+  const int32_t* points;
+  const void* scales;
+  int L;
+  int F;          // features per level, at most 8
+  int max_level;  // levels >= this output zeros
+  bool align_corners;
+  bool smoothstep;
+};
+
+// inputs: [N,D] in [0,1] (double when emb is kFloat64, else float); embeddings: [T,F];
+// out: [N, L*F] in the embeddings' type. D is 2 or 3.
+cudaError_t grid_encode_forward(const void* inputs, const void* embeddings, EmbType emb,
+                                int64_t N, int D, GridLayout layout, void* out,
+                                cudaStream_t stream);
+
+// grad_out: [N, L*F] in the embeddings' type. grad_embeddings: [T,F] (float, or double for
+// kFloat64; zeroed by the caller; null to skip); grad_inputs: [N,D] in the input type
+// (zeroed; null to skip).
+cudaError_t grid_encode_backward(const void* grad_out, const void* inputs,
+                                 const void* embeddings, EmbType emb, int64_t N, int D,
+                                 GridLayout layout, void* grad_embeddings, void* grad_inputs,
+                                 cudaStream_t stream);
+
+}  // namespace dfk

@@ -1,0 +1,117 @@
+// Tensor glue of the grid-encoder kernels: checks, allocation, stream; see gridencoder.h.
+// Python (gridencoder/_cuda.py) picks supported dtypes and makes tensors contiguous.
+// Only what is used (not <torch/extension.h>, which doubles the compile time): tensors,
+// their factory functions, the dtype dispatch, and pybind11 casters for tensors.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gridencoder.h"
+
+namespace {
+
+#define DFK_CHECK_INPUT(x)                                        \
+  TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor");        \
+  TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+
+dfk::EmbType emb_type(const at::Tensor& embeddings, const at::Tensor& inputs) {
+  const auto et = embeddings.scalar_type(), it = inputs.scalar_type();
+  if (et == at::kDouble) {
+    TORCH_CHECK(it == at::kDouble, "float64 embeddings need float64 inputs");
+    return dfk::EmbType::kFloat64;
+  }
+  TORCH_CHECK(it == at::kFloat, "inputs must be float32 (float64 with float64 embeddings)");
+  if (et == at::kFloat) return dfk::EmbType::kFloat32;
+  if (et == at::kHalf) return dfk::EmbType::kFloat16;
+  TORCH_CHECK(et == at::kBFloat16, "embeddings must be float32, float16, bfloat16 or float64");
+  return dfk::EmbType::kBFloat16;
+}
+
+dfk::GridLayout layout(const at::Tensor& offsets, const at::Tensor& points,
+                       const at::Tensor& scales, const at::Tensor& inputs,
+                       const at::Tensor& embeddings, bool align_corners, bool smoothstep,
+                       int64_t max_level) {
+  DFK_CHECK_INPUT(offsets);
+  DFK_CHECK_INPUT(points);
+  DFK_CHECK_INPUT(scales);
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && points.scalar_type() == at::kInt,
+              "offsets and points must be int32");
+  TORCH_CHECK(scales.scalar_type() == inputs.scalar_type(), "scales must have the inputs' type");
+  const int64_t L = points.numel();
+  TORCH_CHECK(offsets.numel() == L + 1 && scales.numel() == L, "inconsistent level layout");
+  return {offsets.data_ptr<int32_t>(),
+          points.data_ptr<int32_t>(),
+          scales.data_ptr(),
+          static_cast<int>(L),
+          static_cast<int>(embeddings.size(1)),
+          static_cast<int>(std::min<int64_t>(max_level, L)),
+          align_corners,
+          smoothstep};
+}
+
+at::Tensor grid_encode_forward(const at::Tensor& inputs, const at::Tensor& embeddings,
+                               const at::Tensor& offsets, const at::Tensor& points,
+                               const at::Tensor& scales, bool align_corners, bool smoothstep,
+                               int64_t max_level) {
+  DFK_CHECK_INPUT(inputs);
+  DFK_CHECK_INPUT(embeddings);
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const auto lay =
+      layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep, max_level);
+  const int64_t N = inputs.size(0);
+  auto out = at::empty({N, lay.L * lay.F}, embeddings.options());
+  const auto err = dfk::grid_encode_forward(inputs.data_ptr(), embeddings.data_ptr(),
+                                            emb_type(embeddings, inputs), N,
+                                            static_cast<int>(inputs.size(1)), lay,
+                                            out.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "grid_encode forward failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+// Returns (grad_embeddings or an empty tensor, grad_inputs or an empty tensor). Embedding
+// gradients accumulate in float32 (float64 for float64 tables) and are cast back.
+std::vector<at::Tensor> grid_encode_backward(const at::Tensor& grad_out,
+                                             const at::Tensor& inputs,
+                                             const at::Tensor& embeddings,
+                                             const at::Tensor& offsets, const at::Tensor& points,
+                                             const at::Tensor& scales, bool align_corners,
+                                             bool smoothstep, int64_t max_level, bool need_emb,
+                                             bool need_inputs) {
+  DFK_CHECK_INPUT(grad_out);
+  DFK_CHECK_INPUT(inputs);
+  DFK_CHECK_INPUT(embeddings);
+  TORCH_CHECK(grad_out.scalar_type() == embeddings.scalar_type(),
+              "grad_out must have the embeddings' type");
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const auto lay =
+      layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep, max_level);
+  const auto et = emb_type(embeddings, inputs);
+  const auto acc = et == dfk::EmbType::kFloat64 ? at::kDouble : at::kFloat;
+  at::Tensor grad_emb, grad_in;
+  if (need_emb) grad_emb = at::zeros(embeddings.sizes(), embeddings.options().dtype(acc));
+  if (need_inputs) grad_in = at::zeros_like(inputs);
+  const auto err = dfk::grid_encode_backward(
+      grad_out.data_ptr(), inputs.data_ptr(), embeddings.data_ptr(), et, inputs.size(0),
+      static_cast<int>(inputs.size(1)), lay, need_emb ? grad_emb.data_ptr() : nullptr,
+      need_inputs ? grad_in.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "grid_encode backward failed: ", cudaGetErrorString(err));
+  if (need_emb && grad_emb.scalar_type() != embeddings.scalar_type()) {
+    grad_emb = grad_emb.to(embeddings.scalar_type());
+  }
+  return {need_emb ? grad_emb : at::Tensor(), need_inputs ? grad_in : at::Tensor()};
+}
+
+}  // namespace
+
+void register_gridencoder(pybind11::module_& m) {
+  m.def("grid_encode_forward", &grid_encode_forward);
+  m.def("grid_encode_backward", &grid_encode_backward);
+}

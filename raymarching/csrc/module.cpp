@@ -1,0 +1,12 @@
+// The one Python module of all our CUDA kernels (ray marching and grid encoding): a single
+// extension keeps the first-use build to one link and lets ninja compile every file at once.
+#include <pybind11/pybind11.h>
+
+void register_raymarching(pybind11::module_& m);
+void register_gridencoder(pybind11::module_& m);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dreamfusion CUDA kernels: ray marching and hash-grid encoding";
+  register_raymarching(m);
+  register_gridencoder(m);
+}

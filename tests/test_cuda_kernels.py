@@ -1,0 +1,293 @@
+"""CUDA kernels against the PyTorch twins (run on CPU as the reference). Needs a GPU and nvcc.
+
+Run with ``-s`` to see the measured errors and a small timing table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_raymarching import _field, assert_mostly_equal, random_scene, render_inference
+
+from gridencoder import GridEncoder
+from gridencoder import _cuda as gc
+from gridencoder import _torch_impl as ge
+from raymarching import _build
+from raymarching import _cuda as rc
+from raymarching import _torch_impl as rm
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if _build.find_nvcc() is None:
+        pytest.skip("no CUDA compiler found (set CUDA_HOME or put nvcc on PATH)")
+    mod = _build.load_kernels()
+    assert mod is not None, "the CUDA kernels failed to build"
+    print(f"\n[kernels] loaded in {_build.build_seconds:.1f} s from {_build.cache_dir()}")
+    return mod
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (0 for empty tensors)."""
+    if ref.numel() == 0:
+        return 0.0
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(got).all()
+    return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def to_twin_order(rays_cuda, rays_twin, *arrays):
+    """Reorder CUDA packed arrays into the twin's packing (same per-ray counts required)."""
+    counts = rays_twin[:, 1].long()
+    owner = torch.repeat_interleave(torch.arange(rays_twin.shape[0]), counts)
+    within = torch.arange(owner.numel()) - torch.repeat_interleave(rays_twin[:, 0].long(), counts)
+    idx = rays_cuda[:, 0].long().cpu()[owner] + within
+    return [a.cpu()[idx] for a in arrays]
+
+
+def test_near_far_morton_packbits_equal_twin():
+    g = torch.Generator().manual_seed(0)
+    o = torch.randn(5000, 3, generator=g) * 2
+    d = torch.randn(5000, 3, generator=g)
+    d = d / d.norm(dim=-1, keepdim=True)
+    d[:10, 1:] = 0  # axis-aligned rays exercise the 1e-15 guard
+    aabb = torch.tensor([-1.0, -1, -1, 1, 1, 1])
+    ref = rm.near_far_from_aabb(o, d, aabb, 0.05)
+    got = rc.near_far_from_aabb(o.to(DEV), d.to(DEV), aabb.to(DEV), 0.05)
+    for a, b in zip(got, ref):
+        assert torch.equal(a.cpu(), b)
+    coords = torch.randint(0, 1024, (5000, 3), generator=g)
+    assert torch.equal(rc.morton3D(coords.to(DEV)).cpu(), rm.morton3D(coords))
+    idx = torch.randint(0, 2**30, (5000,), generator=g)
+    assert torch.equal(rc.morton3D_invert(idx.to(DEV)).cpu(), rm.morton3D_invert(idx))
+    grid = torch.rand(2, 32**3, generator=g)
+    assert torch.equal(rc.packbits(grid.to(DEV), 0.7).cpu(), rm.packbits(grid, 0.7))
+
+
+MARCH_CASES = [  # C, G, bound, dt_gamma, max_steps, perturb
+    (1, 128, 1.0, 0.0, 1024, False),
+    (1, 64, 1.0, 0.0, 512, True),
+    (2, 64, 2.0, 0.0, 1024, True),
+    (3, 32, 4.0, 0.0, 1024, False),
+    (2, 64, 2.0, 1 / 128, 1024, True),
+]
+
+
+def march_both(C, G, bound, dt_gamma, max_steps, perturb, N=4096, seed=0):
+    o, d, bits = random_scene(N, C, G, bound, seed=seed + C * 7 + G)
+    aabb = torch.tensor([-bound] * 3 + [bound] * 3)
+    nears, fars = rm.near_far_from_aabb(o, d, aabb, 0.05)
+    noise = torch.rand(N, generator=torch.Generator().manual_seed(seed)) if perturb else None
+    ref = rm.march_rays_train(o, d, bound, bits, C, G, nears, fars, perturb, dt_gamma,
+                              max_steps, noise)
+    got = rc.march_rays_train(o.to(DEV), d.to(DEV), bound, bits.to(DEV), C, G, nears.to(DEV),
+                              fars.to(DEV), perturb, dt_gamma, max_steps,
+                              None if noise is None else noise.to(DEV))
+    return ref, got
+
+
+@pytest.mark.parametrize("case", MARCH_CASES)
+def test_march_rays_train_matches_twin(case):
+    ref, got = march_both(*case)
+    xyzs, dirs, ts, rays = ref
+    assert got[3].dtype == torch.int32 and got[0].shape == xyzs.shape
+    bad = (got[3][:, 1].cpu() != rays[:, 1]).sum().item()
+    print(f"\n[march {case}] M={xyzs.shape[0]} rays with other counts: {bad}")
+    assert bad == 0
+    # The non-empty slices tile [0, M) (each ray's samples contiguous).
+    r = got[3].cpu()
+    r = r[r[:, 1] > 0]
+    r = r[torch.argsort(r[:, 0])]
+    assert r[0, 0] == 0 and torch.equal(r[1:, 0], (r[:, 0] + r[:, 1])[:-1])
+    gx, gd, gt = to_twin_order(got[3], rays, got[0], got[1], got[2])
+    assert torch.equal(gt, ts) and torch.equal(gx, xyzs) and torch.equal(gd, dirs)
+
+
+@pytest.mark.parametrize("channels", [3, 6])
+def test_composite_rays_train_forward_backward(channels):
+    (_, _, ts, rays), (xyzs, _, ts_c, rays_c) = march_both(2, 64, 2.0, 0.0, 1024, True)
+    g = torch.Generator().manual_seed(1)
+    M, N = xyzs.shape[0], rays_c.shape[0]
+    sig = torch.nn.functional.softplus(torch.randn(M, generator=g) * 3 + 2) * 10
+    rgb = torch.rand(M, channels, generator=g)
+    ups = [torch.randn(M, generator=g), torch.randn(N, generator=g), torch.randn(N, generator=g),
+           torch.randn(N, channels, generator=g)]
+    # Both on the CUDA packing (the twin takes any ray order).
+    s_ref, c_ref = sig.clone().requires_grad_(), rgb.clone().requires_grad_()
+    ref = rm.composite_rays_train(s_ref, c_ref, ts_c.cpu(), rays_c.cpu())
+    torch.autograd.backward(ref, ups)
+    s_got, c_got = sig.to(DEV).requires_grad_(), rgb.to(DEV).requires_grad_()
+    got = rc.composite_rays_train(s_got, c_got, ts_c, rays_c)
+    torch.autograd.backward(got, [u.to(DEV) for u in ups])
+    errs = {name: rel_err(a, b) for name, a, b in zip(
+        ("weights", "weights_sum", "depth", "image"), got, ref)}
+    errs["grad_sigmas"] = rel_err(s_got.grad, s_ref.grad)
+    errs["grad_rgbs"] = rel_err(c_got.grad, c_ref.grad)
+    print(f"\n[composite C={channels}] " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
+    assert max(errs.values()) <= 1e-4
+
+
+def test_composite_rays_train_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    sig = (torch.rand(7, generator=g, dtype=torch.float64) * 5).to(DEV).requires_grad_()
+    rgb = torch.rand(7, 3, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    ts = torch.tensor([[1.0, 0.1], [1.1, 0.2], [1.3, 0.3], [2.0, 0.2], [2.2, 0.4], [3.0, 0.1],
+                       [3.1, 0.1]], dtype=torch.float64, device=DEV)
+    rays = torch.tensor([[4, 3], [0, 2], [2, 2]], dtype=torch.int32, device=DEV)
+    assert torch.autograd.gradcheck(lambda s, c: rc.composite_rays_train(s, c, ts, rays),
+                                    (sig, rgb))
+
+
+@pytest.mark.parametrize("case", [(1, 64, 1.0, 0.0), (2, 64, 2.0, 0.0), (2, 32, 2.0, 1 / 128)])
+def test_inference_matches_twin(case):
+    C, G, bound, gamma = case
+    o, d, bits = random_scene(1024, C, G, bound, seed=5)
+    ref = render_inference(o, d, bits, C, G, bound, 1e-3, dt_gamma=gamma)
+    got = render_inference(o.to(DEV), d.to(DEV), bits.to(DEV), C, G, bound, 1e-3,
+                           march=rc.march_rays, composite=rc.composite_rays, dt_gamma=gamma)
+    assert len(got[3]) == len(ref[3])
+    for (x1, t1, r1), (x2, t2, r2) in zip(got[3], ref[3]):
+        assert torch.equal(x1.cpu(), x2) and torch.equal(t1.cpu(), t2) and torch.equal(r1.cpu(), r2)
+    errs = [rel_err(a, b) for a, b in zip(got[:3], ref[:3])]
+    print(f"\n[inference {case}] rounds={len(ref[3])} ws/depth/image rel err {errs}")
+    assert max(errs) <= 1e-4
+
+
+def test_inference_equals_training_on_gpu():
+    C, G, bound = 1, 64, 1.0
+    o, d, bits = random_scene(2048, C, G, bound, seed=9)
+    o, d, bits = o.to(DEV), d.to(DEV), bits.to(DEV)
+    nears, fars = rc.near_far_from_aabb(o, d, torch.tensor([-1.0] * 3 + [1.0] * 3, device=DEV),
+                                        0.05)
+    xyzs, _, ts, rays = rc.march_rays_train(o, d, bound, bits, C, G, nears, fars)
+    sig, rgb = _field(xyzs)
+    _, ws, depth, image = rc.composite_rays_train(sig, rgb, ts, rays, 1e-4)
+    inference = render_inference(o, d, bits, C, G, bound, 1e-4, march=rc.march_rays,
+                                 composite=rc.composite_rays)
+    assert_mostly_equal(inference[:3], (ws, depth, image), "GPU")
+
+
+GRID_CASES = [  # D, L, F, log2_size, base, finest, interpolation, align, max_level
+    (3, 16, 2, 19, 16, 2048, "smoothstep", False, None),
+    (3, 16, 2, 15, 16, 512, "linear", True, None),
+    (3, 8, 4, 14, 4, 256, "smoothstep", False, 5),
+    (2, 8, 2, 12, 8, 512, "linear", False, None),
+]
+
+
+def grid_setup(D, L, F, log2, base, finest, align, N=20000, seed=0, dtype=torch.float32):
+    scale = math.exp2(math.log2(finest / base) / (L - 1))
+    offsets, points = ge.level_layout(D, L, scale, base, log2, align)
+    g = torch.Generator().manual_seed(seed)
+    emb = (torch.rand(offsets[-1], F, generator=g) * 2 - 1).to(dtype)
+    x = torch.rand(N, D, generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return offsets, points, scale, emb, x
+
+
+@pytest.mark.parametrize("case", GRID_CASES)
+def test_grid_encode_matches_twin(case):
+    D, L, F, log2, base, finest, interp, align, max_level = case
+    offsets, points, scale, emb, x = grid_setup(D, L, F, log2, base, finest, align)
+    up = torch.randn(x.shape[0], L * F, generator=torch.Generator().manual_seed(1))
+    e_ref, x_ref = emb.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = ge.grid_encode(x_ref, e_ref, offsets, points, scale, base, align, interp, max_level)
+    ref.backward(up)
+    e_got, x_got = emb.to(DEV).requires_grad_(), x.to(DEV).requires_grad_()
+    got = gc.grid_encode(x_got, e_got, offsets, points, scale, base, align, interp, max_level)
+    got.backward(up.to(DEV))
+    errs = {"out": rel_err(got, ref), "grad_emb": rel_err(e_got.grad, e_ref.grad),
+            "grad_x": rel_err(x_got.grad, x_ref.grad)}
+    print(f"\n[grid {case}] " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert max(errs.values()) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grid_encode_low_precision_tables(dtype):
+    offsets, points, scale, emb, x = grid_setup(3, 16, 2, 19, 16, 2048, False)
+    ref = ge.grid_encode(x, emb.to(dtype).float(), offsets, points, scale, 16, False, "smoothstep")
+    e_got = emb.to(dtype).to(DEV).requires_grad_()
+    got = gc.grid_encode(x.to(DEV), e_got, offsets, points, scale, 16, False, "smoothstep")
+    got.float().sum().backward()
+    err = rel_err(got.float(), ref)
+    print(f"\n[grid {dtype}] out rel err {err:.2e}")
+    assert got.dtype == dtype and e_got.grad.dtype == dtype
+    assert err <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_grid_encode_gradcheck_float64():
+    offsets, points = ge.level_layout(3, 3, 2.0, 2, 6)
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(offsets[-1], 2, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    x = (torch.rand(5, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1).to(DEV).requires_grad_()
+    for interp in ("linear", "smoothstep"):
+        assert torch.autograd.gradcheck(
+            lambda e, xx, i=interp: gc.grid_encode(xx, e, offsets, points, 2.0, 2, False, i),
+            (emb, x), atol=1e-6)
+
+
+def test_grid_encoder_module_normals_on_gpu():
+    enc = GridEncoder(num_levels=8, base_resolution=8, log2_hashmap_size=14,
+                      desired_resolution=256)
+    with torch.no_grad():
+        enc.embeddings.uniform_(-1, 1)
+    x = torch.rand(1000, 3) * 2 - 1
+    outs = []
+    for dev in ("cpu", DEV):
+        enc = enc.to(dev)
+        xx = x.to(dev).requires_grad_()
+        y = enc(xx, bound=1.0)
+        (n,) = torch.autograd.grad(y.pow(2).sum(), xx)  # a normal-like input gradient
+        outs.append((y.detach().cpu(), n.cpu()))
+    assert rel_err(outs[1][0], outs[0][0]) <= 1e-4 and rel_err(outs[1][1], outs[0][1]) <= 1e-4
+
+
+def _time_ms(fn, reps=20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def test_timing_report():
+    """Not a benchmark gate: prints medians for the sizes of a 64x64 training step."""
+    o, d, bits = random_scene(4096, 1, 128, 1.0, seed=11)
+    o, d, bits = o.to(DEV), d.to(DEV), bits.to(DEV)
+    aabb = torch.tensor([-1.0] * 3 + [1.0] * 3, device=DEV)
+    nears, fars = rc.near_far_from_aabb(o, d, aabb, 0.05)
+    march = lambda: rc.march_rays_train(o, d, 1.0, bits, 1, 128, nears, fars, True)  # noqa: E731
+    xyzs, _, ts, rays = march()
+    sig = torch.rand(xyzs.shape[0], device=DEV, requires_grad=True)
+    rgb = torch.rand(xyzs.shape[0], 3, device=DEV, requires_grad=True)
+
+    def composite():
+        out = rc.composite_rays_train(sig, rgb, ts, rays)
+        (out[1].sum() + out[3].sum()).backward()
+
+    enc = GridEncoder(desired_resolution=2048).to(DEV)
+    pts = torch.rand(2**18, 3, device=DEV) * 2 - 1
+
+    def encode():
+        enc(pts).sum().backward()
+
+    rows = [("march_rays_train 4096 rays G=128", march),
+            ("composite_rays_train fwd+bwd", composite),
+            ("grid encode fwd+bwd 2^18 pts L=16", encode)]
+    print(f"\n[timing] M={xyzs.shape[0]} samples")
+    for name, fn in rows:
+        print(f"[timing] {name}: {_time_ms(fn):.3f} ms")
