@@ -39,8 +39,11 @@ def target_field(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = (x - torch.tensor([0.0, -0.25, 0.0], device=x.device)).abs()
     box = (q < torch.tensor([0.4, 0.15, 0.3], device=x.device)).all(-1)
     sigma = 100.0 * (ball | box).float()
-    albedo = torch.where(ball[:, None], torch.tensor([0.9, 0.2, 0.1], device=x.device),
-                         torch.tensor([0.2, 0.4, 0.9], device=x.device))
+    albedo = torch.where(
+        ball[:, None],
+        torch.tensor([0.9, 0.2, 0.1], device=x.device),
+        torch.tensor([0.2, 0.4, 0.9], device=x.device),
+    )
     return sigma, albedo
 
 
@@ -108,8 +111,11 @@ def main() -> None:
     grid_full = model.density_grid.clone()
 
     rows = []
-    variants = [("run_cuda, CUDA kernels", "auto", True), ("run_cuda, PyTorch twin", "torch", True),
-                ("run (PyTorch sampling)", "torch", False)]
+    variants = [
+        ("run_cuda, CUDA kernels", "auto", True),
+        ("run_cuda, PyTorch twin", "torch", True),
+        ("run (PyTorch sampling)", "torch", False),
+    ]
     if device.type != "cuda":
         variants = variants[1:]
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device=device), dim=-1)
@@ -119,20 +125,30 @@ def main() -> None:
         model.cuda_ray = cuda_ray
         ro, rd = rays(device, 64, 64)
 
-        def train_step():
+        def train_step(ro=ro, rd=rd):
             model.train()
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                out = model.render(ro, rd, light_d=light, ambient_ratio=0.3, shading="lambertian",
-                                   bg_color=torch.ones(3, device=device), perturb=True)
+                out = model.render(
+                    ro,
+                    rd,
+                    light_d=light,
+                    ambient_ratio=0.3,
+                    shading="lambertian",
+                    bg_color=torch.ones(3, device=device),
+                    perturb=True,
+                )
             (out["image"].float().mean() + out["weights_sum"].float().mean()).backward()
 
         train_ms, train_mem = timeit(train_step, args.repeat, device)
         S = args.test_size
         ro8, rd8 = rays(device, S, S)
 
-        def test_frame():
+        def test_frame(ro8=ro8, rd8=rd8):
             model.eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"),
+            ):
                 return model.render(ro8, rd8, bg_color=torch.ones(3, device=device), max_ray_batch=4096)
 
         test_ms, test_mem = timeit(test_frame, max(3, args.repeat // 5), device)
