@@ -418,9 +418,15 @@ class Trainer:
                     os._exit(3)
             bar.close()
             mean_loss = float(np.mean(losses)) if losses else float("nan")
+            mem = ""
+            if self.device.type == "cuda":
+                mem = (
+                    f", peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB allocated, "
+                    f"{torch.cuda.max_memory_reserved(self.device) / 2**30:.2f} GiB reserved"
+                )
             self.log(
                 f"[epoch {self.epoch}] step {self.global_step} loss {mean_loss:.5g} "
-                f"({steps / max(time.time() - t0, 1e-9):.2f} it/s, skipped {self.nonfinite_total})",
+                f"({steps / max(time.time() - t0, 1e-9):.2f} it/s, skipped {self.nonfinite_total}{mem})",
                 echo=not opt.quiet,
             )
             self.save_checkpoint()

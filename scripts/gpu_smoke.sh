@@ -21,7 +21,3 @@ echo "== -O fp16 run, SD 2.1-base architecture (random weights)"
 python3 main.py --text "a hamburger" --workspace /tmp/ws_sd21 --hf_key /tmp/sd21 -O --iters 400 \
   --dataset_size_valid 1 --W 128 --H 128 --dataset_size_test 2 --test_interval 1000 --quiet 2>&1 | grep -v -i -E "warn|loading" | tail -8
 grep -E "epoch|done" /tmp/ws_sd21/log_df.txt
-python3 - <<'PY'
-import torch
-print("peak allocated GiB (last process not kept):", "see log")
-PY
