@@ -305,7 +305,9 @@ class NeRFRenderer(nn.Module):
         light = self._expand_light(light_d, n, B, device)
         fn = self.run_cuda if self.cuda_ray else self.run
         kwargs = dict(ambient_ratio=ambient_ratio, shading=shading, perturb=perturb, need_normal=need_normal)
-        if max_ray_batch is None or ro.shape[0] <= max_ray_batch or self.training:
+        # run_cuda's alive-ray loop bounds its own memory: chunking would only multiply its
+        # iterations (each chunk restarts with one sample per ray), so only ``run`` is chunked.
+        if max_ray_batch is None or ro.shape[0] <= max_ray_batch or self.training or self.cuda_ray:
             out = fn(ro, rd, light, **kwargs)
         else:
             parts = []

@@ -60,9 +60,9 @@ def fit(model, device, steps: int) -> None:
         opt.step()
 
 
-def timeit(fn, repeat: int, device) -> tuple[float, float]:
-    """Median ms and peak MiB of ``fn`` (after 3 warm-ups)."""
-    for _ in range(3):
+def timeit(fn, repeat: int, device, warmup: int = 3) -> tuple[float, float]:
+    """Median ms and peak MiB of ``fn`` (after ``warmup`` calls)."""
+    for _ in range(warmup):
         fn()
     times = []
     if device.type == "cuda":
@@ -151,7 +151,9 @@ def main() -> None:
             ):
                 return model.render(ro8, rd8, bg_color=torch.ones(3, device=device), max_ray_batch=4096)
 
-        test_ms, test_mem = timeit(test_frame, max(3, args.repeat // 5), device)
+        # The twin's inference loop is many small launches: time it fewer times.
+        reps = max(3, args.repeat // 5) if backend == "auto" or not cuda_ray else 2
+        test_ms, test_mem = timeit(test_frame, reps, device, warmup=1 if reps == 2 else 3)
         alpha = test_frame()["weights_sum"].float().mean().item()
         rows.append((name, train_ms, train_mem, test_ms, test_mem, alpha))
     raymarching.set_backend("auto")
