@@ -62,6 +62,60 @@ def render_result(args_list: list[str], device: torch.device, H: int) -> tuple[t
     return alpha, albedo
 
 
+def report(rows: list[dict], sheet_rows: list[torch.Tensor], out: Path, device: torch.device) -> None:
+    """Write results.json, results.md and contact_sheet.png for the runs so far."""
+    ok = [r for r in rows if "error" not in r]
+
+    def mean(key, sel):
+        v = [r[key] for r in ok if sel(r)]
+        return float(np.mean(v)) if v else float("nan")
+
+    summary = {}
+    for name, sel in (
+        ("all", lambda r: True),
+        ("held_out", lambda r: r["held_out"]),
+        ("training", lambda r: not r["held_out"]),
+    ):
+        summary[name] = {
+            k: mean(k, sel) for k in ("iou", "iou_rescaled", "colour_error", "r_precision", "seconds")
+        }
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    meta = {"command": "python " + " ".join(sys.argv), "device": dev, "torch": torch.__version__}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=2))
+    lines = [
+        f"Command: `{meta['command']}` on {dev}.",
+        "",
+        "| prompt | held out | IoU | IoU rescaled (scale) | colour error | R-precision | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['prompt']} | | {r['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {r['prompt']} | {'yes' if r['held_out'] else 'no'} | {r['iou']:.3f} | "
+            f"{r['iou_rescaled']:.3f} ({r['best_scale']:.2f}) | {r['colour_error']:.3f} | "
+            f"{r['r_precision']:.2f} | {r['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "| subset | IoU | IoU rescaled | colour error | R-precision | s per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['iou']:.3f} | {s['iou_rescaled']:.3f} | {s['colour_error']:.3f} | "
+            f"{s['r_precision']:.2f} | {s['seconds']:.0f} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    if sheet_rows:
+        from PIL import Image
+
+        sheet = torch.cat(sheet_rows, 0).clamp(0, 1).numpy()
+        Image.fromarray((sheet * 255).round().astype(np.uint8)).save(out / "contact_sheet.png")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="eval3d", help="output folder (runs in <out>/runs/<k>)")
@@ -142,56 +196,7 @@ def main() -> None:
         gt = [torch.where(gt_mask[v, :, None], gt_rgb[v], torch.ones(3)).reshape(S, S, 3) for v in views]
         sheet_rows.append(torch.cat(res + gt, 1))
 
-    ok = [r for r in rows if "error" not in r]
-
-    def mean(key, sel):
-        v = [r[key] for r in ok if sel(r)]
-        return float(np.mean(v)) if v else float("nan")
-
-    summary = {}
-    for name, sel in (
-        ("all", lambda r: True),
-        ("held_out", lambda r: r["held_out"]),
-        ("training", lambda r: not r["held_out"]),
-    ):
-        summary[name] = {
-            k: mean(k, sel) for k in ("iou", "iou_rescaled", "colour_error", "r_precision", "seconds")
-        }
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    meta = {"command": "python " + " ".join(sys.argv), "device": dev, "torch": torch.__version__}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=2))
-    lines = [
-        f"Command: `{meta['command']}` on {dev}.",
-        "",
-        "| prompt | held out | IoU | IoU rescaled (scale) | colour error | R-precision | s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['prompt']} | | {r['error']} | | | | |")
-            continue
-        lines.append(
-            f"| {r['prompt']} | {'yes' if r['held_out'] else 'no'} | {r['iou']:.3f} | "
-            f"{r['iou_rescaled']:.3f} ({r['best_scale']:.2f}) | {r['colour_error']:.3f} | "
-            f"{r['r_precision']:.2f} | {r['seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        "| subset | IoU | IoU rescaled | colour error | R-precision | s per run |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['iou']:.3f} | {s['iou_rescaled']:.3f} | {s['colour_error']:.3f} | "
-            f"{s['r_precision']:.2f} | {s['seconds']:.0f} |"
-        )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    if sheet_rows:
-        from PIL import Image
-
-        sheet = torch.cat(sheet_rows, 0).clamp(0, 1).numpy()
-        Image.fromarray((sheet * 255).round().astype(np.uint8)).save(out / "contact_sheet.png")
-    print("\n".join(lines))
+        report(rows, sheet_rows, out, device)
 
 
 if __name__ == "__main__":
