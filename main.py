@@ -15,20 +15,22 @@ import sys
 from pathlib import Path
 
 BUILTIN_DEFAULTS = {
-    # The built-in prior sees objects at one distance and field of view (see
-    # docs/builtin-prior.md); its run defaults match them and keep a CPU run short.
+    # The built-in prior sees objects at one distance and field of view (docs/builtin-prior.md);
+    # its run defaults match them. Chosen by measurement (docs/results.md) to fit a 2-core CPU:
+    # 32x32 renders (the prior upsamples to its native 64), albedo shading (no normal passes),
+    # a small hash grid and occupancy grid.
     "radius_range": [3.2, 3.2],
     "fovy_range": [20.0, 20.0],
-    "w": 64,
-    "h": 64,
-    "W": 128,
-    "H": 128,
+    "w": 32,
+    "h": 32,
+    "W": 96,
+    "H": 96,
     "guidance_scale": 20.0,
-    "t_range": [0.02, 0.98],
-    "iters": 1200,
+    "iters": 800,
     "dataset_size_train": 100,
     "dataset_size_valid": 4,
-    "dataset_size_test": 40,
+    "dataset_size_test": 36,
+    "eval_interval": 4,
     "grid_levels": 8,
     "grid_log2_size": 14,
     "grid_finest": 256,
@@ -37,11 +39,15 @@ BUILTIN_DEFAULTS = {
     "blob_radius": 0.3,
     "bg_radius": -1.0,
     "latent_iter_ratio": 0.0,
+    "albedo_iter_ratio": 1.0,
     "lambda_orient": 0.0,
-    "albedo_iter_ratio": 0.3,
-    "textureless_ratio": 0.0,
     "normal_method": "tetra",
 }
+
+
+# Speed levers that -O turns on (each measured faster and SDS-equivalent on an H100:
+# docs/benchmarks.md, "SDS speed (H100)"); an explicit --no-<flag> keeps one off.
+O_SPEED_DEFAULTS = {"unet_graph": True, "vae_graph": True, "channels_last": True}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -312,6 +318,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--lambda_3d_normal_smooth", type=float, default=0.0, help="|n(x) - n(x + N(0, 0.01))| on the surface"
     )
 
+    g = p.add_argument_group("speed", "guidance speed levers (CUDA only; docs/benchmarks.md)")
+    flag = argparse.BooleanOptionalAction
+    g.add_argument(
+        "--unet_graph",
+        action=flag,
+        default=None,
+        help="replay the UNet's classifier-free-guidance call from a CUDA graph captured once per "
+        "input shape and dtype (other shapes run eager) [default: on with -O, else off]",
+    )
+    g.add_argument(
+        "--vae_graph",
+        action=flag,
+        default=None,
+        help="replay the VAE encoder's forward and backward from CUDA graphs [default: on with -O, else off]",
+    )
+    g.add_argument(
+        "--channels_last",
+        action=flag,
+        default=None,
+        help="UNet weights and inputs in channels_last memory format [default: on with -O, else off]",
+    )
+    g.add_argument(
+        "--compile_unet",
+        action="store_true",
+        help="torch.compile the UNet (the first step compiles for about a minute or more)",
+    )
+    g.add_argument(
+        "--unet_traced",
+        default="auto",
+        metavar="auto|off|PATH",
+        help="UNet compiled ahead of time by trace.py: auto loads the one in "
+        "~/.cache/dreamfusion/unet_traced matching model, dtype and input shapes (none: eager); "
+        "PATH loads that .pt2 (a mismatch runs eager with a warning); off never loads one",
+    )
+
     g = p.add_argument_group("mesh export (docs/mesh.md)")
     g.add_argument("--mcubes_resolution", type=int, default=256, help="marching-cubes lattice resolution")
     g.add_argument("--decimate_target", type=float, default=5e4, help="target face count")
@@ -376,6 +417,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         set_("progressive_level", True, "-O2")
     if opt.fp16:
         set_("precision", "fp16", "--fp16")
+    for name, value in O_SPEED_DEFAULTS.items():
+        if getattr(opt, name) is None:
+            if opt.O:
+                set_(name, value, "-O")
+            else:
+                setattr(opt, name, False)
     if opt.sd_version == "builtin" and opt.hf_key is None:
         for k, v in BUILTIN_DEFAULTS.items():
             if k not in given:
@@ -515,7 +562,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         guidance = {
             "SD": StableDiffusion(
-                device, opt.precision == "fp16", opt.vram_O, opt.sd_version, opt.hf_key, tuple(opt.t_range)
+                device,
+                opt.precision == "fp16",
+                opt.vram_O,
+                opt.sd_version,
+                opt.hf_key,
+                tuple(opt.t_range),
+                bf16=opt.precision == "bf16",
+                unet_graph=opt.unet_graph,
+                vae_graph=opt.vae_graph,
+                channels_last=opt.channels_last,
+                compile_unet=opt.compile_unet,
+                unet_traced=opt.unet_traced,
             )
         }
         trainer = Trainer(opt, model, guidance, device)

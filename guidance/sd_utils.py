@@ -8,7 +8,10 @@ cached), a hub id, or a local folder in diffusers' layout (``--hf_key``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -96,6 +99,62 @@ def _fingerprint(key: str) -> str:
         return key
 
 
+# --- speed paths -----------------------------------------------------------------------------------
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+MAX_GRAPHS = 4  # CUDA graphs kept per model (one per input signature); beyond that: eager
+_warned: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+    """One line on stderr, once per message (fallbacks must be visible but not spam the log)."""
+    if msg not in _warned:
+        _warned.add(msg)
+        print(f"[speed] {msg}", file=sys.stderr, flush=True)
+
+
+def signature(*tensors: torch.Tensor) -> tuple:
+    """What a captured graph or an ahead-of-time compiled UNet is specialised to."""
+    return tuple(
+        (tuple(x.shape), str(x.dtype), x.is_contiguous(memory_format=torch.channels_last)) for x in tensors
+    )
+
+
+def traced_key(model: str, dtype: torch.dtype, sig: tuple, device_name: str) -> str:
+    """File stem of a traced UNet: model identity, dtype, input shapes, torch and GPU."""
+    text = json.dumps([model, str(dtype), [list(map(str, s)) for s in sig], torch.__version__, device_name])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def default_traced_dir() -> Path:
+    return Path.home() / ".cache" / "dreamfusion" / "unet_traced"
+
+
+class CudaGraphed:
+    """A fixed-shape function replayed from a CUDA graph: static input buffers, captured once.
+
+    The returned tensor is the graph's static output: it is overwritten by the next replay,
+    so callers consume it before calling again (the SDS step does).
+    """
+
+    def __init__(self, fn: UNetFn, example: tuple[torch.Tensor, ...], warmup: int = 3):
+        self.static_in = [x.detach().clone() for x in example]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):  # cuDNN/cuBLAS autotuning and lazy init stay out of the graph
+                fn(*self.static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.static_out = fn(*self.static_in)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        for buf, x in zip(self.static_in, args):
+            buf.copy_(x)
+        self.graph.replay()
+        return self.static_out
+
+
 class StableDiffusion(torch.nn.Module):
     """A latent diffusion model used as a score-distillation prior.
 
@@ -107,6 +166,16 @@ class StableDiffusion(torch.nn.Module):
         hf_key: hub id or local folder in diffusers' layout.
         t_range: fractions of the training timesteps that t is drawn from.
         cache_dir: where text embeddings are cached (default ~/.cache/dreamfusion/text_embeds).
+
+    Speed levers (CUDA only; any of them runs the prior in its own dtype with autocast off):
+        bf16: bfloat16 weights instead of float16 (with ``fp16`` or alone).
+        unet_graph: replay the UNet CFG call from a CUDA graph, one per input signature.
+        vae_graph: replay the VAE encoder's forward and backward from CUDA graphs.
+        channels_last: UNet weights and inputs in channels_last.
+        compile_unet: ``torch.compile`` the UNet (the first call compiles for minutes).
+        unet_traced: "auto" loads a UNet compiled by ``trace.py`` from ``traced_dir`` when one
+            matches the model, dtype and input shapes; a path loads that one; None: never.
+            A mismatch falls back to eager with a one-line warning.
     """
 
     def __init__(
@@ -118,13 +187,22 @@ class StableDiffusion(torch.nn.Module):
         hf_key: str | None = None,
         t_range: tuple[float, float] = (0.02, 0.98),
         cache_dir: str | os.PathLike | None = None,
+        *,
+        bf16: bool = False,
+        unet_graph: bool = False,
+        vae_graph: bool = False,
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        unet_traced: str | os.PathLike | None = None,
+        traced_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         self.device = torch.device(device)
         self.key = hf_key or MODEL_KEYS[sd_version]
-        self.dtype = torch.float16 if fp16 and self.device.type == "cuda" else torch.float32
+        cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if bf16 and cuda else torch.float16 if fp16 and cuda else torch.float32
         self.vae = _load(AutoencoderKL, self.key, "vae", torch_dtype=self.dtype).to(self.device)
         self.unet = _load(UNet2DConditionModel, self.key, "unet", torch_dtype=self.dtype).to(self.device)
         self.scheduler = _load(DDIMScheduler, self.key, "scheduler")
@@ -147,6 +225,24 @@ class StableDiffusion(torch.nn.Module):
         )
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "dreamfusion" / "text_embeds")
         self._text = None  # (tokenizer, text_encoder), loaded only when a prompt is not cached
+
+        # Speed paths. Graphs and traced artifacts need CUDA; on a CPU they are ignored.
+        self.unet_graph = unet_graph and cuda
+        self.vae_graph = vae_graph and cuda
+        self.channels_last = channels_last
+        self.unet_traced = None if unet_traced in (None, "", "off") or not cuda else str(unet_traced)
+        self.traced_dir = Path(traced_dir) if traced_dir else default_traced_dir()
+        self.fast = self.unet_graph or self.vae_graph or compile_unet or channels_last or bf16
+        self.fast = self.fast or self.unet_traced is not None
+        if channels_last and not vram_O:
+            self.unet.to(memory_format=torch.channels_last)
+        self._unet_fn: UNetFn = self._unet_eager
+        if compile_unet:
+            self._unet_fn = torch.compile(self._unet_eager)
+        self._graphs: dict[tuple, CudaGraphed] = {}
+        self._traced: dict[tuple, UNetFn | None] = {}  # per input signature: the artifact or None
+        self._vae_graphs: dict[tuple, Callable] = {}
+        self._device_name = torch.cuda.get_device_name(self.device) if cuda else "cpu"
 
     # --- text --------------------------------------------------------------------------------
     def _text_models(self):
@@ -195,11 +291,103 @@ class StableDiffusion(torch.nn.Module):
             out.append(emb)
         return torch.cat(out).to(self.device)
 
+    # --- UNet ------------------------------------------------------------------------------------
+    def _unet_eager(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+    def _traced_for(self, sig: tuple) -> UNetFn | None:
+        """The ahead-of-time compiled UNet for this input signature, loaded once, or None."""
+        if sig in self._traced:
+            return self._traced[sig]
+        fn = None
+        key = traced_key(_fingerprint(self.key), self.dtype, sig, self._device_name)
+        src = self.unet_traced
+        if src == "auto":
+            meta = self.traced_dir / f"{key}.json"
+            if meta.exists():
+                fn = self._load_traced(meta)
+            elif any(self.traced_dir.glob("*.json")):
+                warn_once(f"no traced UNet in {self.traced_dir} matches inputs {sig}; running eager")
+        else:
+            meta = Path(src).with_suffix(".json")
+            info = json.loads(meta.read_text()) if meta.exists() else {}
+            if info.get("key") == key:
+                fn = self._load_traced(meta)
+            else:
+                warn_once(
+                    f"traced UNet {src} does not match this model/dtype/inputs {sig} "
+                    f"(it was made for {info.get('inputs', '?')} {info.get('dtype', '?')}); running eager"
+                )
+        self._traced[sig] = fn
+        return fn
+
+    def _load_traced(self, meta: Path) -> UNetFn | None:
+        info = json.loads(meta.read_text())
+        package = meta.with_name(info["package"])
+        try:
+            from torch._inductor import aoti_load_package
+
+            runner = aoti_load_package(str(package))
+            if not info.get("constants_in_package", True):
+                # Weights were left out of the artifact: share the live UNet's (no second copy).
+                state = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+                fqns = runner.get_constant_fqns()
+                runner.load_constants({k: state[k] for k in fqns}, check_full_update=True, user_managed=True)
+        except Exception as e:  # noqa: BLE001 - a broken artifact must not stop a run
+            warn_once(f"traced UNet {package} could not be loaded ({type(e).__name__}: {e}); running eager")
+            return None
+        print(f"[speed] using traced UNet {package}", flush=True)
+        return lambda x, t, emb: runner(x, t, emb)
+
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """UNet noise prediction for the CFG batch ``x`` [2B,4,h,w] (model dtype), through the
+        fastest enabled path for its signature: traced, compiled, CUDA graph, or eager."""
+        if not self.fast:
+            return self._unet_eager(x, t, emb)  # the reference's computation, under the caller's autocast
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        sig = signature(x, t, emb)
+        fn = self._unet_fn
+        if self.unet_traced is not None:
+            fn = self._traced_for(sig) or fn
+        with torch.autocast(self.device.type, enabled=False):
+            if not self.unet_graph:
+                return fn(x, t, emb)
+            graph = self._graphs.get(sig)
+            if graph is None:
+                if len(self._graphs) >= MAX_GRAPHS:
+                    warn_once(f"{MAX_GRAPHS} UNet CUDA graphs captured already; inputs {sig} run eager")
+                    return fn(x, t, emb)
+                graph = self._graphs[sig] = CudaGraphed(fn, (x, t, emb))
+            return graph(x, t, emb)
+
     # --- images <-> latents ----------------------------------------------------------------------
+    def _vae_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder half of ``AutoencoderKL.encode``: mean and log-variance, stacked."""
+        h = self.vae.encoder(x)
+        return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
+
     def encode_imgs(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> [B,4,h,w] scaled latents (differentiable)."""
-        posterior = self.vae.encode((2 * imgs - 1).to(self.dtype)).latent_dist
-        return posterior.sample() * self.scaling_factor
+        x = (2 * imgs - 1).to(self.dtype)
+        if not (self.vae_graph and x.requires_grad and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
+            return posterior.sample() * self.scaling_factor
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        sig = signature(x)
+        graphed = self._vae_graphs.get(sig)
+        with torch.autocast(self.device.type, enabled=False):
+            if graphed is None:
+                if len(self._vae_graphs) >= MAX_GRAPHS:
+                    warn_once(f"{MAX_GRAPHS} VAE CUDA graphs captured already; inputs {sig} run eager")
+                    return self.vae.encode(x).latent_dist.sample() * self.scaling_factor
+                example = x.detach().clone().requires_grad_(True)
+                graphed = torch.cuda.make_graphed_callables(self._vae_moments, (example,))
+                self._vae_graphs[sig] = graphed
+            moments = graphed(x)
+        # Sampled outside the graph, as diffusers does, so the same RNG stream gives the same latents.
+        return DiagonalGaussianDistribution(moments).sample() * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -246,11 +434,9 @@ class StableDiffusion(torch.nn.Module):
             if noise is None:
                 noise = torch.randn_like(latents)
             noisy = self.scheduler.add_noise(latents.detach(), noise.to(latents.dtype), t)
-            noise_pred = self.unet(
-                torch.cat([noisy] * 2).to(self.dtype),
-                torch.cat([t] * 2),
-                encoder_hidden_states=text_embeddings.to(self.dtype),
-            ).sample
+            noise_pred = self.predict_noise(
+                torch.cat([noisy] * 2).to(self.dtype), torch.cat([t] * 2), text_embeddings.to(self.dtype)
+            )
             uncond, cond = noise_pred.float().chunk(2)
             eps_hat = cfg(uncond, cond, guidance_scale)
         w = (1 - self.alphas[t]).view(-1, 1, 1, 1)

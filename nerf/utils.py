@@ -316,14 +316,18 @@ class Trainer:
         for k, v in parts.items():
             if k != "sds":
                 loss = loss + v
-        return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "shading": shading}
+        # Detached 0-d tensors, not floats: train_one_step reads them all in one device->host copy.
+        return loss, {**{k: v.detach() for k, v in parts.items()}, "shading": shading}
+
+    def _grads_finite_flag(self) -> torch.Tensor:
+        """0-d bool tensor on the device: every gradient is finite (no host sync)."""
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.stack([torch.isfinite(g).all() for g in grads]).all()
 
     def _grads_finite(self) -> bool:
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    return False
-        return True
+        return bool(self._grads_finite_flag())
 
     def train_one_step(self, data: dict) -> dict:
         """One optimisation step. Non-finite losses/gradients skip the step (counted);
@@ -343,15 +347,22 @@ class Trainer:
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
             loss, parts = self.train_step(data, save_guidance_path=save_path)
-        ok = bool(torch.isfinite(loss))
-        if ok:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            ok = self._grads_finite()
+        # One host sync per step: backward runs before the loss is checked (a non-finite loss
+        # gives non-finite gradients, so the step is skipped all the same), and the loss, its
+        # parts and the finiteness flags come back in a single device->host copy.
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        finite = torch.isfinite(loss.detach()) & self._grads_finite_flag()
+        names = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([finite.float(), loss.detach().float(), *(parts[k].float() for k in names)])
+        ok_flag, loss_value, *part_values = values.tolist()
+        parts.update(zip(names, part_values))
+        ok = ok_flag > 0
         if ok:
             if opt.grad_clip > 0:
                 torch.nn.utils.clip_grad_value_(model.parameters(), opt.grad_clip)
-            self.scaler.step(self.optimizer)
+            # = scaler.step(optimizer) for finite gradients, without its found-inf host sync.
+            self.optimizer.step()
             self.scaler.update()
             self.nonfinite_run = 0
         else:
@@ -374,7 +385,7 @@ class Trainer:
         if ok and self.ema is not None:
             self.ema.update()
         self.global_step += 1
-        parts["loss"] = float(loss.detach()) if ok else float("nan")
+        parts["loss"] = loss_value if ok else float("nan")
         parts["ok"] = ok
         return parts
 
