@@ -97,13 +97,21 @@ def write_image(path: str | os.PathLike, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 25) -> None:
+def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 25) -> bool:
+    """Write an mp4 atomically; without an ffmpeg backend, warn once and return False (the
+    frames are written as PNGs anyway)."""
     import imageio.v2 as imageio
 
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        tqdm.write("[video] imageio-ffmpeg is not installed: mp4 skipped, PNG frames kept")
+        return False
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     imageio.mimwrite(tmp, frames, fps=fps, quality=8, macro_block_size=1)
     os.replace(tmp, path)
+    return True
 
 
 class Trainer:
@@ -538,8 +546,8 @@ class Trainer:
         paths = {}
         for k, fr in frames.items():
             p = self.workspace / "results" / f"{self.name}_ep{self.epoch:04d}_{k}.mp4"
-            write_video(p, fr)
-            paths[k] = p
+            if write_video(p, fr):
+                paths[k] = p
         self.log(f"[test] wrote {', '.join(str(p) for p in paths.values())}", echo=not self.opt.quiet)
         self.write_index(videos=paths)
         self.model.train()

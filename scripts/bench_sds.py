@@ -1,0 +1,373 @@
+"""SDS training speed: the full ``-O`` iteration for each speed lever, against eager fp16.
+
+Builds a Stable Diffusion 2.1-base model with random weights (the real architecture and
+configs, no download), then for each variant runs the real ``Trainer.train_one_step`` of a
+default ``-O`` run (64x64 render through ``run_cuda``, SDS through the VAE encoder, the
+regularizers, backward, Adan step, EMA) in the RGB phase, and reports
+
+* median ms per iteration and iterations per second (a loop without extra syncs),
+* peak GPU memory allocated and reserved (weights, graphs and training together),
+* a breakdown: render (forward + backward), VAE encode (forward + backward to the image),
+  UNet (CFG batch), optimizer (Adan + EMA), other (the rest of the iteration),
+* the relative L2 difference of the SDS image gradient from the baseline's on the same
+  image, t, noise and posterior sample.
+
+    python scripts/bench_sds.py [--model sd2.1-base] [--iters 40] [--variants a,b] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from guidance.sd_factory import build_sd  # noqa: E402
+from guidance.sd_utils import StableDiffusion  # noqa: E402
+from main import parse_args  # noqa: E402
+from nerf.network_grid import NeRFNetwork  # noqa: E402
+from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
+from nerf.utils import Trainer  # noqa: E402
+
+OFF = ["--no-unet_graph", "--no-vae_graph", "--no-channels_last", "--unet_traced", "off"]
+# name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
+VARIANTS: dict[str, list[str]] = {
+    "eager fp16 (baseline)": ["--fp16", *OFF],
+    "UNet graph": ["--fp16", *OFF, "--unet_graph"],
+    "UNet graph + channels_last": ["--fp16", *OFF, "--unet_graph", "--channels_last"],
+    "UNet graph + CL + VAE graph": ["--fp16", *OFF, "--unet_graph", "--channels_last", "--vae_graph"],
+    "bf16: UNet graph + CL + VAE graph": [
+        "--precision",
+        "bf16",
+        *OFF,
+        "--unet_graph",
+        "--channels_last",
+        "--vae_graph",
+    ],
+    "eager bf16": ["--precision", "bf16", *OFF],
+    "compile UNet + CL": ["--fp16", *OFF, "--compile_unet", "--channels_last"],
+    "traced UNet + graph + CL + VAE graph": [
+        "--fp16",
+        *OFF[:-2],
+        "--unet_traced",
+        "auto",
+        "--unet_graph",
+        "--channels_last",
+        "--vae_graph",
+    ],
+}
+DEFAULT_VARIANTS = list(VARIANTS)[:5]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(args, model_path: str, extra: list[str], ws: Path, device: torch.device):
+    """The objects ``main.main`` builds for a training run, with these options."""
+    opt, _ = parse_args(
+        ["--text", "a hamburger", "--hf_key", model_path, "--workspace", str(ws), "--quiet", "--cuda_ray"]
+        + extra
+        + shlex.split(args.extra)
+    )
+    if device.type != "cuda":
+        opt.precision = "fp32"
+    model = NeRFNetwork(opt)
+    sd = StableDiffusion(
+        device,
+        opt.precision == "fp16",
+        opt.vram_O,
+        opt.sd_version,
+        opt.hf_key,
+        tuple(opt.t_range),
+        bf16=opt.precision == "bf16",
+        unet_graph=opt.unet_graph,
+        vae_graph=opt.vae_graph,
+        channels_last=opt.channels_last,
+        compile_unet=opt.compile_unet,
+        unet_traced=opt.unet_traced,
+    )
+    trainer = Trainer(opt, model, {"SD": sd}, device)
+    train_set = NeRFDataset(
+        type="train",
+        H=opt.h,
+        W=opt.w,
+        size=opt.dataset_size_train,
+        ranges=CameraRanges(
+            tuple(opt.radius_range), tuple(opt.theta_range), tuple(opt.phi_range), tuple(opt.fovy_range)
+        ),
+        batch_size=opt.batch_size,
+        device=device,
+    )
+    return opt, model, sd, trainer, train_set
+
+
+def sds_image_grad(sd: StableDiffusion, emb: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """d SDS / d image for a fixed image, t, noise and posterior sample (seeded)."""
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    img = torch.rand(1, 3, 64, 64, generator=g).to(device).requires_grad_(True)
+    noise = torch.randn(1, 4, sd.latent_size, sd.latent_size, generator=g).to(device)
+    t = torch.tensor([500], device=device)
+    torch.manual_seed(99)  # the VAE posterior sample
+    amp = torch.float16 if sd.dtype == torch.float16 else torch.bfloat16
+    with torch.autocast(device.type, dtype=amp, enabled=device.type == "cuda" and sd.dtype != torch.float32):
+        loss = sd.train_step(emb, img, t=t, noise=noise)
+    loss.backward()
+    return img.grad.detach().float().cpu()
+
+
+def flops(sd: StableDiffusion, emb: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """GFLOP of the UNet CFG call and of the VAE encoder forward + backward (to the input)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 4, sd.latent_size, sd.latent_size, device=device, dtype=sd.dtype)
+    t = torch.tensor([500, 500], device=device)
+    out = {}
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        sd._unet_eager(x, t, emb.to(sd.dtype))
+    out["unet"] = fc.get_total_flops() / 1e9
+    img = torch.rand(1, 3, sd.image_size, sd.image_size, device=device, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        sd.encode_imgs(img).sum().backward()
+    out["vae"] = fc.get_total_flops() / 1e9
+    return out
+
+
+class Marks:
+    """Timestamps inside the real training iteration (CUDA events, no syncs): around the render,
+    the VAE encode (forward; its backward through gradient hooks), the UNet call, the optimizer
+    step with the EMA update, and the end of backward (GradScaler.unscale_)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ev: dict[str, list] = {}
+        self.saved: list[tuple[object, str, object]] = []
+
+    def __call__(self, name: str) -> None:
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+        else:
+            e = time.perf_counter()
+        self.ev.setdefault(name, []).append(e)
+
+    def clear(self) -> None:
+        self.ev = {}
+
+    def _ms(self, a: str, b: str) -> float:
+        total = 0.0
+        for x, y in zip(self.ev.get(a, []), self.ev.get(b, [])):
+            total += x.elapsed_time(y) if self.device.type == "cuda" else (y - x) * 1e3
+        return total
+
+    def wrap(self, obj, attr: str, name: str, hooks: bool = False) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            self(f"{name}0")
+            out = fn(*a, **k)
+            self(f"{name}1")
+            if hooks and a[0].requires_grad:
+                out.register_hook(lambda g: self(f"{name}_bwd0"))
+                a[0].register_hook(lambda g: self(f"{name}_bwd1"))
+            return out
+
+        self.saved.append((obj, attr, obj.__dict__.get(attr)))
+        setattr(obj, attr, timed)
+
+    def install(self, model, sd, trainer) -> None:
+        self.wrap(model, "render", "render")
+        self.wrap(sd, "encode_imgs", "vae", hooks=True)
+        self.wrap(sd, "predict_noise", "unet")
+        self.wrap(trainer.optimizer, "step", "optim")
+        self.wrap(trainer.scaler, "unscale_", "bwd_end")
+        if trainer.ema is not None:
+            self.wrap(trainer.ema, "update", "ema")
+
+    def uninstall(self) -> None:
+        for obj, attr, old in reversed(self.saved):
+            if old is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+        self.saved = []
+
+    def breakdown(self) -> dict[str, float]:
+        vae_bwd = self._ms("vae_bwd0", "vae_bwd1")
+        out = {
+            # render forward, plus the backward after the VAE's (render and regularizers)
+            "render": self._ms("render0", "render1") + self._ms("vae_bwd1", "bwd_end0"),
+            "vae": self._ms("vae0", "vae1") + vae_bwd,
+            "unet": self._ms("unet0", "unet1"),
+            "optim": self._ms("optim0", "optim1") + self._ms("ema0", "ema1"),
+        }
+        out["other"] = self._ms("start", "end") - sum(out.values())
+        return out
+
+
+def run_variant(name: str, extra: list[str], args, model_path: str, device: torch.device, tmp: Path) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    opt, model, sd, trainer, train_set = build(args, model_path, extra, tmp / f"ws{len(name)}", device)
+    trainer.prepare_embeddings()
+    # The RGB phase (80% of a default run): past the latent warm-up, after a few grid refreshes.
+    trainer.global_step = opt.iters // 2
+    for _ in range(4):
+        model.update_extra_state()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):  # includes CUDA-graph capture / compilation
+        trainer.train_one_step(train_set.train_batch())
+    sync(device)
+    warm_s = time.perf_counter() - t0
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the training steps' own peak, below
+    marks = Marks(device)
+    marks.install(model, sd, trainer)
+    times, parts = [], []
+    for _ in range(args.iters):
+        data = train_set.train_batch()
+        sync(device)
+        t = time.perf_counter()
+        marks.clear()
+        marks("start")
+        trainer.train_one_step(data)
+        marks("end")
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+        parts.append(marks.breakdown())
+    marks.uninstall()
+    if device.type == "cuda":
+        train_alloc = torch.cuda.max_memory_allocated(device) / 2**30
+        train_reserved = torch.cuda.max_memory_reserved(device) / 2**30
+    t = time.perf_counter()
+    for _ in range(args.iters):  # as in training: no syncs beyond the loop's own
+        trainer.train_one_step(train_set.train_batch())
+    sync(device)
+    its = args.iters / (time.perf_counter() - t)
+    res = {
+        "name": name,
+        "options": " ".join(extra),
+        "ms": statistics.median(times),
+        "its": its,
+        "warmup_s": warm_s,
+    }
+    if device.type == "cuda":
+        res["alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # whole run, start-up included
+        res["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        res["train_alloc_gib"], res["train_reserved_gib"] = train_alloc, train_reserved
+    for k in ("render", "vae", "unet", "optim", "other"):
+        res[k] = statistics.median(p[k] for p in parts)
+    emb = trainer.text_embeddings_for(train_set.train_batch())
+
+    res["grad"] = sds_image_grad(sd, emb[[0, 1]], device)
+    if args.flops and not args.flop_counts:
+        args.flop_counts = flops(sd, emb, device)
+    if args.profile and name == args.profile_variant:
+        profile(trainer, train_set, device, Path(args.profile))
+    return res
+
+
+def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out: Path) -> None:
+    """Profiler table of 5 iterations; counts the host syncs (aten::_local_scalar_dense,
+    cudaStreamSynchronize, cudaMemcpyAsync device->host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            trainer.train_one_step(train_set.train_batch())
+        sync(device)
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    ev = {e.key: e.count for e in prof.key_averages()}
+    syncs = {
+        k: v for k, v in ev.items() if any(s in k for s in ("local_scalar", "Synchronize", "item", "Memcpy"))
+    }
+    out.write_text(f"syncs over 5 iterations: {json.dumps(syncs, indent=1)}\n\n{table}\n")
+    print(f"profile: host-sync events over 5 iterations: {syncs}")
+
+
+def table(results: list[dict], device: torch.device) -> str:
+    base = results[0]
+    lines = [
+        "| variant | ms/iter | it/s | speed-up | peak alloc GiB (run / steps) | peak reserved GiB (run / steps) "
+        "| render | VAE enc+bwd "
+        "| UNet | optimizer | other | SDS grad rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        diff = float((r["grad"] - base["grad"]).norm() / base["grad"].norm().clamp(min=1e-30))
+        nan = float("nan")
+        mem = (
+            f"{r.get('alloc_gib', nan):.2f} / {r.get('train_alloc_gib', nan):.2f} | "
+            f"{r.get('reserved_gib', nan):.2f} / {r.get('train_reserved_gib', nan):.2f}"
+        )
+        lines.append(
+            f"| {r['name']} | {r['ms']:.1f} | {r['its']:.2f} | {base['ms'] / r['ms']:.2f}x | {mem} | "
+            f"{r['render']:.1f} | {r['vae']:.1f} | {r['unet']:.1f} | {r['optim']:.1f} | {r['other']:.1f} "
+            f"| {diff:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="sd2.1-base", help="sd_factory config (random weights)")
+    ap.add_argument("--hf_key", default=None, help="use this model folder instead of building one")
+    ap.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated of {list(VARIANTS)}"
+    )
+    ap.add_argument("--extra", default="", help="more main.py options for every variant (e.g. a small grid)")
+    ap.add_argument("--iters", type=int, default=40, help="timed iterations per variant")
+    ap.add_argument("--warmup", type=int, default=8, help="untimed iterations first (graph capture)")
+    ap.add_argument("--part_repeat", type=int, default=15, help="repeats of each breakdown part")
+    ap.add_argument("--flops", action="store_true", help="count the UNet and VAE FLOPs (first variant)")
+    ap.add_argument("--profile", default=None, help="write a profiler table of one variant here")
+    ap.add_argument("--profile_variant", default="UNet graph + CL + VAE graph")
+    ap.add_argument("--out", default=None, help="also write the Markdown table (and JSON beside it)")
+    args = ap.parse_args()
+    args.flop_counts = None
+    device = torch.device(args.device)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        model_path = args.hf_key or str(build_sd(tmp / "sd", args.model))
+        results = []
+        for n in names:
+            r = run_variant(n, VARIANTS[n], args, model_path, device, tmp)
+            print(
+                f"{n}: {r['ms']:.1f} ms/iter, {r['its']:.2f} it/s, warm-up {r['warmup_s']:.1f} s, "
+                f"alloc {r.get('alloc_gib', 0):.2f} GiB, reserved {r.get('reserved_gib', 0):.2f} GiB",
+                flush=True,
+            )
+            results.append(r)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    md = f"device: {name}, torch {torch.__version__}, model {args.model}\n\n{table(results, device)}\n"
+    if args.flop_counts:
+        md += f"\nGFLOP: UNet CFG call {args.flop_counts['unet']:.0f}, VAE encode fwd+bwd {args.flop_counts['vae']:.0f}\n"
+    print(md)
+    if args.out:
+        Path(args.out).write_text(md)
+        rows = [{k: v for k, v in r.items() if k != "grad"} for r in results]
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Speed paths of the guidance: same SDS gradient as eager, fallbacks, -O defaults.
+
+The GPU tests compare the fast paths (CUDA graphs, channels_last, bf16) with eager on the
+same image, t, noise and VAE posterior sample; the CPU tests cover the fallbacks and flags.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from guidance import sd_utils
+from guidance.sd_utils import StableDiffusion, signature, traced_key
+from main import O_SPEED_DEFAULTS, parse_args
+
+
+def _sds_grad(sd: StableDiffusion, emb: torch.Tensor, seed: int, as_latent: bool = False) -> torch.Tensor:
+    """d SDS / d image on fresh random inputs drawn from ``seed`` (same for every model)."""
+    dev = sd.device
+    g = torch.Generator().manual_seed(seed)
+    c = 4 if as_latent else 3
+    img = torch.rand(1, c, 24, 24, generator=g).to(dev).requires_grad_(True)
+    noise = torch.randn(1, 4, sd.latent_size, sd.latent_size, generator=g).to(dev)
+    t = torch.randint(20, 980, (1,), generator=g).to(dev)
+    torch.manual_seed(seed)  # the VAE posterior sample
+    amp = torch.bfloat16 if sd.dtype == torch.bfloat16 else torch.float16
+    with torch.autocast(dev.type, dtype=amp, enabled=sd.dtype != torch.float32):
+        loss = sd.train_step(emb, img, guidance_scale=7.5, as_latent=as_latent, t=t, noise=noise)
+    loss.backward()
+    assert torch.isfinite(loss)
+    return img.grad.detach().double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "levers, tol",
+    [
+        (dict(unet_graph=True), 2e-2),
+        (dict(unet_graph=True, channels_last=True, vae_graph=True), 2e-2),
+        (dict(bf16=True, unet_graph=True, channels_last=True, vae_graph=True), 8e-2),
+    ],
+)
+def test_fast_paths_give_the_eager_sds_gradient(tiny_sd, embed_cache, levers, tol):
+    bf16 = levers.get("bf16", False)
+    ref = StableDiffusion("cuda", fp16=False, hf_key=str(tiny_sd))  # fp32 eager
+    eager = StableDiffusion("cuda", fp16=True, bf16=bf16, hf_key=str(tiny_sd))  # eager, same dtype
+    fast = StableDiffusion("cuda", fp16=True, hf_key=str(tiny_sd), **levers)
+    emb = ref.get_text_embeds(["", "a red cube"])
+    for seed in range(3):  # later calls replay the graphs captured by the first
+        for as_latent in (False, True):
+            g_ref = _sds_grad(ref, emb, seed, as_latent)
+            g_eager = _sds_grad(eager, emb, seed, as_latent)
+            g_fast = _sds_grad(fast, emb, seed, as_latent)
+            assert g_eager.abs().sum() > 0
+            # Same noise, t and posterior sample: the fast path's gradient is the eager one
+            # up to the dtype's rounding (and both stay near fp32).
+            info = (seed, as_latent, _rel(g_fast, g_eager), _rel(g_eager, g_ref), _rel(g_fast, g_ref))
+            assert _rel(g_fast, g_eager) < tol, info
+            assert _rel(g_fast, g_ref) < 4 * tol, info
+    assert len(fast._graphs) == 1
+    assert len(fast._vae_graphs) == (1 if levers.get("vae_graph") else 0)
+
+
+@pytest.mark.cuda
+def test_graph_replays_fresh_inputs_and_other_shapes_get_their_own(tiny_sd, embed_cache):
+    sd = StableDiffusion("cuda", fp16=True, hf_key=str(tiny_sd), unet_graph=True)
+    emb = sd.get_text_embeds(["", "a red cube", "", "a blue ball"]).half()
+    for B in (1, 2, 1):
+        x = torch.randn(2 * B, 4, sd.latent_size, sd.latent_size, device="cuda").half()
+        t = torch.randint(20, 980, (2 * B,), device="cuda")
+        e = torch.cat([emb[:B], emb[2 : 2 + B]])
+        got = sd.predict_noise(x, t, e).clone()
+        with torch.no_grad():
+            want = sd._unet_eager(x, t, e)
+        assert _rel(got.double(), want.double()) < 5e-3
+    assert len(sd._graphs) == 2  # one per batch size, each captured once
+
+
+def test_cpu_ignores_graph_levers_and_matches_eager(tiny_sd, embed_cache):
+    """On a CPU the graph levers are off and the result is the eager one exactly."""
+    eager = StableDiffusion("cpu", hf_key=str(tiny_sd))
+    fast = StableDiffusion("cpu", hf_key=str(tiny_sd), unet_graph=True, vae_graph=True, unet_traced="auto")
+    assert not fast.unet_graph and not fast.vae_graph and fast.unet_traced is None
+    emb = eager.get_text_embeds(["", "a red cube"])
+    assert torch.equal(_sds_grad(eager, emb, 0), _sds_grad(fast, emb, 0))
+
+
+def test_channels_last_gives_the_same_gradient_on_cpu(tiny_sd, embed_cache):
+    eager = StableDiffusion("cpu", hf_key=str(tiny_sd))
+    fast = StableDiffusion("cpu", hf_key=str(tiny_sd), channels_last=True)
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    emb = eager.get_text_embeds(["", "a red cube"])
+    for as_latent in (False, True):
+        a, b = _sds_grad(eager, emb, 3, as_latent), _sds_grad(fast, emb, 3, as_latent)
+        assert _rel(b, a) < 1e-5
+
+
+def _fake_traced(sd: StableDiffusion, tmp_path, sig: tuple, calls: list) -> None:
+    """Pretend trace.py made an artifact for ``sig``: the loader returns a counting eager UNet."""
+    key = traced_key(sd_utils._fingerprint(sd.key), sd.dtype, sig, sd._device_name)
+    (tmp_path / f"{key}.pt2").write_bytes(b"")
+    meta = {"key": key, "package": f"{key}.pt2", "inputs": [list(map(str, s)) for s in sig]}
+    (tmp_path / f"{key}.json").write_text(json.dumps(meta))
+
+    def load(meta_path):
+        assert meta_path.name == f"{key}.json"
+
+        def fn(x, t, emb):
+            calls.append(x.shape)
+            return sd._unet_eager(x, t, emb)
+
+        return fn
+
+    sd._load_traced = load
+
+
+def test_traced_unet_is_used_when_it_matches_and_eager_otherwise(tiny_sd, embed_cache, tmp_path, capsys):
+    sd = StableDiffusion("cpu", hf_key=str(tiny_sd))
+    # Traced artifacts are for CUDA; drive the CPU model through the same lookup.
+    sd.unet_traced, sd.traced_dir, sd.fast = "auto", tmp_path, True
+    emb = sd.get_text_embeds(["", "a red cube"])
+    x = torch.randn(2, 4, sd.latent_size, sd.latent_size)
+    t = torch.tensor([100, 100])
+    calls: list = []
+    _fake_traced(sd, tmp_path, signature(x, t, emb), calls)
+    with torch.no_grad():
+        out = sd.predict_noise(x, t, emb)
+        assert calls == [x.shape] and torch.allclose(out, sd._unet_eager(x, t, emb))
+        # Another batch size (or Perp-Neg's larger batch): eager, with one warning line.
+        x2, t2, e2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([emb, emb])
+        sd.predict_noise(x2, t2, e2)
+        sd.predict_noise(x2, t2, e2)
+    assert len(calls) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[speed]")]
+    assert len(err) == 1 and "running eager" in err[0] and "(4, 4," in err[0]
+
+
+def test_explicit_traced_path_of_another_model_falls_back_with_a_warning(
+    tiny_sd, embed_cache, tmp_path, capsys
+):
+    sd = StableDiffusion("cpu", hf_key=str(tiny_sd))
+    meta = {"key": "0" * 24, "package": "other.pt2", "inputs": [["(2, 4, 64, 64)"]], "dtype": "torch.float16"}
+    (tmp_path / "other.json").write_text(json.dumps(meta))
+    sd.unet_traced, sd.fast = str(tmp_path / "other.pt2"), True
+    emb = sd.get_text_embeds(["", "a red cube"])
+    x = torch.randn(2, 4, sd.latent_size, sd.latent_size)
+    with torch.no_grad():
+        out = sd.predict_noise(x, torch.tensor([5, 5]), emb)
+    assert torch.allclose(out, sd._unet_eager(x, torch.tensor([5, 5]), emb))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[speed]")]
+    assert len(err) == 1 and "does not match" in err[0] and "running eager" in err[0]
+
+
+def test_O_turns_on_the_measured_levers_and_says_so():
+    opt, notes = parse_args(["--text", "x", "-O"])
+    for name, value in O_SPEED_DEFAULTS.items():
+        assert getattr(opt, name) == value
+        assert f"{name} = {value} (-O)" in notes
+    opt, notes = parse_args(["--text", "x", "-O", "--no-unet_graph"])
+    assert opt.unet_graph is False and not any(n.startswith("unet_graph") for n in notes)
+    opt, _ = parse_args(["--text", "x"])
+    assert not (opt.unet_graph or opt.vae_graph or opt.channels_last or opt.compile_unet)
+    assert opt.unet_traced == "auto"
