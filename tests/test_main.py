@@ -229,3 +229,62 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sd, tmp_path, monke
     assert (ws / "checkpoints" / "df_ep0001.pth").exists()  # the last good checkpoint is kept
     log = (ws / "log_df.txt").read_text()
     assert "non-finite loss or gradient: step skipped (1 in a row" in log
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ["-O2"],  # vanilla backbone, autograd normals, progressive levels
+        [],  # plain run(): stratified + importance sampling
+        ["-O", "--view_prompt", "discrete", "--progressive_view", "--lambda_2d_normal_smooth", "0.1"],
+        [
+            "-O",
+            "--optim",
+            "adam",
+            "--lambda_3d_normal_smooth",
+            "0.1",
+            "--lambda_opacity",
+            "0.01",
+            "--lambda_tv",
+            "0.1",
+        ],
+        [
+            "-O",
+            "--normal_method",
+            "autograd",
+            "--latent_iter_ratio",
+            "0.5",
+            "--jitter_pose",
+            "--grad_clip",
+            "1",
+        ],
+    ],
+    ids=["O2", "plain", "discrete-progressive", "adam-regularizers", "autograd-latent-jitter"],
+)
+def test_each_configuration_runs(config, tiny_sd, tmp_path, monkeypatch):
+    """Every backbone/renderer/prompting configuration trains a few CPU iterations and renders."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ws = tmp_path / "cfg"
+    args = [
+        "--text",
+        "a red cube",
+        "--workspace",
+        str(ws),
+        "--hf_key",
+        str(tiny_sd),
+        *TINY_RUN,
+        "--iters",
+        "6",
+        "--dataset_size_train",
+        "3",
+        "--num_steps",
+        "16",
+        "--upsample_steps",
+        "8",
+        *config,
+    ]
+    assert main(args) == 0
+    ckpt = torch.load(ws / "checkpoints" / "df_ep0002.pth", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert (ws / "validation" / "df_ep0002_sheet.png").exists()
