@@ -497,12 +497,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return opt, notes
 
 
+def build_guidance(opt: argparse.Namespace, device) -> dict:
+    """The guidance models a run asks for, keyed by name (``{"SD": StableDiffusion}``).
+
+    Loading draws from the global RNG (weight init before loading): it runs in a forked RNG
+    so a run's random stream does not depend on what is cached.
+    """
+    import torch
+
+    from guidance.sd_utils import StableDiffusion
+
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        sd = StableDiffusion(
+            device,
+            opt.precision == "fp16",
+            opt.vram_O,
+            opt.sd_version,
+            opt.hf_key,
+            tuple(opt.t_range),
+            bf16=opt.precision == "bf16",
+            unet_graph=opt.unet_graph,
+            vae_graph=opt.vae_graph,
+            channels_last=opt.channels_last,
+            compile_unet=opt.compile_unet,
+            unet_traced=opt.unet_traced,
+        )
+    return {"SD": sd}
+
+
 def main(argv: list[str] | None = None) -> int:
     opt, notes = parse_args(argv)
 
     import torch
 
-    from guidance.sd_utils import ModelNotFoundError, StableDiffusion
+    from guidance.sd_utils import ModelNotFoundError
     from nerf.provider import CameraRanges, NeRFDataset
     from nerf.utils import CheckpointError, Trainer, TrainingDiverged, seed_everything
 
@@ -560,22 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             if opt.save_mesh:
                 trainer.save_mesh()
             return 0
-        guidance = {
-            "SD": StableDiffusion(
-                device,
-                opt.precision == "fp16",
-                opt.vram_O,
-                opt.sd_version,
-                opt.hf_key,
-                tuple(opt.t_range),
-                bf16=opt.precision == "bf16",
-                unet_graph=opt.unet_graph,
-                vae_graph=opt.vae_graph,
-                channels_last=opt.channels_last,
-                compile_unet=opt.compile_unet,
-                unet_traced=opt.unet_traced,
-            )
-        }
+        guidance = build_guidance(opt, device)
         trainer = Trainer(opt, model, guidance, device)
         trainer.load_checkpoint(opt.ckpt)
         trainer.train(

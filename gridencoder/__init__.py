@@ -8,39 +8,26 @@ Set ``DREAMFUSION_GRIDENCODER=torch`` to force the twin everywhere.
 from __future__ import annotations
 
 import math
-import os
 from types import ModuleType
 
 import torch
 from torch import nn
 
+from raymarching._backend import CudaBackend
+
 from ._torch_impl import grid_encode, level_layout
 
-_cuda_module: ModuleType | None | bool = None
+_backend = CudaBackend("gridencoder", "DREAMFUSION_GRIDENCODER")
 
 
 def cuda_backend() -> ModuleType | None:
     """The CUDA backend module, built on first use, or None when it cannot be used."""
-    global _cuda_module
-    if _cuda_module is None:
-        _cuda_module = False
-        if os.environ.get("DREAMFUSION_GRIDENCODER", "") != "torch" and torch.cuda.is_available():
-            try:
-                from . import _cuda  # noqa: PLC0415 - built lazily, only on GPU machines
-
-                if _cuda.available():
-                    _cuda_module = _cuda
-            except ImportError:
-                _cuda_module = False
-    return _cuda_module or None
+    return _backend.get()
 
 
 def set_backend(name: str) -> None:
     """Use "torch" (the PyTorch twin everywhere) or "auto" (CUDA for GPU tensors when it builds)."""
-    global _cuda_module
-    if name not in ("torch", "auto"):
-        raise ValueError(f"unknown backend {name!r}")
-    _cuda_module = False if name == "torch" else None
+    _backend.set(name)
 
 
 class GridEncoder(nn.Module):

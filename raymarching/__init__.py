@@ -8,38 +8,24 @@ Set ``DREAMFUSION_RAYMARCHING=torch`` to force the twin everywhere.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
 from . import _torch_impl
+from ._backend import CudaBackend
 
-_cuda_module: ModuleType | None | bool = None  # None: not tried yet; False: unavailable
+_backend = CudaBackend("raymarching", "DREAMFUSION_RAYMARCHING")
 
 
 def cuda_backend() -> ModuleType | None:
     """The CUDA backend module, built on first use, or None when it cannot be used."""
-    global _cuda_module
-    if _cuda_module is None:
-        _cuda_module = False
-        if os.environ.get("DREAMFUSION_RAYMARCHING", "") != "torch" and torch.cuda.is_available():
-            try:
-                from . import _cuda  # noqa: PLC0415 - built lazily, only on GPU machines
-
-                if _cuda.available():
-                    _cuda_module = _cuda
-            except ImportError:
-                _cuda_module = False
-    return _cuda_module or None
+    return _backend.get()
 
 
 def set_backend(name: str) -> None:
     """Use "torch" (the PyTorch twin everywhere) or "auto" (CUDA for GPU tensors when it builds)."""
-    global _cuda_module
-    if name not in ("torch", "auto"):
-        raise ValueError(f"unknown backend {name!r}")
-    _cuda_module = False if name == "torch" else None
+    _backend.set(name)
 
 
 def _impl(t: torch.Tensor) -> ModuleType:

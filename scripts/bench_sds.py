@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from guidance.sd_factory import build_sd  # noqa: E402
 from guidance.sd_utils import StableDiffusion  # noqa: E402
-from main import parse_args  # noqa: E402
+from main import build_guidance, parse_args  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
@@ -83,20 +83,7 @@ def build(args, model_path: str, extra: list[str], ws: Path, device: torch.devic
     if device.type != "cuda":
         opt.precision = "fp32"
     model = NeRFNetwork(opt)
-    sd = StableDiffusion(
-        device,
-        opt.precision == "fp16",
-        opt.vram_O,
-        opt.sd_version,
-        opt.hf_key,
-        tuple(opt.t_range),
-        bf16=opt.precision == "bf16",
-        unet_graph=opt.unet_graph,
-        vae_graph=opt.vae_graph,
-        channels_last=opt.channels_last,
-        compile_unet=opt.compile_unet,
-        unet_traced=opt.unet_traced,
-    )
+    sd = build_guidance(opt, device)["SD"]
     trainer = Trainer(opt, model, {"SD": sd}, device)
     train_set = NeRFDataset(
         type="train",
