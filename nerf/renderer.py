@@ -164,11 +164,8 @@ class NeRFRenderer(nn.Module):
         weights, weights_sum, depth, image = composite(sigma, color, z, deltas)
         out = {"image": image, "depth": depth, "weights_sum": weights_sum, "weights": weights}
         if normal is not None:
-            out["normal_image"] = (
-                (weights.detach()[..., None] * normal).sum(-2)
-                if not self.training
-                else (weights[..., None] * normal).sum(-2)
-            )
+            # Detached weights, as run_cuda composites normals with detached densities.
+            out["normal_image"] = (weights.detach()[..., None] * normal).sum(-2)
             nd = (normal * rays_d[:, None]).sum(-1).clamp(min=0)
             out["loss_orient"] = (weights.detach() * nd**2).sum() / N
         return out
