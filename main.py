@@ -42,6 +42,9 @@ BUILTIN_DEFAULTS = {
     "albedo_iter_ratio": 1.0,
     "lambda_orient": 0.0,
     "normal_method": "tetra",
+    "mcubes_resolution": 128,
+    "texture_size": 1024,
+    "decimate_target": 20000,
 }
 
 
@@ -93,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--six_views", action="store_true", help="with --test: also write 6 canonical views as PNG"
     )
     g.add_argument(
-        "--save_mesh", action="store_true", help="with --test: export a textured mesh (docs/mesh.md)"
+        "--save_mesh",
+        action="store_true",
+        help="export a textured mesh (docs/mesh.md): at the end of training, or from the checkpoint with --test",
     )
     g.add_argument("--eval_interval", type=int, default=1, help="validate every N epochs")
     g.add_argument(
@@ -596,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset("val", opt.dataset_size_valid, opt.H, opt.W),
             dataset("test", opt.dataset_size_test, opt.H, opt.W),
         )
+        if opt.save_mesh:
+            trainer.save_mesh()
         return 0
     except (ModelNotFoundError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
