@@ -36,7 +36,6 @@ BUILTIN_DEFAULTS = {
     "grid_finest": 256,
     "grid_size": 64,
     "max_steps": 128,
-    "blob_radius": 0.3,
     "bg_radius": -1.0,
     "latent_iter_ratio": 0.0,
     "albedo_iter_ratio": 1.0,
