@@ -334,9 +334,6 @@ class Trainer:
             return torch.ones((), dtype=torch.bool, device=self.device)
         return torch.stack([torch.isfinite(g).all() for g in grads]).all()
 
-    def _grads_finite(self) -> bool:
-        return bool(self._grads_finite_flag())
-
     def train_one_step(self, data: dict) -> dict:
         """One optimisation step. Non-finite losses/gradients skip the step (counted);
         ``--max_nonfinite`` of them in a row stop the run."""
