@@ -49,7 +49,7 @@ BUILTIN_DEFAULTS = {
 
 # Speed levers that -O turns on (each measured faster and SDS-equivalent on an H100:
 # docs/benchmarks.md, "SDS speed (H100)"); an explicit --no-<flag> keeps one off.
-O_SPEED_DEFAULTS = {"unet_graph": True, "vae_graph": True, "channels_last": True}
+O_SPEED_DEFAULTS = {"unet_graph": True, "vae_graph": True, "compile_vae": True, "channels_last": True}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of cells re-evaluated per "
         "refresh after the first 16 (plus as many occupied ones); 1 = every cell, as the reference",
     )
+    g.add_argument(
+        "--prune_samples",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--cuda_ray training: one density pass without gradients, then the full pass (gradients, "
+        "normals) only on samples in front of where transmittance falls below 1e-5 (the same "
+        "image and gradients: the others get weight 0)",
+    )
     g.add_argument("--max_ray_batch", type=int, default=4096, help="rays per chunk when rendering frames")
     g.add_argument(
         "--latent_iter_ratio",
@@ -336,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=flag,
         default=None,
         help="replay the VAE encoder's forward and backward from CUDA graphs [default: on with -O, else off]",
+    )
+    g.add_argument(
+        "--compile_vae",
+        action=flag,
+        default=None,
+        help="torch.compile the VAE encoder (fused GroupNorm + SiLU; about 30 s to compile on first "
+        "use; replayed as CUDA graphs with --vae_graph) [default: on with -O, else off]",
     )
     g.add_argument(
         "--channels_last",
@@ -524,13 +539,25 @@ def build_guidance(opt: argparse.Namespace, device) -> dict:
             vae_graph=opt.vae_graph,
             channels_last=opt.channels_last,
             compile_unet=opt.compile_unet,
+            compile_vae=opt.compile_vae,
             unet_traced=opt.unet_traced,
         )
     return {"SD": sd}
 
 
+def configure_cuda_allocator() -> None:
+    """Let PyTorch's CUDA caching allocator grow segments in place (``expandable_segments``):
+    the same speed, and about half the reserved memory of a training run (docs/benchmarks.md).
+    Must run before CUDA starts; a user's own allocator setting wins."""
+    import os
+
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(argv: list[str] | None = None) -> int:
     opt, notes = parse_args(argv)
+    configure_cuda_allocator()
 
     import torch
 

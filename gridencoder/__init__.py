@@ -80,6 +80,25 @@ class GridEncoder(nn.Module):
             f"params={self.offsets[-1] * self.level_dim}, interpolation={self.interpolation}"
         )
 
+    def _table(self, cuda: bool) -> torch.Tensor:
+        """The embeddings, or under fp16 autocast without gradients (rendering frames) a cached
+        float16 copy for the CUDA kernel: half the bytes per lookup, and the default 2^19 x 16
+        table (32 MiB) then fits the GPU's L2 cache. Refreshed when the weights change."""
+        emb = self.embeddings
+        if not (
+            cuda
+            and not torch.is_grad_enabled()
+            and torch.is_autocast_enabled("cuda")
+            and torch.get_autocast_dtype("cuda") == torch.float16
+        ):
+            return emb
+        key = (emb._version, emb.data_ptr())
+        cached = getattr(self, "_half", None)
+        if cached is None or cached[0] != key:
+            cached = (key, emb.detach().half())
+            self._half = cached
+        return cached[1]
+
     def forward(
         self, inputs: torch.Tensor, bound: float = 1.0, max_level: float | None = None
     ) -> torch.Tensor:
@@ -94,7 +113,7 @@ class GridEncoder(nn.Module):
         fn = cuda.grid_encode if cuda is not None else grid_encode
         out = fn(
             x,
-            self.embeddings,
+            self._table(cuda is not None),
             self.offsets,
             self.points,
             self.per_level_scale,

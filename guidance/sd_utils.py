@@ -173,6 +173,10 @@ class StableDiffusion(torch.nn.Module):
         vae_graph: replay the VAE encoder's forward and backward from CUDA graphs.
         channels_last: UNet weights and inputs in channels_last.
         compile_unet: ``torch.compile`` the UNet (the first call compiles for minutes).
+        compile_vae: ``torch.compile`` the VAE encoder (fuses its GroupNorm + SiLU pairs; the
+            first call with gradients compiles for about half a minute); with ``vae_graph`` the
+            compiled forward and backward are replayed from CUDA graphs. If compilation fails
+            the encoder runs eager with a one-line warning.
         unet_traced: "auto" loads a UNet compiled by ``trace.py`` from ``traced_dir`` when one
             matches the model, dtype and input shapes; a path loads that one; None: never.
             A mismatch falls back to eager with a one-line warning.
@@ -193,6 +197,7 @@ class StableDiffusion(torch.nn.Module):
         vae_graph: bool = False,
         channels_last: bool = False,
         compile_unet: bool = False,
+        compile_vae: bool = False,
         unet_traced: str | os.PathLike | None = None,
         traced_dir: str | os.PathLike | None = None,
     ):
@@ -229,10 +234,12 @@ class StableDiffusion(torch.nn.Module):
         # Speed paths. Graphs and traced artifacts need CUDA; on a CPU they are ignored.
         self.unet_graph = unet_graph and cuda
         self.vae_graph = vae_graph and cuda
+        self.compile_vae = compile_vae and cuda
         self.channels_last = channels_last
         self.unet_traced = None if unet_traced in (None, "", "off") or not cuda else str(unet_traced)
         self.traced_dir = Path(traced_dir) if traced_dir else default_traced_dir()
-        self.fast = self.unet_graph or self.vae_graph or compile_unet or channels_last or bf16
+        self.fast = self.unet_graph or self.vae_graph or self.compile_vae or compile_unet or channels_last
+        self.fast = self.fast or bf16
         self.fast = self.fast or self.unet_traced is not None
         if channels_last and not vram_O:
             self.unet.to(memory_format=torch.channels_last)
@@ -370,24 +377,42 @@ class StableDiffusion(torch.nn.Module):
     def encode_imgs(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> [B,4,h,w] scaled latents (differentiable)."""
         x = (2 * imgs - 1).to(self.dtype)
-        if not (self.vae_graph and x.requires_grad and torch.is_grad_enabled()):
+        if not ((self.vae_graph or self.compile_vae) and x.requires_grad and torch.is_grad_enabled()):
             posterior = self.vae.encode(x).latent_dist
             return posterior.sample() * self.scaling_factor
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        sig = signature(x)
-        graphed = self._vae_graphs.get(sig)
         with torch.autocast(self.device.type, enabled=False):
-            if graphed is None:
-                if len(self._vae_graphs) >= MAX_GRAPHS:
-                    warn_once(f"{MAX_GRAPHS} VAE CUDA graphs captured already; inputs {sig} run eager")
-                    return self.vae.encode(x).latent_dist.sample() * self.scaling_factor
-                example = x.detach().clone().requires_grad_(True)
-                graphed = torch.cuda.make_graphed_callables(self._vae_moments, (example,))
-                self._vae_graphs[sig] = graphed
-            moments = graphed(x)
+            moments = self._fast_moments(x)
         # Sampled outside the graph, as diffusers does, so the same RNG stream gives the same latents.
         return DiagonalGaussianDistribution(moments).sample() * self.scaling_factor
+
+    def _fast_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """``_vae_moments`` through the enabled levers (compiled and/or graphed), one per signature."""
+        sig = signature(x)
+        fn = self._vae_graphs.get(sig)
+        if fn is None:
+            if self.vae_graph and len(self._vae_graphs) >= MAX_GRAPHS:
+                warn_once(f"{MAX_GRAPHS} VAE CUDA graphs captured already; inputs {sig} run eager")
+                return self._vae_moments(x)
+            base = torch.compile(self._vae_moments, dynamic=False) if self.compile_vae else self._vae_moments
+            try:
+                fn = self._wrap_vae(base, x)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: run eager, say so once
+                if not self.compile_vae:
+                    raise
+                warn_once(f"torch.compile of the VAE encoder failed ({type(e).__name__}); running it eager")
+                self.compile_vae = False
+                fn = self._wrap_vae(self._vae_moments, x)
+            self._vae_graphs[sig] = fn
+        return fn(x)
+
+    def _wrap_vae(self, base: Callable, x: torch.Tensor) -> Callable:
+        if not self.vae_graph:
+            base(x.detach().clone().requires_grad_(True)).sum().backward()  # compile now, not mid-step
+            return base
+        example = x.detach().clone().requires_grad_(True)
+        return torch.cuda.make_graphed_callables(base, (example,))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

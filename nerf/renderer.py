@@ -77,6 +77,10 @@ class NeRFRenderer(nn.Module):
     """
 
     lr_decay = False
+    # Inference marching takes max(min(N // n_alive, 8), min_infer_step) samples per alive ray
+    # per iteration: fewer iterations (each one a host sync and a dozen launches) against a few
+    # samples evaluated past a ray's termination.
+    min_infer_step = 4  # 800x800 frame: 55 ms at 1 (the reference's rule), 36 ms at 4 (H100)
 
     def __init__(self, opt):
         super().__init__()
@@ -206,6 +210,16 @@ class NeRFRenderer(nn.Module):
                 opt.dt_gamma,
                 opt.max_steps,
             )
+            n_pruned = 0
+            if getattr(opt, "prune_samples", False) and xyzs.shape[0] > 0:
+                # A cheap density-only pass without gradients finds where each ray's
+                # transmittance is spent; samples behind that point would get weight 0 (and no
+                # gradient) in the composite, so the costly pass (gradients, normals) skips them.
+                with torch.no_grad():
+                    sigma_pre = self.common_forward(xyzs)[0].float()
+                keep, rays = raymarching.prune_rays_train(sigma_pre, ts, rays, 0.1 * T_thresh)
+                n_pruned = xyzs.shape[0] - keep.numel()
+                xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
             M = xyzs.shape[0]
             light = None
             if light_d is not None:
@@ -215,6 +229,7 @@ class NeRFRenderer(nn.Module):
                 sigma.float(), color.float(), ts, rays, T_thresh
             )
             out = {"image": image, "depth": depth, "weights_sum": weights_sum, "weights": weights}
+            out["n_pruned"] = n_pruned  # samples dropped with weight 0 (for per-sample means)
             if normal is not None:
                 out["normal_image"] = raymarching.composite_rays_train(
                     sigma.detach().float(), normal.float(), ts, rays, T_thresh
@@ -235,7 +250,7 @@ class NeRFRenderer(nn.Module):
             n_alive = alive.numel()
             if n_alive == 0:
                 break
-            n_step = max(min(N // n_alive, 8), 1)
+            n_step = max(min(N // n_alive, 8), self.min_infer_step)
             xyzs, dirs, ts = raymarching.march_rays(
                 n_alive,
                 n_step,
@@ -328,7 +343,7 @@ class NeRFRenderer(nn.Module):
         }
         if "normal_image" in out:
             res["normal_image"] = out["normal_image"].reshape(B, n, 3)
-        for k in ("weights", "loss_orient"):
+        for k in ("weights", "loss_orient", "n_pruned"):
             if k in out:
                 res[k] = out[k]
         return res

@@ -114,6 +114,21 @@ def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 25
     return True
 
 
+def weight_entropy(weights: torch.Tensor, n_pruned: int = 0, eps: float = 1e-5) -> torch.Tensor:
+    """Mean binary entropy (bits) of per-sample weights [M] clamped to [eps, 1 - eps].
+
+    ``n_pruned`` samples that were dropped with weight 0 (``--prune_samples``) count with their
+    constant entropy, so the mean is the one over every marched sample.
+
+    >>> float(weight_entropy(torch.tensor([0.5]))), float(weight_entropy(torch.tensor([0.5]), 1))
+    (1.0, 0.5000902414321899)
+    """
+    a = weights.float().clamp(eps, 1 - eps)
+    h = -a * torch.log2(a) - (1 - a) * torch.log2(1 - a)
+    h0 = -eps * math.log2(eps) - (1 - eps) * math.log2(1 - eps)
+    return (h.sum() + n_pruned * h0) / max(h.numel() + n_pruned, 1)
+
+
 class Trainer:
     """Orchestrates training, validation, testing and checkpoints of one workspace."""
 
@@ -288,8 +303,7 @@ class Trainer:
 
         # Regularizers.
         if opt.lambda_entropy > 0 and "weights" in out:
-            a = out["weights"].float().clamp(1e-5, 1 - 1e-5)
-            entropy = (-a * torch.log2(a) - (1 - a) * torch.log2(1 - a)).mean()
+            entropy = weight_entropy(out["weights"], int(out.get("n_pruned", 0)))
             parts["entropy"] = opt.lambda_entropy * min(1.0, 2 * self.global_step / opt.iters) * entropy
         if opt.lambda_opacity > 0:
             parts["opacity"] = opt.lambda_opacity * (out["weights_sum"].float() ** 2).mean()

@@ -75,6 +75,11 @@ def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
     return _impl(sigmas).composite_rays_train(sigmas, rgbs, ts, rays, T_thresh)
 
 
+def prune_rays_train(sigmas, ts, rays, T_min):
+    # Pure tensor ops on either device (a scan and a gather): no kernel of its own.
+    return _torch_impl.prune_rays_train(sigmas, ts, rays, T_min)
+
+
 def march_rays(
     n_alive,
     n_step,
@@ -124,6 +129,7 @@ __all__ = [
     "packbits",
     "march_rays_train",
     "composite_rays_train",
+    "prune_rays_train",
     "march_rays",
     "composite_rays",
     "cuda_backend",

@@ -203,16 +203,22 @@ def march_rays_train(
 
 
 def _ray_ids(rays: torch.Tensor, M: int) -> torch.Tensor:
-    """[M] index of the ray that owns each packed sample (samples not owned: -1)."""
-    ids = torch.full((M,), -1, dtype=torch.int64, device=rays.device)
-    counts = rays[:, 1].long()
-    owner = torch.repeat_interleave(torch.arange(rays.shape[0], device=rays.device), counts)
-    start = torch.repeat_interleave(rays[:, 0].long(), counts)
-    within = torch.arange(owner.numel(), device=rays.device) - torch.repeat_interleave(
-        torch.cumsum(counts, 0) - counts, counts
-    )
-    ids[start + within] = owner
-    return ids
+    """[M] index of the ray that owns each packed sample (samples not owned: -1).
+
+    Rays may be packed in any order (the CUDA marcher reserves slices atomically). No host
+    synchronisation: the non-empty rays sorted by offset, then a binary search per sample.
+
+    >>> _ray_ids(torch.tensor([[3, 2], [0, 0], [0, 2]]), 6).tolist()
+    [2, 2, -1, 0, 0, -1]
+    """
+    starts, counts = rays[:, 0].long(), rays[:, 1].long()
+    keys = torch.where(counts > 0, starts, torch.full_like(starts, -1))  # empty rays own nothing
+    sorted_keys, order = torch.sort(keys)
+    pos = torch.arange(M, device=rays.device)
+    k = torch.searchsorted(sorted_keys, pos, right=True) - 1  # last ray starting at or before
+    r = order.index_select(0, k.clamp(min=0))
+    owned = (k >= 0) & (pos >= starts.index_select(0, r)) & (pos < (starts + counts).index_select(0, r))
+    return torch.where(owned, r, torch.full_like(r, -1))
 
 
 def composite_rays_train(
@@ -259,6 +265,49 @@ def composite_rays_train(
         0, ids_c, weights[:, None] * rgbs.to(cdt)
     )
     return weights, weights_sum, depth, image
+
+
+def prune_rays_train(
+    sigmas: torch.Tensor,
+    ts: torch.Tensor,
+    rays: torch.Tensor,
+    T_min: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each ray's samples up to where its transmittance falls below ``T_min``.
+
+    Transmittance only decreases along a ray, so the kept samples are a prefix of each ray and
+    the packed layout survives: ``keep`` indexes the kept samples in order and ``new_rays``
+    gives each ray's (offset, count) among them. With ``T_min`` below the compositing
+    threshold, ``composite_rays_train`` of the kept samples equals that of all samples (the
+    dropped ones would get weight 0 and no gradient). The same function serves CPU and GPU.
+
+    Args:
+        sigmas: [M] densities (no gradient needed); ts: [M,2] (t, dt); rays: [N,2] (offset, count).
+
+    Returns:
+        keep [M'] int64 sample indices, new_rays [N,2] int32.
+
+    >>> keep, r = prune_rays_train(torch.tensor([0.0, 1e4, 1.0, 1.0]),
+    ...     torch.tensor([[0.0, 0.1]] * 4), torch.tensor([[0, 3], [3, 1]]), 1e-5)
+    >>> keep.tolist(), r.tolist()
+    ([0, 1, 3], [[0, 2], [2, 1]])
+    """
+    M, N = sigmas.shape[0], rays.shape[0]
+    device = sigmas.device
+    if M == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device), rays.to(torch.int32)
+    ids = _ray_ids(rays, M)
+    ids_c = ids.clamp(min=0)
+    tau = sigmas.double() * ts[:, 1].double()
+    csum = torch.cumsum(tau, 0) - tau  # exclusive optical depth, per ray after the subtraction
+    start = rays[:, 0].long().clamp(max=M - 1)
+    excl = csum - csum.index_select(0, start).index_select(0, ids_c)
+    keep_mask = (excl <= -math.log(T_min)) & (ids >= 0)
+    keep = keep_mask.nonzero().squeeze(1)
+    before = torch.cumsum(keep_mask.long(), 0) - keep_mask.long()  # kept samples before each one
+    counts = torch.zeros(N, dtype=torch.int64, device=device).index_add(0, ids_c, keep_mask.long())
+    offsets = torch.where(counts > 0, before.index_select(0, start), torch.zeros_like(counts))
+    return keep, torch.stack([offsets, counts], 1).to(torch.int32)
 
 
 def march_rays(

@@ -90,6 +90,104 @@ def rays(device, H, W, azimuth=30.0):
     return get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0], device=device), H, W), H, W)
 
 
+def profile(model, device, light, test_size: int, path: Path) -> None:
+    """Sample counts and torch.profiler tables (CUDA time) of both CUDA-path calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    lines = []
+    ro, rd = rays(device, 64, 64)
+    model.train()
+    nears, fars = raymarching.near_far_from_aabb(
+        ro.reshape(-1, 3), rd.reshape(-1, 3), model.aabb, model.min_near
+    )
+    march = raymarching.march_rays_train(
+        ro.reshape(-1, 3),
+        rd.reshape(-1, 3),
+        model.bound,
+        model.density_bitfield,
+        model.cascade,
+        model.grid_size,
+        nears,
+        fars,
+        True,
+        model.opt.dt_gamma,
+        model.opt.max_steps,
+    )
+    xyzs, ts, packed = march[0], march[2], march[3]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+        keep, _ = raymarching.prune_rays_train(model.common_forward(xyzs)[0].float(), ts, packed, 1e-5)
+    lines.append(
+        f"64x64 training march: {xyzs.shape[0]} samples ({xyzs.shape[0] / 4096:.1f} per ray), "
+        f"{keep.numel()} after pruning"
+    )
+    calls = []
+    orig = raymarching.march_rays
+
+    def counting(n_alive, n_step, *a, **k):
+        calls.append((n_alive, n_step))
+        return orig(n_alive, n_step, *a, **k)
+
+    raymarching.march_rays = counting
+    ro8, rd8 = rays(device, test_size, test_size)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+        model.render(ro8, rd8, bg_color=torch.ones(3, device=device))
+    raymarching.march_rays = orig
+    lines.append(
+        f"{test_size}^2 test frame: {len(calls)} loop iterations, {sum(a * b for a, b in calls)} samples; "
+        f"(n_alive, n_step): {calls[:6]} ... {calls[-3:]}"
+    )
+    for shading in ("lambertian", "albedo"):
+
+        def step(shading=shading):
+            model.train()
+            with torch.autocast(device.type, dtype=torch.float16):
+                out = model.render(
+                    ro,
+                    rd,
+                    light_d=light,
+                    ambient_ratio=0.3,
+                    shading=shading,
+                    bg_color=torch.ones(3, device=device),
+                    perturb=True,
+                )
+            (out["image"].float().mean() + out["weights_sum"].float().mean()).backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        lines += [
+            f"== train {shading} x5",
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=30),
+        ]
+    for k in (1, 2, 4, 8):
+        model.min_infer_step = k
+
+        def frame():
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+                return model.render(ro8, rd8, bg_color=torch.ones(3, device=device))
+
+        ms, _ = timeit(frame, 5, device)
+        lines.append(
+            f"test frame with min_infer_step {k}: {ms:.1f} ms, alpha {frame()['weights_sum'].mean():.4f}"
+        )
+    model.min_infer_step = type(model).min_infer_step
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+            model.render(ro8, rd8, bg_color=torch.ones(3, device=device))
+        torch.cuda.synchronize()
+    lines += ["== test frame x1", prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)]
+    path.write_text("\n".join(lines) + "\n")
+    print(*[ln for ln in lines if not ln.startswith(("==", " ", "-"))][:8], sep="\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +195,7 @@ def main() -> None:
     ap.add_argument("--fit_steps", type=int, default=500)
     ap.add_argument("--test_size", type=int, default=800)
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
+    ap.add_argument("--profile", default=None, help="write torch.profiler tables of the CUDA path here")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -112,20 +211,22 @@ def main() -> None:
 
     rows = []
     variants = [
-        ("run_cuda, CUDA kernels", "auto", True),
-        ("run_cuda, PyTorch twin", "torch", True),
-        ("run (PyTorch sampling)", "torch", False),
+        ("run_cuda, CUDA kernels", "auto", True, True),
+        ("run_cuda, CUDA kernels, no sample pruning", "auto", True, False),
+        ("run_cuda, PyTorch twin", "torch", True, True),
+        ("run (PyTorch sampling)", "torch", False, True),
     ]
     if device.type != "cuda":
-        variants = variants[1:]
+        variants = variants[2:]
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device=device), dim=-1)
-    for name, backend, cuda_ray in variants:
+    for name, backend, cuda_ray, prune in variants:
+        model.opt.prune_samples = prune
         raymarching.set_backend(backend)
         gridencoder.set_backend(backend)
         model.cuda_ray = cuda_ray
         ro, rd = rays(device, 64, 64)
 
-        def train_step(ro=ro, rd=rd):
+        def train_step(ro=ro, rd=rd, shading="lambertian"):
             model.train()
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                 out = model.render(
@@ -133,13 +234,14 @@ def main() -> None:
                     rd,
                     light_d=light,
                     ambient_ratio=0.3,
-                    shading="lambertian",
+                    shading=shading,
                     bg_color=torch.ones(3, device=device),
                     perturb=True,
                 )
             (out["image"].float().mean() + out["weights_sum"].float().mean()).backward()
 
         train_ms, train_mem = timeit(train_step, args.repeat, device)
+        albedo_ms, _ = timeit(lambda: train_step(shading="albedo"), args.repeat, device)
         S = args.test_size
         ro8, rd8 = rays(device, S, S)
 
@@ -155,10 +257,13 @@ def main() -> None:
         reps = max(3, args.repeat // 5) if backend == "auto" or not cuda_ray else 2
         test_ms, test_mem = timeit(test_frame, reps, device, warmup=1 if reps == 2 else 3)
         alpha = test_frame()["weights_sum"].float().mean().item()
-        rows.append((name, train_ms, train_mem, test_ms, test_mem, alpha))
+        rows.append((name, train_ms, albedo_ms, train_mem, test_ms, test_mem, alpha))
     raymarching.set_backend("auto")
     gridencoder.set_backend("auto")
     model.cuda_ray = True
+    model.opt.prune_samples = True
+    if args.profile:
+        profile(model, device, light, args.test_size, Path(args.profile))
 
     # Occupancy-grid quality of partial refreshes: start from the full-sweep grid, run 64
     # partial refreshes (the default fraction), compare occupied sets.
@@ -176,10 +281,14 @@ def main() -> None:
     lines = [
         f"Device: {dev}; torch {torch.__version__}; field fitted in {fit_s:.1f} s; occupancy {occ_full:.3f}.",
         "",
-        f"| path | 64x64 train render + backward, ms | peak MiB | {args.test_size}x{args.test_size} test frame, ms | peak MiB | mean alpha |",
-        "|---|---|---|---|---|---|",
+        "| path | 64x64 train render + backward, lambertian, ms | same, albedo, ms | peak MiB (lambertian) "
+        f"| {args.test_size}x{args.test_size} test frame, ms | peak MiB | mean alpha |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {a:.2f} | {b:.0f} | {c:.1f} | {d:.0f} | {e:.3f} |" for n, a, b, c, d, e in rows]
+    lines += [
+        f"| {n} | {a:.2f} | {a2:.2f} | {b:.0f} | {c:.1f} | {d:.0f} | {e:.3f} |"
+        for n, a, a2, b, c, d, e in rows
+    ]
     lines += [
         "",
         f"Occupancy refresh: full sweep {t_full:.2f} ms, partial (grid_update_frac {opt.grid_update_frac}) "

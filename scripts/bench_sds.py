@@ -33,18 +33,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from guidance.sd_factory import build_sd  # noqa: E402
 from guidance.sd_utils import StableDiffusion  # noqa: E402
-from main import build_guidance, parse_args  # noqa: E402
+from main import build_guidance, configure_cuda_allocator, parse_args  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
 
-OFF = ["--no-unet_graph", "--no-vae_graph", "--no-channels_last", "--unet_traced", "off"]
+OFF = ["--no-unet_graph", "--no-vae_graph", "--no-compile_vae", "--no-channels_last", "--unet_traced", "off"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
     "UNet graph": ["--fp16", *OFF, "--unet_graph"],
     "UNet graph + channels_last": ["--fp16", *OFF, "--unet_graph", "--channels_last"],
     "UNet graph + CL + VAE graph": ["--fp16", *OFF, "--unet_graph", "--channels_last", "--vae_graph"],
+    "UNet graph + CL + compiled VAE graph": [
+        "--fp16",
+        *OFF,
+        "--unet_graph",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+    ],
+    "same, no sample pruning": [
+        "--fp16",
+        *OFF,
+        "--unet_graph",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+        "--no-prune_samples",
+    ],
     "bf16: UNet graph + CL + VAE graph": [
         "--precision",
         "bf16",
@@ -311,6 +328,7 @@ def table(results: list[dict], device: torch.device) -> str:
 
 
 def main() -> None:
+    configure_cuda_allocator()  # as main.py does, before CUDA starts
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="sd2.1-base", help="sd_factory config (random weights)")

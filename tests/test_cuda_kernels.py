@@ -250,6 +250,81 @@ def test_grid_encoder_module_normals_on_gpu():
     assert rel_err(outs[1][0], outs[0][0]) <= 1e-4 and rel_err(outs[1][1], outs[0][1]) <= 1e-4
 
 
+def test_grid_encode_backward_with_warp_groups_matches_twin():
+    """Points along rays (as the ray marcher emits them) share cells inside a warp at coarse
+    levels: the warp-aggregated atomics must still give the twin's gradients."""
+    offsets, points, scale, emb, _ = grid_setup(3, 16, 2, 19, 16, 2048, False)
+    g = torch.Generator().manual_seed(7)
+    o = torch.rand(37, 1, 3, generator=g)  # 37 rays of 1000 samples, 0.0005 apart
+    d = torch.nn.functional.normalize(torch.randn(37, 1, 3, generator=g), dim=-1)
+    x = (o * 0.5 + 0.25 + d * torch.linspace(0, 0.5, 1000)[None, :, None]).reshape(-1, 3).clamp(0, 1)
+    x[5000:5003] = x[4999]  # a few identical points too
+    up = torch.randn(x.shape[0], 32, generator=g)
+    e_ref = emb.clone().requires_grad_()
+    ge.grid_encode(x, e_ref, offsets, points, scale, 16, False, "smoothstep").backward(up)
+    for max_level in (None, 11):  # also with a warp straddling used and zeroed levels
+        e_got = emb.to(DEV).requires_grad_()
+        gc.grid_encode(x.to(DEV), e_got, offsets, points, scale, 16, False, "smoothstep", max_level).backward(
+            up.to(DEV)
+        )
+        if max_level is None:
+            err = rel_err(e_got.grad, e_ref.grad)
+            print(f"\n[grid warp groups] grad_emb rel err {err:.2e}")
+            assert err <= 1e-4
+        else:
+            e_lvl = emb.clone().requires_grad_()
+            ge.grid_encode(x, e_lvl, offsets, points, scale, 16, False, "smoothstep", max_level).backward(up)
+            assert rel_err(e_got.grad, e_lvl.grad) <= 1e-4
+
+
+def test_fp16_inference_table_is_close_and_follows_updates():
+    enc = GridEncoder(num_levels=16, base_resolution=16, log2_hashmap_size=19, desired_resolution=2048).to(DEV)
+    with torch.no_grad():
+        enc.embeddings.uniform_(-0.1, 0.1)
+    x = torch.rand(4096, 3, device=DEV) * 2 - 1
+    for _ in range(2):
+        ref = enc(x).detach()  # fp32 table (gradients enabled)
+        assert ref.dtype == torch.float32
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            got = enc(x)
+        assert got.dtype == torch.float16 and rel_err(got, ref) <= 2e-3
+        with torch.no_grad():
+            enc.embeddings.add_(0.05)  # an optimizer step: the cached copy must follow
+
+
+def test_pruned_training_render_on_gpu_equals_full():
+    """--prune_samples on the real -O path (CUDA marcher, CUDA hash grid, fd normals)."""
+    import argparse
+
+    from main import parse_args
+    from nerf.network_grid import NeRFNetwork
+    from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
+
+    torch.manual_seed(0)
+    opt, _ = parse_args(["--text", "x", "-O", "--blob_density", "12", "--blob_radius", "0.3"])
+    assert isinstance(opt, argparse.Namespace)
+    model = NeRFNetwork(opt).to(DEV)
+    for _ in range(4):
+        model.update_extra_state()
+    model.train()
+    poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0]), DEV)
+    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0], device=DEV), 32, 32), 32, 32)
+    light = torch.tensor([[0.3, 0.5, 1.0]], device=DEV)
+    res = {}
+    for prune in (False, True):
+        model.opt.prune_samples = prune
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model.render(o, d, light_d=light, ambient_ratio=0.2, shading="lambertian", perturb=True)
+        (out["image"].mean() + out["loss_orient"]).backward()
+        res[prune] = (out, model.encoder.embeddings.grad.clone(), model.sigma_net.layers[0].weight.grad.clone())
+    (full, ge_f, gw_f), (pr, ge_p, gw_p) = res[False], res[True]
+    print(f"\n[prune] {full['weights'].numel()} -> {pr['weights'].numel()} samples")
+    assert pr["n_pruned"] > 0.3 * full["weights"].numel()
+    assert rel_err(pr["image"], full["image"]) <= 1e-5
+    assert rel_err(ge_p, ge_f) <= 1e-4 and rel_err(gw_p, gw_f) <= 1e-4
+
+
 def _time_ms(fn, reps=20) -> float:
     fn()
     torch.cuda.synchronize()

@@ -137,3 +137,50 @@ def test_field_normals_methods_agree():
         assert cos.min() > 0.99, m
     # The blob dominates near the centre: normals point outwards.
     assert ((ref * torch.nn.functional.normalize(x, dim=-1)).sum(-1) > 0.9).float().mean() > 0.9
+
+
+def test_pruned_training_render_equals_the_full_one():
+    """--prune_samples: same image, normals, orientation loss, entropy and parameter gradients."""
+    from nerf.utils import weight_entropy
+
+    class _Enc(torch.nn.Module):
+        output_dim = 3
+
+        def forward(self, x, bound=1.0, max_level=None):
+            return x
+
+    class Field(FieldNetwork):
+        def __init__(self, opt):
+            super().__init__(opt, _Enc(), 16, 2, normal_method="fd")
+
+    torch.manual_seed(0)
+    # A strong blob: an opaque core, so rays stop early and pruning has something to drop.
+    opt = _opt(cuda_ray=True, blob_density=12.0, blob_radius=0.3, max_steps=256, prune_samples=False)
+    field = Field(opt)
+    for _ in range(4):
+        field.update_extra_state()
+    field.train()
+    poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0]))
+    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([40.0]), 16, 16), 16, 16)
+    light = torch.tensor([[0.3, 0.5, 1.0]])
+    results = {}
+    for prune in (False, True):
+        field.opt.prune_samples = prune
+        field.zero_grad()
+        torch.manual_seed(1)  # the same jitter of the march
+        out = field.render(o, d, light_d=light, ambient_ratio=0.2, shading="lambertian", perturb=True)
+        ent = weight_entropy(out["weights"], out["n_pruned"])
+        loss = out["image"].mean() + out["weights_sum"].mean() + out["loss_orient"] + ent
+        loss.backward()
+        grads = [p.grad.clone() for p in field.sigma_net.parameters()]
+        results[prune] = (out, ent, grads)
+    (full, ent_f, g_f), (pruned, ent_p, g_p) = results[False], results[True]
+    assert full["n_pruned"] == 0
+    n_all = full["weights"].numel()
+    assert pruned["n_pruned"] > 0.3 * n_all  # most samples lie behind the opaque surface
+    assert pruned["weights"].numel() + pruned["n_pruned"] == n_all
+    for k in ("image", "depth", "weights_sum", "normal_image", "loss_orient"):
+        assert torch.allclose(full[k], pruned[k], atol=1e-5, rtol=1e-4), k
+    assert torch.allclose(ent_f, ent_p, rtol=1e-5)
+    for a, b in zip(g_f, g_p):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-3)

@@ -138,6 +138,33 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
   }
 }
 
+// Lane index of the k-th (from 0) set bit of m.
+__device__ inline int nth_lane(unsigned m, int k) {
+  for (int i = 0; i < k; ++i) m &= m - 1u;
+  return __ffs(m) - 1;
+}
+
+// Sum of x over the lanes of `group`, left in the group's lowest lane. Every lane of `mask`
+// (a superset of the group) calls this together: a tree over the ranks inside each group.
+template <typename T>
+__device__ inline T group_sum(unsigned mask, unsigned group, T x) {
+  const int lane = threadIdx.x & 31;
+  const int rank = __popc(group & ((1u << lane) - 1u));
+  const int size = __popc(group);
+#pragma unroll
+  for (int s = 1; s < 32; s <<= 1) {
+    const bool take = (rank % (2 * s) == 0) && (rank + s < size);
+    const T t = __shfl_sync(mask, x, take ? nth_lane(group, rank + s) : lane);
+    if (take) x += t;
+  }
+  return x;
+}
+
+// Levels with at most this many lattice points per axis aggregate their embedding-gradient
+// atomics inside the warp first: a warp holds 32 consecutive samples (mostly of one ray), so
+// at coarse levels they share cells and their atomicAdds on the same rows would serialise.
+constexpr int kAggregateMaxPoints = 256;
+
 // Embedding gradients by atomicAdd (fp32, or fp64 for double tables) and input gradients
 // sum_corners (dy . e_corner) d w_corner / d x, added atomically across levels.
 template <typename in_t, typename emb_t, int D>
@@ -148,13 +175,16 @@ __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
                                 in_t* __restrict__ grad_in) {
   using acc_t = decltype(to_acc(emb_t()));
   const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (tid >= N * lay.L) return;
-  const int l = static_cast<int>(tid / N);
+  // No early return: every lane of the warp must reach the ballot below.
+  const int l = tid < N * lay.L ? static_cast<int>(tid / N) : lay.L;
+  const bool valid = l < lay.max_level && l < lay.L;  // zeroed levels pass no gradient
+  const int P = valid ? lay.points[l] : 0;
+  const bool agg = grad_emb != nullptr && valid && P <= kAggregateMaxPoints;
+  const unsigned agg_mask = __ballot_sync(0xffffffffu, agg);
+  if (!valid) return;
   const int64_t n = tid - l * N;
-  if (l >= lay.max_level) return;  // zeroed levels pass no gradient
   const int F = lay.F;
   const in_t scale = static_cast<const in_t*>(lay.scales)[l];
-  const int P = lay.points[l];
   const int64_t base = lay.offsets[l], size = lay.offsets[l + 1] - base;
   const auto loc = locate<in_t, D>(inputs + n * D, scale, lay.align_corners, lay.smoothstep);
   acc_t go[kMaxF];
@@ -176,9 +206,22 @@ __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
       in_t w = 1;
 #pragma unroll
       for (int d = 0; d < D; ++d) w *= f1[d];
+      if (agg) {
+        const unsigned group =
+            __match_any_sync(agg_mask, static_cast<unsigned long long>(row));
+        const bool leader = (group & ((1u << (threadIdx.x & 31)) - 1u)) == 0u;
 #pragma unroll
-      for (int f = 0; f < kMaxF; ++f) {
-        if (f < F) atomicAdd(grad_emb + row * F + f, static_cast<acc_t>(w) * go[f]);
+        for (int f = 0; f < kMaxF; ++f) {
+          if (f < F) {
+            const acc_t v = group_sum(agg_mask, group, static_cast<acc_t>(w) * go[f]);
+            if (leader) atomicAdd(grad_emb + row * F + f, v);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int f = 0; f < kMaxF; ++f) {
+          if (f < F) atomicAdd(grad_emb + row * F + f, static_cast<acc_t>(w) * go[f]);
+        }
       }
     }
     if (grad_in != nullptr) {
