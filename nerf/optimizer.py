@@ -15,11 +15,20 @@ Gradients are first clipped to a global norm of ``max_grad_norm`` (when > 0).
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 
 class Adan(torch.optim.Optimizer):
     """Adan with betas ``(b1, b2, b3)`` given as the reference does, e.g. (0.98, 0.92, 0.99).
+
+    ``foreach`` (None or True, the default) updates all fp32 parameters of a group that share a
+    device and a step count with multi-tensor ``torch._foreach_*`` kernels, in place; other
+    parameters (fp16/bf16/fp64) take the per-parameter loop, which does the math in fp32.
+    ``foreach=False`` uses that loop for every parameter: the reference implementation.
+    Both keep the same state (``step`` int, ``m``, ``v``, ``n``, ``prev``), so their
+    checkpoints are interchangeable.
 
     >>> p = torch.nn.Parameter(torch.ones(2)); opt = Adan([p], lr=0.1)
     >>> p.grad = torch.ones(2); opt.step(); p.detach().tolist()
@@ -34,12 +43,19 @@ class Adan(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         max_grad_norm: float = 0.0,
+        foreach: bool | None = None,
     ):
         if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError("invalid Adan hyper-parameters")
         super().__init__(
             params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         )
+        # An attribute, not a group key: checkpoints' param_groups stay as they were.
+        self.foreach = foreach
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("foreach", None)  # optimizers pickled before the flag existed
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,41 +63,119 @@ class Adan(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        max_norm = self.defaults["max_grad_norm"]
-        clip = 1.0
-        if max_norm > 0:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                total = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-                )
-                clip = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        clip = self._clip_factor()
         for group in self.param_groups:
-            b1, b2, b3 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            fast, slow = [], []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float() * clip
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["m"] = torch.zeros_like(g)
-                    st["v"] = torch.zeros_like(g)
-                    st["n"] = torch.zeros_like(g)
-                    st["prev"] = g.clone()
-                st["step"] += 1
-                k = st["step"]
-                diff = g - st["prev"]
-                st["m"].mul_(b1).add_(g, alpha=1 - b1)
-                st["v"].mul_(b2).add_(diff, alpha=1 - b2)
-                nest = g + b2 * diff
-                st["n"].mul_(b3).addcmul_(nest, nest, value=1 - b3)
-                st["prev"].copy_(g)
-                denom = (st["n"] / (1 - b3**k)).sqrt_().add_(eps)
-                upd = (st["m"] / (1 - b1**k) + b2 * st["v"] / (1 - b2**k)) / denom
-                p.data = ((p.data.float() - lr * upd) / (1 + lr * wd)).to(p.dtype)
+                if p.grad is not None:
+                    (fast if self.foreach is not False and _foreach_ok(p) else slow).append(p)
+            if fast:
+                self._step_foreach(group, fast, clip)
+            if slow:
+                self._step_loop(group, slow, clip)
         return loss
+
+    def _clip_factor(self) -> torch.Tensor | float:
+        """Global-norm clip factor, a device tensor (never read on the host: no sync)."""
+        max_norm = self.defaults["max_grad_norm"]
+        if max_norm <= 0:
+            return 1.0
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return 1.0
+        # One multi-tensor kernel for the per-parameter norms, in fp32 as the update is.
+        norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads])
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+    def _step_loop(self, group: dict, params: list[torch.Tensor], clip: torch.Tensor | float) -> None:
+        """Reference update, one parameter at a time (fp32 math, any parameter dtype)."""
+        b1, b2, b3 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p in params:
+            g = p.grad.float() * clip
+            st = self.state[p]
+            if not st:
+                st["step"] = 0
+                st["m"] = torch.zeros_like(g)
+                st["v"] = torch.zeros_like(g)
+                st["n"] = torch.zeros_like(g)
+                st["prev"] = g.clone()
+            st["step"] += 1
+            k = st["step"]
+            diff = g - st["prev"]
+            st["m"].mul_(b1).add_(g, alpha=1 - b1)
+            st["v"].mul_(b2).add_(diff, alpha=1 - b2)
+            nest = g + b2 * diff
+            st["n"].mul_(b3).addcmul_(nest, nest, value=1 - b3)
+            st["prev"].copy_(g)
+            denom = (st["n"] / (1 - b3**k)).sqrt_().add_(eps)
+            upd = (st["m"] / (1 - b1**k) + b2 * st["v"] / (1 - b2**k)) / denom
+            p.data = ((p.data.float() - lr * upd) / (1 + lr * wd)).to(p.dtype)
+
+    def _step_foreach(self, group: dict, params: list[torch.Tensor], clip: torch.Tensor | float) -> None:
+        """The same update for fp32 parameters, with one multi-tensor kernel per op, in place."""
+        b1, b2, b3 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        # Bucket by device and step count so the bias corrections are plain scalars; usually
+        # every parameter of a group has the same count and this is one bucket.
+        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = 0
+                st["m"] = torch.zeros_like(p.grad)
+                st["v"] = torch.zeros_like(p.grad)
+                st["n"] = torch.zeros_like(p.grad)
+                st["prev"] = None  # set from the clipped gradient below
+            st["step"] += 1
+            buckets[(p.device, st["step"])].append(p)
+        for (_, k), ps in buckets.items():
+            states = [self.state[p] for p in ps]
+            grads = [p.grad for p in ps]
+            # Clipped gradients; unclipped ones are used as they are (only read below).
+            g = torch._foreach_mul(grads, clip) if isinstance(clip, torch.Tensor) else grads
+            for st, gi in zip(states, g):
+                if st["prev"] is None:
+                    st["prev"] = gi.clone()  # diff = 0 at the first step
+            m, v, n, prev = ([st[key] for st in states] for key in ("m", "v", "n", "prev"))
+            diff = torch._foreach_sub(g, prev)
+            torch._foreach_lerp_(m, g, 1 - b1)  # b1 m + (1 - b1) g
+            torch._foreach_lerp_(v, diff, 1 - b2)  # b2 v + (1 - b2) diff
+            nest = torch._foreach_add(g, diff, alpha=b2)
+            del diff
+            torch._foreach_mul_(n, b3)
+            torch._foreach_addcmul_(n, nest, nest, value=1 - b3)
+            del nest
+            torch._foreach_copy_(prev, g)
+            denom = torch._foreach_div(n, 1 - b3**k)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            num = torch._foreach_div(m, 1 - b1**k)
+            torch._foreach_add_(num, v, alpha=b2 / (1 - b2**k))
+            torch._foreach_addcdiv_(ps, num, denom, value=-lr)
+            if wd != 0:
+                torch._foreach_div_(ps, 1 + lr * wd)
+
+
+def _foreach_ok(p: torch.Tensor) -> bool:
+    """The multi-tensor path updates dense fp32 parameters in place (fp32 state, fp32 math)."""
+    return p.dtype == torch.float32 and p.grad.dtype == torch.float32 and not p.grad.is_sparse
+
+
+def _by_device_dtype(
+    dst: list[torch.Tensor], src: list[torch.Tensor]
+) -> dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Pairs ``(dst[i], src[i])`` grouped by dst's device and dtype (one fast foreach launch per
+    group); a src of another dtype or device is converted to match its dst."""
+    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+    for d, s in zip(dst, src):
+        if s.dtype != d.dtype or s.device != d.device:
+            s = s.detach().to(device=d.device, dtype=d.dtype)  # the only per-pair temporary
+        ds, ss = groups[(d.device, d.dtype)]
+        ds.append(d)
+        ss.append(s)
+    return groups
 
 
 class EMA:
@@ -102,15 +196,19 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - self.decay)
+        for shadow, params in _by_device_dtype(self.shadow, self.params).values():
+            torch._foreach_lerp_(shadow, params, 1 - self.decay)
 
     @torch.no_grad()
     def swap(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
+        if not self.params:
+            return
+        # In place on both sides (the optimizer and any holder of shadow keep their tensors);
+        # copy_ semantics, so a shadow of another dtype/device still works.
+        tmp = [torch.empty_like(p) for p in self.params]
+        torch._foreach_copy_(tmp, self.params)
+        torch._foreach_copy_(self.params, self.shadow)
+        torch._foreach_copy_(self.shadow, tmp)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": list(self.shadow)}

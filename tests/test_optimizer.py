@@ -1,5 +1,7 @@
 """Adan against its update equations, and the EMA."""
 
+import copy
+
 import torch
 
 from nerf.optimizer import EMA, Adan
@@ -55,3 +57,119 @@ def test_ema_swap_round_trip():
     assert torch.allclose(m.weight, w0 + 0.1, atol=1e-6)
     ema.swap()
     assert torch.allclose(m.weight, w0 + 1.0)
+
+
+SHAPES = [(7,), (3, 4), (2, 3, 5), (1,)]
+
+
+def _params(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def _make(params: list[torch.nn.Parameter], foreach: bool) -> Adan:
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.03}]  # two rates
+    return Adan(groups, lr=0.1, weight_decay=0.05, max_grad_norm=1.0, foreach=foreach)
+
+
+def _grads(step: int) -> list[torch.Tensor | None]:
+    g = torch.Generator().manual_seed(100 + step)
+    grads = [torch.randn(s, generator=g) * 5 for s in SHAPES]
+    if step in (0, 2):
+        grads[2] = None  # no gradient: its state starts late and its step count lags
+    return grads
+
+
+def _run(opt: Adan, params: list[torch.nn.Parameter], steps: range) -> None:
+    for k in steps:
+        for p, g in zip(params, _grads(k)):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+
+
+def test_foreach_adan_equals_the_loop():
+    loop_p, fe_p = _params(0), _params(0)
+    loop, fe = _make(loop_p, foreach=False), _make(fe_p, foreach=None)
+    ptrs = [p.data_ptr() for p in fe_p]
+    # The clip is active: the global gradient norm is well above max_grad_norm.
+    assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in _grads(0) if g is not None])) > 10
+    _run(loop, loop_p, range(5))
+    _run(fe, fe_p, range(5))
+    for a, b in zip(loop_p, fe_p):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    assert [fe.state[p]["step"] for p in fe_p] == [5, 5, 3, 5]
+    # Updated in place: same Parameter objects in the groups, same storage.
+    assert [p for g in fe.param_groups for p in g["params"]] == fe_p
+    assert [p.data_ptr() for p in fe_p] == ptrs
+
+
+def test_foreach_adan_keeps_the_loop_for_other_dtypes():
+    def make(foreach):
+        torch.manual_seed(1)
+        ps = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+        return ps, Adan(ps, lr=0.1, weight_decay=0.01, max_grad_norm=0.5, foreach=foreach)
+
+    (lp, lopt), (fp, fopt) = make(False), make(True)
+    for k in range(3):
+        g = torch.Generator().manual_seed(k)
+        grads = [torch.randn(4, generator=g), torch.randn(3, generator=g, dtype=torch.float64)]
+        for ps, opt in ((lp, lopt), (fp, fopt)):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            opt.step()
+    assert fp[1].dtype == torch.float64 and fopt.state[fp[1]]["m"].dtype == torch.float32
+    for a, b in zip(lp, fp):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_loop_checkpoint_resumes_in_foreach():
+    loop_p = _params(3)
+    loop = _make(loop_p, foreach=False)
+    _run(loop, loop_p, range(3))
+    saved = copy.deepcopy(loop.state_dict())
+    fe_p = [torch.nn.Parameter(p.detach().clone()) for p in loop_p]
+    fe = _make(fe_p, foreach=True)
+    fe.load_state_dict(saved)
+    assert isinstance(fe.state[fe_p[0]]["step"], int)
+    _run(loop, loop_p, range(3, 6))
+    _run(fe, fe_p, range(3, 6))
+    for a, b in zip(loop_p, fe_p):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    assert fe.state_dict()["state"].keys() == loop.state_dict()["state"].keys()
+    for sa, sb in zip(loop.state_dict()["state"].values(), fe.state_dict()["state"].values()):
+        assert sa.keys() == sb.keys() == {"step", "m", "v", "n", "prev"} and sa["step"] == sb["step"]
+
+
+def test_ema_foreach_update_matches_the_formula():
+    torch.manual_seed(2)
+    ps = [
+        torch.nn.Parameter(torch.randn(3, 2)),
+        torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),  # a second dtype: its own group
+        torch.nn.Parameter(torch.randn(4)),
+    ]
+    ema = EMA(ps, 0.9)
+    expect = [p.detach().clone() for p in ps]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in ps:
+                p.add_(torch.randn_like(p))
+        ema.update()
+        expect = [0.9 * e + 0.1 * p.detach() for e, p in zip(expect, ps)]
+    for s, e in zip(ema.shadow, expect):
+        torch.testing.assert_close(s, e)
+    live = [p.detach().clone() for p in ps]
+    shadow = [s.clone() for s in ema.shadow]
+    ema.swap()
+    assert all(torch.equal(p, s) for p, s in zip(ps, shadow))
+    assert all(torch.equal(s, p) for s, p in zip(ema.shadow, live))
+
+
+def test_ema_update_with_a_parameter_of_another_dtype():
+    m = torch.nn.Linear(3, 2)
+    ema = EMA(m.parameters(), 0.5)
+    s0 = [s.clone() for s in ema.shadow]
+    m.weight.data = m.weight.data.double() + 1.0  # e.g. a model cast after the EMA was made
+    ema.update()
+    assert ema.shadow[0].dtype == torch.float32
+    torch.testing.assert_close(ema.shadow[0], 0.5 * s0[0] + 0.5 * m.weight.detach().float())
+    torch.testing.assert_close(ema.shadow[1], s0[1])
