@@ -53,7 +53,7 @@ VARIANTS: dict[str, list[str]] = {
         "--vae_graph",
         "--compile_vae",
     ],
-    "same, no sample pruning": [
+    "-O default without sample pruning": [
         "--fp16",
         *OFF,
         "--unet_graph",
