@@ -153,20 +153,23 @@ class FieldNetwork(NeRFRenderer):
                 sigma = self._sigma(xg)
                 grad = torch.autograd.grad(sigma.sum(), xg, create_graph=self.training)[0]
         else:
+            # Positions and differences in fp32; the density MLP runs in the caller's autocast
+            # dtype (fp16 tensor cores under -O: the fd pass is 6x the samples, and in fp32 it
+            # cost more than the rest of the render; normals stay within 1e-2 of fp32, see
+            # tests/test_cuda_kernels.py).
             e = self.normal_eps
-            with torch.autocast(x.device.type, enabled=False):
-                xf = x.float()
-                if self.normal_method == "fd":
-                    # +x, +y, +z, -x, -y, -z offsets in one broadcast (few launches per step).
-                    offs = torch.cat([torch.eye(3, device=x.device), -torch.eye(3, device=x.device)]) * e
-                    pts = (xf[None] + offs[:, None]).reshape(-1, 3)
-                    s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(6, -1)
-                    grad = ((s[:3] - s[3:]) / (2 * e)).t()
-                else:
-                    v = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], device=x.device)
-                    pts = torch.cat([xf + e * v[k] for k in range(4)])
-                    s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(4, -1)
-                    grad = (s[:, :, None] * v[:, None, :]).sum(0) / (4 * e)
+            xf = x.float()
+            if self.normal_method == "fd":
+                # +x, +y, +z, -x, -y, -z offsets in one broadcast (few launches per step).
+                offs = torch.cat([torch.eye(3, device=x.device), -torch.eye(3, device=x.device)]) * e
+                pts = (xf[None] + offs[:, None]).reshape(-1, 3)
+                s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(6, -1)
+                grad = ((s[:3] - s[3:]) / (2 * e)).t()
+            else:
+                v = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], device=x.device)
+                pts = torch.cat([xf + e * v[k] for k in range(4)])
+                s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(4, -1)
+                grad = (s[:, :, None] * v[:, None, :]).sum(0) / (4 * e)
         return safe_normalize(-torch.nan_to_num(grad))
 
     # --- shading -----------------------------------------------------------------------

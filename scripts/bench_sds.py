@@ -296,6 +296,7 @@ def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out:
             trainer.train_one_step(train_set.train_batch())
         sync(device)
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    table += "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50)
     ev = {e.key: e.count for e in prof.key_averages()}
     syncs = {
         k: v for k, v in ev.items() if any(s in k for s in ("local_scalar", "Synchronize", "item", "Memcpy"))

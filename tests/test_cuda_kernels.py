@@ -366,3 +366,24 @@ def test_timing_report():
     print(f"\n[timing] M={xyzs.shape[0]} samples")
     for name, fn in rows:
         print(f"[timing] {name}: {_time_ms(fn):.3f} ms")
+
+
+def test_fd_normals_under_fp16_autocast_match_fp32():
+    """The fd normals' density passes run in fp16 under -O: the directions stay those of fp32."""
+    from main import parse_args
+    from nerf.network_grid import NeRFNetwork
+
+    torch.manual_seed(0)
+    opt, _ = parse_args(["--text", "x", "-O"])
+    model = NeRFNetwork(opt).to(DEV).train()
+    with torch.no_grad():
+        model.encoder.embeddings.uniform_(-0.05, 0.05)  # a field with detail, not only the blob
+    x = torch.nn.functional.normalize(torch.randn(20000, 3, device=DEV), dim=-1) * (
+        0.05 + 0.25 * torch.rand(20000, 1, device=DEV)
+    )
+    ref = model.normal(x)
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = model.normal(x)
+    cos = (got.float() * ref).sum(-1)
+    print(f"\n[fd normals fp16] cos min {cos.min():.4f}, 1st percentile {cos.quantile(0.01):.5f}")
+    assert cos.quantile(0.01) > 0.99 and (cos > 0.9).float().mean() > 0.999

@@ -43,6 +43,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     [
         (dict(unet_graph=True), 2e-2),
         (dict(unet_graph=True, channels_last=True, vae_graph=True), 2e-2),
+        (dict(unet_graph=True, channels_last=True, vae_graph=True, compile_vae=True), 2e-2),
+        (dict(compile_vae=True), 2e-2),
         (dict(bf16=True, unet_graph=True, channels_last=True, vae_graph=True), 8e-2),
     ],
 )
@@ -64,7 +66,8 @@ def test_fast_paths_give_the_eager_sds_gradient(tiny_sd, embed_cache, levers, to
             assert _rel(g_fast, g_eager) < tol, info
             assert _rel(g_fast, g_ref) < 4 * tol, info
     assert len(fast._graphs) == 1
-    assert len(fast._vae_graphs) == (1 if levers.get("vae_graph") else 0)
+    assert len(fast._vae_graphs) == (1 if levers.get("vae_graph") or levers.get("compile_vae") else 0)
+    assert fast.compile_vae == levers.get("compile_vae", False)  # compiled, not fallen back
 
 
 @pytest.mark.cuda

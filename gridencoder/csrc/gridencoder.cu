@@ -160,6 +160,29 @@ __device__ inline T group_sum(unsigned mask, unsigned group, T x) {
   return x;
 }
 
+// grad[row*F .. row*F+F) += v: with two fp32 features on Hopper one 8-byte vector atomic
+// (sm_90 has float2 atomicAdd) instead of two.
+template <typename acc_t>
+__device__ inline void add_row(acc_t* dst, const acc_t* v, int F) {
+#pragma unroll
+  for (int f = 0; f < kMaxF; ++f) {
+    if (f < F) atomicAdd(dst + f, v[f]);
+  }
+}
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+template <>
+__device__ inline void add_row<float>(float* dst, const float* v, int F) {
+  if (F == 2) {
+    atomicAdd(reinterpret_cast<float2*>(dst), make_float2(v[0], v[1]));
+    return;
+  }
+#pragma unroll
+  for (int f = 0; f < kMaxF; ++f) {
+    if (f < F) atomicAdd(dst + f, v[f]);
+  }
+}
+#endif
+
 // Levels with at most this many lattice points per axis aggregate their embedding-gradient
 // atomics inside the warp first: a warp holds 32 consecutive samples (mostly of one ray), so
 // at coarse levels they share cells and their atomicAdds on the same rows would serialise.
@@ -206,23 +229,20 @@ __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
       in_t w = 1;
 #pragma unroll
       for (int d = 0; d < D; ++d) w *= f1[d];
+      acc_t v[kMaxF];
+#pragma unroll
+      for (int f = 0; f < kMaxF; ++f) v[f] = f < F ? static_cast<acc_t>(w) * go[f] : acc_t(0);
+      bool leader = true;
       if (agg) {
         const unsigned group =
             __match_any_sync(agg_mask, static_cast<unsigned long long>(row));
-        const bool leader = (group & ((1u << (threadIdx.x & 31)) - 1u)) == 0u;
+        leader = (group & ((1u << (threadIdx.x & 31)) - 1u)) == 0u;
 #pragma unroll
         for (int f = 0; f < kMaxF; ++f) {
-          if (f < F) {
-            const acc_t v = group_sum(agg_mask, group, static_cast<acc_t>(w) * go[f]);
-            if (leader) atomicAdd(grad_emb + row * F + f, v);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int f = 0; f < kMaxF; ++f) {
-          if (f < F) atomicAdd(grad_emb + row * F + f, static_cast<acc_t>(w) * go[f]);
+          if (f < F) v[f] = group_sum(agg_mask, group, v[f]);
         }
       }
+      if (leader) add_row(grad_emb + row * F, v, F);
     }
     if (grad_in != nullptr) {
       acc_t ge = 0;  // dy . e_corner
