@@ -85,6 +85,23 @@ def timeit(fn, repeat: int, device, warmup: int = 3) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+def train_render(model, ro, rd, light, shading: str) -> None:
+    """One training render (fp16 autocast on CUDA, jittered march) plus its backward."""
+    model.train()
+    device = ro.device
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        out = model.render(
+            ro,
+            rd,
+            light_d=light,
+            ambient_ratio=0.3,
+            shading=shading,
+            bg_color=torch.ones(3, device=device),
+            perturb=True,
+        )
+    (out["image"].float().mean() + out["weights_sum"].float().mean()).backward()
+
+
 def rays(device, H, W, azimuth=30.0):
     poses = circle_poses(torch.tensor([3.2]), torch.tensor([75.0]), torch.tensor([azimuth]), device)
     return get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0], device=device), H, W), H, W)
@@ -141,18 +158,7 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
     for shading in ("lambertian", "albedo"):
 
         def step(shading=shading):
-            model.train()
-            with torch.autocast(device.type, dtype=torch.float16):
-                out = model.render(
-                    ro,
-                    rd,
-                    light_d=light,
-                    ambient_ratio=0.3,
-                    shading=shading,
-                    bg_color=torch.ones(3, device=device),
-                    perturb=True,
-                )
-            (out["image"].float().mean() + out["weights_sum"].float().mean()).backward()
+            train_render(model, ro, rd, light, shading)
 
         for _ in range(3):
             step()
@@ -227,18 +233,7 @@ def main() -> None:
         ro, rd = rays(device, 64, 64)
 
         def train_step(ro=ro, rd=rd, shading="lambertian"):
-            model.train()
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                out = model.render(
-                    ro,
-                    rd,
-                    light_d=light,
-                    ambient_ratio=0.3,
-                    shading=shading,
-                    bg_color=torch.ones(3, device=device),
-                    perturb=True,
-                )
-            (out["image"].float().mean() + out["weights_sum"].float().mean()).backward()
+            train_render(model, ro, rd, light, shading)
 
         train_ms, train_mem = timeit(train_step, args.repeat, device)
         albedo_ms, _ = timeit(lambda: train_step(shading="albedo"), args.repeat, device)

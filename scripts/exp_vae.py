@@ -5,7 +5,6 @@ python scripts/exp_vae.py
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -14,21 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.sd_factory import CONFIGS  # noqa: E402
+from scripts.bench_render import timeit as bench_timeit  # noqa: E402
 
 
 def timeit(fn, n=20, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return bench_timeit(fn, n, torch.device("cuda"), warmup=warm)[0]
 
 
 def main():
