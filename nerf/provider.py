@@ -108,10 +108,9 @@ def interp_view_weights(
     w[..., 1] = torch.where(is_front, r_front, 1 - r_back)
     w[..., 2] = torch.where(is_front, torch.zeros_like(a), r_back)
     top, bottom = thetas <= overhead, thetas >= 180 - overhead
-    for mask, k in ((top, 3), (bottom, 4)):
-        if mask.any():
-            w[mask] = 0.0
-            w[mask, k] = 1.0
+    eye = torch.eye(5, device=a.device)
+    for mask, k in ((top, 3), (bottom, 4)):  # torch.where, not mask indexing: no host sync
+        w = torch.where(mask[..., None], eye[k], w)
     return w
 
 
@@ -127,8 +126,8 @@ def look_at_poses(centers: torch.Tensor, targets: torch.Tensor, up: torch.Tensor
     right = safe_normalize(torch.cross(forward, up, dim=-1))
     # Looking straight up/down makes forward parallel to up; pick any perpendicular right.
     degenerate = (right.norm(dim=-1) < 1e-6) | ~torch.isfinite(right).all(-1)
-    if degenerate.any():
-        right[degenerate] = torch.tensor([1.0, 0.0, 0.0], device=centers.device)
+    x_axis = torch.tensor([1.0, 0.0, 0.0], device=centers.device)
+    right = torch.where(degenerate[:, None], x_axis, right)  # no host sync in the training loop
     true_up = safe_normalize(torch.cross(right, forward, dim=-1))
     poses = torch.eye(4, device=centers.device).repeat(B, 1, 1)
     poses[:, :3, 0] = right

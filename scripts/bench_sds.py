@@ -53,6 +53,15 @@ VARIANTS: dict[str, list[str]] = {
         "--vae_graph",
         "--compile_vae",
     ],
+    "compiled UNet graph + CL + compiled VAE graph": [
+        "--fp16",
+        *OFF,
+        "--unet_graph",
+        "--compile_unet",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+    ],
     "-O default without sample pruning": [
         "--fp16",
         *OFF,
@@ -301,8 +310,45 @@ def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out:
     syncs = {
         k: v for k, v in ev.items() if any(s in k for s in ("local_scalar", "Synchronize", "item", "Memcpy"))
     }
-    out.write_text(f"syncs over 5 iterations: {json.dumps(syncs, indent=1)}\n\n{table}\n")
+    where = sync_sites(trainer, train_set, device) if device.type == "cuda" else {}
+    out.write_text(
+        f"syncs over 5 iterations: {json.dumps(syncs, indent=1)}\n\n"
+        f"synchronising call sites over 3 iterations (torch.cuda sync debug mode): "
+        f"{json.dumps(where, indent=1)}\n\n{table}\n"
+    )
     print(f"profile: host-sync events over 5 iterations: {syncs}")
+
+
+def sync_sites(trainer: Trainer, train_set: NeRFDataset, device: torch.device) -> dict[str, int]:
+    """Where the training step synchronises with the GPU: torch's sync debug mode warns at each
+    synchronising call; the innermost frame of this repository is counted (3 iterations)."""
+    import traceback
+    import warnings
+
+    root = str(Path(__file__).resolve().parent.parent)
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
+        key = (
+            f"{frames[-1].filename[len(root) + 1 :]}:{frames[-1].lineno}"
+            if frames
+            else f"{filename}:{lineno}"
+        )
+        sites[key] = sites.get(key, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old = warnings.showwarning
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                trainer.train_one_step(train_set.train_batch())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = old
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 
 def table(results: list[dict], device: torch.device) -> str:
