@@ -559,7 +559,8 @@ class Trainer:
             p = self.workspace / "results" / f"{self.name}_ep{self.epoch:04d}_{k}.mp4"
             if write_video(p, fr):
                 paths[k] = p
-        self.log(f"[test] wrote {', '.join(str(p) for p in paths.values())}", echo=not self.opt.quiet)
+        written = [str(p) for p in paths.values()] + ([f"frames in {frame_dir}"] if write_frames else [])
+        self.log(f"[test] wrote {', '.join(written) or 'nothing'}", echo=not self.opt.quiet)
         self.write_index(videos=paths)
         self.model.train()
         return paths
