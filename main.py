@@ -205,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune_samples",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="--cuda_ray training: one density pass without gradients, then the full pass (gradients, "
-        "normals) only on samples in front of where transmittance falls below 1e-5 (the same "
-        "image and gradients: the others get weight 0)",
+        help="--cuda_ray training with normals (lambertian/textureless shading, orientation loss): one "
+        "density pass without gradients, then the full pass (gradients, normals) only on samples in "
+        "front of where transmittance falls below 1e-5 (the same image and gradients: the others get "
+        "weight 0)",
     )
     g.add_argument("--max_ray_batch", type=int, default=4096, help="rays per chunk when rendering frames")
     g.add_argument(
