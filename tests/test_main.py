@@ -291,3 +291,21 @@ def test_each_configuration_runs(config, tiny_sd, tmp_path, monkeypatch):
     assert ckpt["global_step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert (ws / "validation" / "df_ep0002_sheet.png").exists()
+
+
+def test_cuda_allocator_setting_defaults_to_expandable_segments_and_respects_the_user(monkeypatch):
+    from main import configure_cuda_allocator
+
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(var, "")  # records the original state, restored after the test
+        monkeypatch.delenv(var)
+    configure_cuda_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "max_split_size_mb:128")
+        configure_cuda_allocator()
+        assert os.environ[var] == "max_split_size_mb:128"
+        other = "PYTORCH_ALLOC_CONF" if var == "PYTORCH_CUDA_ALLOC_CONF" else "PYTORCH_CUDA_ALLOC_CONF"
+        assert other not in os.environ  # the user's setting alone decides
+        monkeypatch.delenv(var)
