@@ -210,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         "front of where transmittance falls below 1e-5 (the same image and gradients: the others get "
         "weight 0)",
     )
+    g.add_argument(
+        "--infer_T_thresh",
+        type=float,
+        default=1e-4,
+        help="--cuda_ray frames (validation, videos): a ray stops once its transmittance falls below "
+        "this (the reference's 1e-4); 1e-2 stops at 99%% opacity, leaving at most 1%% of a pixel's "
+        "colour out, and evaluates fewer samples",
+    )
     g.add_argument("--max_ray_batch", type=int, default=4096, help="rays per chunk when rendering frames")
     g.add_argument(
         "--latent_iter_ratio",
@@ -499,6 +507,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         err("--t_range must lie in [0, 1]")
     if opt.grid_size % 2 or opt.grid_size > 1024:
         err("--grid_size must be even and at most 1024")
+    if not 0 < opt.infer_T_thresh < 1:
+        err("--infer_T_thresh must be in (0, 1)")
     if not 0 < opt.grid_update_frac <= 1:
         err("--grid_update_frac must be in (0, 1]")
     if opt.bound <= 0:

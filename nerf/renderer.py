@@ -241,6 +241,7 @@ class NeRFRenderer(nn.Module):
             return out
 
         # Inference: march a few samples per alive ray at a time, drop finished rays.
+        T_infer = float(getattr(opt, "infer_T_thresh", T_thresh))
         weights_sum = torch.zeros(N, device=device)
         depth = torch.zeros(N, device=device)
         image = torch.zeros(N, 3, device=device)
@@ -281,7 +282,7 @@ class NeRFRenderer(nn.Module):
             else:
                 acc = image
             raymarching.composite_rays(
-                n_alive, n_step, alive, rays_t, sigma, color, ts, weights_sum, depth, acc, fars, T_thresh
+                n_alive, n_step, alive, rays_t, sigma, color, ts, weights_sum, depth, acc, fars, T_infer
             )
             if normal is not None:
                 image, normal_image = acc[:, :3].contiguous(), acc[:, 3:].contiguous()
