@@ -186,7 +186,7 @@ class FieldNetwork(NeRFRenderer):
 
         Args:
             d: [N,3] view directions (unused: the colour does not depend on view).
-            l: [N,3] or [3] light direction (lambertian/textureless).
+            l: [N,3], [1,3] or [3] light direction (lambertian/textureless).
             ratio: ambient ratio; lambertian = ratio + (1 - ratio) * max(0, n.l).
             shading: one of "albedo", "lambertian", "textureless", "normal".
             need_normal: compute normals even for albedo shading (orientation loss, normal maps).

@@ -102,12 +102,13 @@ class NeRFRenderer(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     def _expand_light(self, light_d, n_per_image: int, B: int, device) -> torch.Tensor | None:
+        """[1,3] when every ray shares one light (no per-sample gather needed), else [B*n,3]."""
         if light_d is None:
             return None
         light_d = light_d.to(device).reshape(-1, 3)
-        if light_d.shape[0] == 1:
-            light_d = light_d.expand(B, 3)
-        return light_d.repeat_interleave(n_per_image, 0)  # [B*n, 3]
+        if light_d.shape[0] == 1 or B == 1:
+            return light_d[:1]
+        return light_d.repeat_interleave(n_per_image, 0)
 
     def run(
         self,
@@ -122,7 +123,7 @@ class NeRFRenderer(nn.Module):
     ) -> dict:
         """Stratified (``--num_steps``) plus importance (``--upsample_steps``) sampling.
 
-        rays_o, rays_d: [N,3]; light_d: [N,3] per ray or None.
+        rays_o, rays_d: [N,3]; light_d: [N,3] per ray, [1,3] for all rays, or None.
         """
         opt = self.opt
         N, device = rays_o.shape[0], rays_o.device
@@ -143,7 +144,9 @@ class NeRFRenderer(nn.Module):
             xyz = torch.clamp(xyz, -self.bound, self.bound).reshape(-1, 3)
             k = zz.shape[1]
             dirs = rays_d[:, None].expand(-1, k, -1).reshape(-1, 3)
-            light = None if light_d is None else light_d[:, None].expand(-1, k, -1).reshape(-1, 3)
+            light = light_d
+            if light_d is not None and light_d.shape[0] > 1:
+                light = light_d[:, None].expand(-1, k, -1).reshape(-1, 3)
             sigma, color, normal = self(xyz, dirs, light, ambient_ratio, shading, need_normal=need)
             sigma = sigma.reshape(N, k).float()
             color = color.reshape(N, k, -1).float()
@@ -189,7 +192,7 @@ class NeRFRenderer(nn.Module):
         """Occupancy-grid ray marching (``raymarching``): packed samples in training, an
         alive-ray loop with early termination at inference.
 
-        rays_o, rays_d: [N,3]; light_d: [N,3] per ray or None.
+        rays_o, rays_d: [N,3]; light_d: [N,3] per ray, [1,3] for all rays, or None.
         """
         opt = self.opt
         N, device = rays_o.shape[0], rays_o.device
@@ -223,8 +226,8 @@ class NeRFRenderer(nn.Module):
                 n_pruned = xyzs.shape[0] - keep.numel()
                 xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
             M = xyzs.shape[0]
-            light = None
-            if light_d is not None:
+            light = light_d
+            if light_d is not None and light_d.shape[0] > 1:
                 light = light_d[_ray_ids(rays, M).clamp(min=0)]
             sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
             weights, weights_sum, depth, image = raymarching.composite_rays_train(
@@ -270,8 +273,8 @@ class NeRFRenderer(nn.Module):
                 opt.dt_gamma,
                 opt.max_steps,
             )
-            light = None
-            if light_d is not None:
+            light = light_d
+            if light_d is not None and light_d.shape[0] > 1:
                 light = light_d[alive.long()].repeat_interleave(n_step, 0)
             sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
             sigma, color = sigma.float(), color.float()
@@ -328,7 +331,8 @@ class NeRFRenderer(nn.Module):
             parts = []
             for s in range(0, ro.shape[0], max_ray_batch):
                 sl = slice(s, s + max_ray_batch)
-                parts.append(fn(ro[sl], rd[sl], None if light is None else light[sl], **kwargs))
+                lsl = light if light is None or light.shape[0] == 1 else light[sl]
+                parts.append(fn(ro[sl], rd[sl], lsl, **kwargs))
             out = {
                 k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("weights", "loss_orient")
             }

@@ -209,3 +209,32 @@ def test_inference_transmittance_threshold_trades_samples_for_a_bounded_error(mo
     assert n_early < n_exact  # fewer samples (12% here: an opaque ball stops early either way)
     assert (exact["image"] - early["image"]).abs().max() <= 1e-2 + 1e-6
     assert (exact["weights_sum"] - early["weights_sum"]).abs().max() <= 1e-2 + 1e-6
+
+
+def test_a_batch_of_images_with_their_own_lights_equals_rendering_each_alone():
+    class _Enc(torch.nn.Module):
+        output_dim = 3
+
+        def forward(self, x, bound=1.0, max_level=None):
+            return x
+
+    class Field(FieldNetwork):
+        def __init__(self, opt):
+            super().__init__(opt, _Enc(), 16, 2, normal_method="fd")
+
+    for cuda_ray, training in ((False, False), (True, False), (True, True)):
+        torch.manual_seed(0)
+        field = Field(_opt(cuda_ray=cuda_ray, blob_density=8.0, blob_radius=0.3, max_steps=128))
+        field.update_extra_state()
+        field.train(training)  # training: packed samples whose lights are gathered by ray id
+        poses = circle_poses(
+            torch.tensor([3.2, 3.0]), torch.tensor([80.0, 60.0]), torch.tensor([20.0, -70.0])
+        )
+        o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([40.0, 30.0]), 12, 12), 12, 12)
+        lights = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0], [-1.0, 0.2, 0.1]]), dim=-1)
+        kw = dict(ambient_ratio=0.2, shading="lambertian", bg_color=torch.ones(3))
+        both = field.render(o, d, light_d=lights, **kw)["image"]
+        for b in range(2):
+            alone = field.render(o[b : b + 1], d[b : b + 1], light_d=lights[b], **kw)["image"]
+            assert torch.allclose(both[b], alone[0], atol=1e-5), (cuda_ray, training, b)
+        assert (both[0] - both[1]).abs().max() > 0.05  # the lights (and views) differ
