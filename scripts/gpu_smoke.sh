@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 python3 -c "from guidance.sd_factory import build_sd; build_sd('/tmp/tsd', 'tiny'); build_sd('/tmp/sd21', 'sd2.1-base')" > /dev/null 2>&1
 echo "== CUDA tests"
-timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_renderer.py > "$OUT/pytest.log" 2>&1
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_renderer.py tests/test_speed.py tests/test_guidance.py tests/test_provider.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -4 "$OUT/pytest.log"
 echo "== render benchmark"
 timeout 240 python3 scripts/bench_render.py --repeat 30 --out "$OUT/bench_render.md" > "$OUT/bench_render.log" 2>&1
