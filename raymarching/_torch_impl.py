@@ -221,6 +221,20 @@ def _ray_ids(rays: torch.Tensor, M: int) -> torch.Tensor:
     return torch.where(owned, r, torch.full_like(r, -1))
 
 
+def _exclusive_depth(tau: torch.Tensor, rays: torch.Tensor, ids_c: torch.Tensor) -> torch.Tensor:
+    """[M] float64 optical depth accumulated before each packed sample within its own ray.
+
+    A global cumsum minus its value at the ray's first sample (float64 keeps the subtraction
+    exact over long packed arrays). tau: [M]; rays: [N,2] (offset, count); ids_c: [M] owner
+    ray of each sample, clamped to >= 0.
+    """
+    csum = torch.cumsum(tau.double(), 0) - tau.double()
+    if tau.shape[0] == 0:
+        return csum
+    start = rays[:, 0].long().clamp(max=tau.shape[0] - 1)
+    return csum - csum.index_select(0, start).index_select(0, ids_c)
+
+
 def composite_rays_train(
     sigmas: torch.Tensor,
     rgbs: torch.Tensor,
@@ -251,11 +265,7 @@ def composite_rays_train(
     # float32 arithmetic, or float64 when given float64 (for gradcheck).
     cdt = torch.float64 if sigmas.dtype == torch.float64 else torch.float32
     tau = sigmas.to(cdt) * ts[:, 1].to(cdt)
-    # Exclusive cumulative optical depth within each ray: global cumsum minus the value at
-    # the ray's first sample (float64 keeps the subtraction exact over long packed arrays).
-    csum = torch.cumsum(tau.double(), 0) - tau.double()
-    start = rays[:, 0].long().clamp(max=max(M - 1, 0))
-    excl = csum - csum.index_select(0, start).index_select(0, ids_c) if M > 0 else csum
+    excl = _exclusive_depth(tau, rays, ids_c)
     T = torch.exp(-excl.to(cdt))
     alpha = 1 - torch.exp(-tau)
     weights = alpha * T * ((T >= T_thresh) & owned).to(cdt)
@@ -298,10 +308,8 @@ def prune_rays_train(
         return torch.zeros(0, dtype=torch.int64, device=device), rays.to(torch.int32)
     ids = _ray_ids(rays, M)
     ids_c = ids.clamp(min=0)
-    tau = sigmas.double() * ts[:, 1].double()
-    csum = torch.cumsum(tau, 0) - tau  # exclusive optical depth, per ray after the subtraction
+    excl = _exclusive_depth(sigmas.double() * ts[:, 1].double(), rays, ids_c)
     start = rays[:, 0].long().clamp(max=M - 1)
-    excl = csum - csum.index_select(0, start).index_select(0, ids_c)
     keep_mask = (excl <= -math.log(T_min)) & (ids >= 0)
     keep = keep_mask.nonzero().squeeze(1)
     before = torch.cumsum(keep_mask.long(), 0) - keep_mask.long()  # kept samples before each one
