@@ -36,26 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from guidance.sd_factory import bytes_to_unicode  # noqa: E402
 from shapes.dataset import ShapesData, all_captions  # noqa: E402
 from shapes.scene import HELD_OUT, TRAIN_PAIRS  # noqa: E402
 
 MAX_LEN = 77  # Stable Diffusion's text length, so guidance code needs no special case
 N_CLIP_MERGES = 49152 - 256 - 2  # merges open_clip uses from the file
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode map (the base alphabet of the BPE)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    keep += list(range(ord("®"), ord("ÿ") + 1))
-    extra = 0
-    out = {}
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
 
 
 def find_bpe_file(explicit: str | None) -> Path:
