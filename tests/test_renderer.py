@@ -48,6 +48,19 @@ def _opt(**kw):
     return argparse.Namespace(**base)
 
 
+class _IdentityEncoder(torch.nn.Module):
+    """Positions as features: a field whose only parameters are its small MLP."""
+
+    output_dim = 3
+
+    def forward(self, x, bound=1.0, max_level=None):
+        return x
+
+
+def _mlp_field(opt, normal_method: str = "fd") -> FieldNetwork:
+    return FieldNetwork(opt, _IdentityEncoder(), 16, 2, normal_method=normal_method)
+
+
 class Ball(NeRFRenderer):
     """A red ball of radius 0.5 with a large constant density (an analytic field)."""
 
@@ -112,20 +125,8 @@ def test_occupancy_grid_marks_the_ball_and_skips_empty_space():
 def test_field_normals_methods_agree():
     opt = _opt(bg_radius=-1, blob_density=5.0, blob_radius=0.3)
 
-    class Field(FieldNetwork):
-        def __init__(self, method):
-            enc = torch.nn.Identity()
-            enc.output_dim = 3
-            super().__init__(opt, _Enc(), 16, 2, normal_method=method)
-
-    class _Enc(torch.nn.Module):
-        output_dim = 3
-
-        def forward(self, x, bound=1.0, max_level=None):
-            return x
-
     torch.manual_seed(0)
-    fields = {m: Field(m) for m in ("fd", "tetra", "autograd")}
+    fields = {m: _mlp_field(opt, m) for m in ("fd", "tetra", "autograd")}
     state = fields["fd"].state_dict()
     for f in fields.values():
         f.load_state_dict(state)
@@ -143,20 +144,10 @@ def test_pruned_training_render_equals_the_full_one():
     """--prune_samples: same image, normals, orientation loss, entropy and parameter gradients."""
     from nerf.utils import weight_entropy
 
-    class _Enc(torch.nn.Module):
-        output_dim = 3
-
-        def forward(self, x, bound=1.0, max_level=None):
-            return x
-
-    class Field(FieldNetwork):
-        def __init__(self, opt):
-            super().__init__(opt, _Enc(), 16, 2, normal_method="fd")
-
     torch.manual_seed(0)
     # A strong blob: an opaque core, so rays stop early and pruning has something to drop.
     opt = _opt(cuda_ray=True, blob_density=12.0, blob_radius=0.3, max_steps=256, prune_samples=False)
-    field = Field(opt)
+    field = _mlp_field(opt)
     for _ in range(4):
         field.update_extra_state()
     field.train()
@@ -212,19 +203,9 @@ def test_inference_transmittance_threshold_trades_samples_for_a_bounded_error(mo
 
 
 def test_a_batch_of_images_with_their_own_lights_equals_rendering_each_alone():
-    class _Enc(torch.nn.Module):
-        output_dim = 3
-
-        def forward(self, x, bound=1.0, max_level=None):
-            return x
-
-    class Field(FieldNetwork):
-        def __init__(self, opt):
-            super().__init__(opt, _Enc(), 16, 2, normal_method="fd")
-
     for cuda_ray, training in ((False, False), (True, False), (True, True)):
         torch.manual_seed(0)
-        field = Field(_opt(cuda_ray=cuda_ray, blob_density=8.0, blob_radius=0.3, max_steps=128))
+        field = _mlp_field(_opt(cuda_ray=cuda_ray, blob_density=8.0, blob_radius=0.3, max_steps=128))
         field.update_extra_state()
         field.train(training)  # training: packed samples whose lights are gathered by ray id
         poses = circle_poses(
