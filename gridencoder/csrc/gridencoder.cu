@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "gridencoder.h"
 
@@ -164,24 +165,19 @@ __device__ inline T group_sum(unsigned mask, unsigned group, T x) {
 // (sm_90 has float2 atomicAdd) instead of two.
 template <typename acc_t>
 __device__ inline void add_row(acc_t* dst, const acc_t* v, int F) {
-#pragma unroll
-  for (int f = 0; f < kMaxF; ++f) {
-    if (f < F) atomicAdd(dst + f, v[f]);
-  }
-}
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-template <>
-__device__ inline void add_row<float>(float* dst, const float* v, int F) {
-  if (F == 2) {
-    atomicAdd(reinterpret_cast<float2*>(dst), make_float2(v[0], v[1]));
-    return;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (F == 2) {
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(v[0], v[1]));
+      return;
+    }
   }
+#endif
 #pragma unroll
   for (int f = 0; f < kMaxF; ++f) {
     if (f < F) atomicAdd(dst + f, v[f]);
   }
 }
-#endif
 
 // Levels with at most this many lattice points per axis aggregate their embedding-gradient
 // atomics inside the warp first: a warp holds 32 consecutive samples (mostly of one ray), so
