@@ -246,9 +246,8 @@ class StableDiffusion(torch.nn.Module):
         self.channels_last = channels_last
         self.unet_traced = None if unet_traced in (None, "", "off") or not cuda else str(unet_traced)
         self.traced_dir = Path(traced_dir) if traced_dir else default_traced_dir()
-        self.fast = self.unet_graph or self.vae_graph or self.compile_vae or compile_unet or channels_last
-        self.fast = self.fast or bf16
-        self.fast = self.fast or self.unet_traced is not None
+        levers = (self.unet_graph, self.vae_graph, self.compile_vae, compile_unet, channels_last, bf16)
+        self.fast = any(levers) or self.unet_traced is not None
         if channels_last and not vram_O:
             self.unet.to(memory_format=torch.channels_last)
         self._unet_fn: UNetFn = self._unet_eager
