@@ -21,6 +21,16 @@ from . import _torch_impl
 
 _EMB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Kernel layout choices, module-level so that scripts/bench_render.py --kernel_variants can
+# compare them (docs/benchmarks.md). AGG_MODE 1: a warp first sums the embedding-gradient
+# atomics of consecutive lanes on the same table row (samples of one ray share cells at coarse
+# levels), for levels of at most AGG_MAX_POINTS lattice points per axis; 0: every atomic is
+# issued. SOA: features computed as [L*F, N] (a warp's stores coalesce) and returned as the
+# transposed [N, L*F] view; the Linear layers after it take the transposed layout as is.
+AGG_MODE = 1
+AGG_MAX_POINTS = 256
+SOA = True
+
 
 def available() -> bool:
     """Whether the kernels are built (building them now if needed) and a GPU is present."""
@@ -63,20 +73,24 @@ class _GridEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, embeddings, offsets_t, points_t, scales, align_corners, smoothstep,
                 max_level):
+        soa = bool(SOA)
         out = _ext().grid_encode_forward(inputs, embeddings, offsets_t, points_t, scales,
-                                         align_corners, smoothstep, max_level)
+                                         align_corners, smoothstep, max_level, soa)
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
         ctx.cfg = (align_corners, smoothstep, max_level)
-        return out
+        ctx.soa = soa
+        return out.t() if soa else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         inputs, embeddings, offsets_t, points_t, scales = ctx.saved_tensors
         need_inputs, need_emb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad_out.to(embeddings.dtype)
+        g = g.t().contiguous() if ctx.soa else g.contiguous()
         grad_emb, grad_in = _ext().grid_encode_backward(
-            grad_out.to(embeddings.dtype).contiguous(), inputs, embeddings, offsets_t, points_t,
-            scales, *ctx.cfg, need_emb, need_inputs,
+            g, inputs, embeddings, offsets_t, points_t, scales, *ctx.cfg, need_emb, need_inputs,
+            int(AGG_MODE), int(AGG_MAX_POINTS), ctx.soa,
         )
         return (grad_in if need_inputs else None, grad_emb if need_emb else None,
                 None, None, None, None, None, None)
@@ -103,7 +117,8 @@ def grid_encode(
         max_level: levels >= max_level give zeros (None: all levels).
 
     Returns:
-        [N, L*F] in the embeddings' dtype, differentiable in embeddings and inputs.
+        [N, L*F] in the embeddings' dtype (a transposed view with ``SOA``), differentiable in
+        embeddings and inputs.
     """
     if interpolation not in ("linear", "smoothstep"):
         raise ValueError(f"unknown interpolation {interpolation!r}")

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gridencoder  # noqa: E402
+import gridencoder._cuda as gc  # noqa: E402
 import raymarching  # noqa: E402
 from main import parse_args  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
@@ -194,6 +195,106 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
     print(*[ln for ln in lines if not ln.startswith(("==", " ", "-"))][:8], sep="\n")
 
 
+def grid_kernels(model, device) -> list[str]:
+    """Hash-grid forward + backward on one lambertian training step's points (the kept samples
+    and their six fd offsets, as the network evaluates them) for each kernel layout, and the
+    backward's cost per level (by timing the first k levels)."""
+    ro, rd = rays(device, 64, 64)
+    ro, rd = ro.reshape(-1, 3), rd.reshape(-1, 3)
+    nears, fars = raymarching.near_far_from_aabb(ro, rd, model.aabb, model.min_near)
+    xyzs, _, ts, packed = raymarching.march_rays_train(
+        ro,
+        rd,
+        model.bound,
+        model.density_bitfield,
+        model.cascade,
+        model.grid_size,
+        nears,
+        fars,
+        True,
+        model.opt.dt_gamma,
+        model.opt.max_steps,
+    )
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+        keep, _ = raymarching.prune_rays_train(model.common_forward(xyzs)[0].float(), ts, packed, 1e-5)
+    x = xyzs[keep]
+    e = model.normal_eps
+    offs = torch.cat([torch.eye(3, device=device), -torch.eye(3, device=device)]) * e
+    fd = (x[None] + offs[:, None]).reshape(-1, 3).clamp(-model.bound, model.bound)
+    enc = model.encoder
+    up = {n: torch.randn(p.shape[0], enc.output_dim, device=device) for n, p in (("main", x), ("fd", fd))}
+    lines = [
+        "",
+        f"Hash grid on one training step: {x.shape[0]} kept samples + {fd.shape[0]} fd points.",
+        "",
+        "| AGG_MODE | SOA | forward ms (main + fd) | forward + backward ms |",
+        "|---|---|---|---|",
+    ]
+    saved = (gc.AGG_MODE, gc.SOA)
+
+    def fwd():
+        with torch.no_grad():
+            enc(x, bound=model.bound), enc(fd, bound=model.bound)
+
+    def fwd_bwd(max_level=None):
+        enc.embeddings.grad = None
+        ys = [enc(p, bound=model.bound, max_level=max_level) for p in (x, fd)]
+        torch.autograd.backward(ys, [up["main"], up["fd"]])
+
+    for agg, soa in ((0, False), (1, False), (0, True), (1, True)):
+        gc.AGG_MODE, gc.SOA = agg, soa
+        f_ms, _ = timeit(fwd, 20, device)
+        fb_ms, _ = timeit(fwd_bwd, 20, device)
+        lines.append(f"| {agg} | {soa} | {f_ms:.2f} | {fb_ms:.2f} |")
+    gc.AGG_MODE, gc.SOA = saved
+    L = enc.num_levels
+    cum = [timeit(lambda k=k: fwd_bwd(k / L), 10, device)[0] for k in range(1, L + 1)]
+    per = [cum[0]] + [b - a for a, b in zip(cum, cum[1:])]
+    lines += [
+        "",
+        "Forward + backward by level (ms added by level k, default layout): "
+        + ", ".join(f"{k}:{v:.2f}" for k, v in enumerate(per)),
+    ]
+    return lines
+
+
+def infer_thresholds(model, device, size: int) -> list[str]:
+    """Test-frame time, samples evaluated and image change for --infer_T_thresh values."""
+    ro8, rd8 = rays(device, size, size)
+    calls = []
+    orig = raymarching.march_rays
+
+    def counting(n_alive, n_step, *a, **k):
+        calls.append(n_alive * n_step)
+        return orig(n_alive, n_step, *a, **k)
+
+    def frame():
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+            return model.render(ro8, rd8, bg_color=torch.ones(3, device=device), max_ray_batch=4096)
+
+    saved = getattr(model.opt, "infer_T_thresh", 1e-4)
+    lines = [
+        "",
+        f"| --infer_T_thresh | {size}x{size} frame, ms | samples | loop iterations "
+        "| max abs image change | mean abs image change |",
+        "|---|---|---|---|---|---|",
+    ]
+    ref = None
+    for t in (1e-4, 1e-3, 1e-2):
+        model.opt.infer_T_thresh = t
+        ms, _ = timeit(frame, 7, device)
+        calls.clear()
+        raymarching.march_rays = counting
+        img = frame()["image"].float()
+        raymarching.march_rays = orig
+        ref = img if ref is None else ref
+        d = (img - ref).abs()
+        lines.append(f"| {t:g} | {ms:.1f} | {sum(calls)} | {len(calls)} | {d.max():.4f} | {d.mean():.5f} |")
+    model.opt.infer_T_thresh = saved
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,6 +303,11 @@ def main() -> None:
     ap.add_argument("--test_size", type=int, default=800)
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     ap.add_argument("--profile", default=None, help="write torch.profiler tables of the CUDA path here")
+    ap.add_argument(
+        "--kernel_variants",
+        action="store_true",
+        help="add rows for the grid encoder's other kernel layouts (gridencoder._cuda AGG_MODE, SOA)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -216,16 +322,26 @@ def main() -> None:
     grid_full = model.density_grid.clone()
 
     rows = []
+    # (name, backend, cuda_ray, prune, grid-encoder kernel layout {AGG_MODE, SOA} or None)
     variants = [
-        ("run_cuda, CUDA kernels", "auto", True, True),
-        ("run_cuda, CUDA kernels, no sample pruning", "auto", True, False),
-        ("run_cuda, PyTorch twin", "torch", True, True),
-        ("run (PyTorch sampling)", "torch", False, True),
+        ("run_cuda, CUDA kernels", "auto", True, True, None),
+        ("run_cuda, CUDA kernels, no sample pruning", "auto", True, False, None),
+        ("run_cuda, PyTorch twin", "torch", True, True, None),
+        ("run (PyTorch sampling)", "torch", False, True, None),
     ]
     if device.type != "cuda":
         variants = variants[2:]
+    elif args.kernel_variants:
+        default = (gc.AGG_MODE, gc.SOA)
+        for agg, soa in ((0, False), (1, False), (0, True), (1, True)):
+            if (agg, soa) != default:
+                name = f"run_cuda, CUDA kernels, grid AGG_MODE {agg}" + (" SOA" if soa else "")
+                variants.insert(1, (name, "auto", True, True, (agg, soa)))
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device=device), dim=-1)
-    for name, backend, cuda_ray, prune in variants:
+    for name, backend, cuda_ray, prune, layout in variants:
+        saved = (gc.AGG_MODE, gc.SOA)
+        if layout is not None:
+            gc.AGG_MODE, gc.SOA = layout
         model.opt.prune_samples = prune
         raymarching.set_backend(backend)
         gridencoder.set_backend(backend)
@@ -253,12 +369,16 @@ def main() -> None:
         test_ms, test_mem = timeit(test_frame, reps, device, warmup=1 if reps == 2 else 3)
         alpha = test_frame()["weights_sum"].float().mean().item()
         rows.append((name, train_ms, albedo_ms, train_mem, test_ms, test_mem, alpha))
+        gc.AGG_MODE, gc.SOA = saved
     raymarching.set_backend("auto")
     gridencoder.set_backend("auto")
     model.cuda_ray = True
     model.opt.prune_samples = True
     if args.profile:
         profile(model, device, light, args.test_size, Path(args.profile))
+    thresh_lines = infer_thresholds(model, device, args.test_size) if device.type == "cuda" else []
+    if device.type == "cuda" and args.kernel_variants:
+        thresh_lines += grid_kernels(model, device)
 
     # Occupancy-grid quality of partial refreshes: start from the full-sweep grid, run 64
     # partial refreshes (the default fraction), compare occupied sets.
@@ -290,6 +410,7 @@ def main() -> None:
         f"{t_part:.2f} ms; after 64 partial refreshes the occupied set agrees with the full sweep on "
         f"{agree * 100:.2f}% of cells and misses {missed * 100:.2f}% of the occupied ones.",
     ]
+    lines += thresh_lines
     text = "\n".join(lines)
     print(text)
     if args.out:

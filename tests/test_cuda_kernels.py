@@ -250,9 +250,13 @@ def test_grid_encoder_module_normals_on_gpu():
     assert rel_err(outs[1][0], outs[0][0]) <= 1e-4 and rel_err(outs[1][1], outs[0][1]) <= 1e-4
 
 
-def test_grid_encode_backward_with_warp_groups_matches_twin():
+@pytest.mark.parametrize("agg_mode,soa", [(0, False), (1, False), (0, True), (1, True)])
+def test_grid_encode_backward_with_warp_groups_matches_twin(monkeypatch, agg_mode, soa):
     """Points along rays (as the ray marcher emits them) share cells inside a warp at coarse
-    levels: the warp-aggregated atomics must still give the twin's gradients."""
+    levels: every way of merging the warp's atomics (and both feature layouts) must still give
+    the twin's gradients."""
+    monkeypatch.setattr(gc, "AGG_MODE", agg_mode)
+    monkeypatch.setattr(gc, "SOA", soa)
     offsets, points, scale, emb, _ = grid_setup(3, 16, 2, 19, 16, 2048, False)
     g = torch.Generator().manual_seed(7)
     o = torch.rand(37, 1, 3, generator=g)  # 37 rays of 1000 samples, 0.0005 apart
@@ -260,14 +264,17 @@ def test_grid_encode_backward_with_warp_groups_matches_twin():
     x = (o * 0.5 + 0.25 + d * torch.linspace(0, 0.5, 1000)[None, :, None]).reshape(-1, 3).clamp(0, 1)
     x[5000:5003] = x[4999]  # a few identical points too
     up = torch.randn(x.shape[0], 32, generator=g)
-    e_ref = emb.clone().requires_grad_()
-    ge.grid_encode(x, e_ref, offsets, points, scale, 16, False, "smoothstep").backward(up)
+    e_ref, x_ref = emb.clone().requires_grad_(), x.clone().requires_grad_()
+    ge.grid_encode(x_ref, e_ref, offsets, points, scale, 16, False, "smoothstep").backward(up)
     for max_level in (None, 11):  # also with a warp straddling used and zeroed levels
-        e_got = emb.to(DEV).requires_grad_()
-        gc.grid_encode(x.to(DEV), e_got, offsets, points, scale, 16, False, "smoothstep", max_level).backward(
-            up.to(DEV)
-        )
+        e_got, x_got = emb.to(DEV).requires_grad_(), x.to(DEV).requires_grad_()
+        got = gc.grid_encode(x_got, e_got, offsets, points, scale, 16, False, "smoothstep", max_level)
+        assert got.shape == (x.shape[0], 32)
+        got.backward(up.to(DEV))
+        assert x_got.grad.abs().sum() > 0
         if max_level is None:
+            ref = ge.grid_encode(x, emb, offsets, points, scale, 16, False, "smoothstep")
+            assert rel_err(got, ref) <= 1e-4 and rel_err(x_got.grad, x_ref.grad) <= 1e-4
             err = rel_err(e_got.grad, e_ref.grad)
             print(f"\n[grid warp groups] grad_emb rel err {err:.2e}")
             assert err <= 1e-4

@@ -108,9 +108,11 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
   const int l = static_cast<int>(tid / N);
   const int64_t n = tid - l * N;
   const int F = lay.F;
-  emb_t* o = out + (n * lay.L + l) * F;
+  // Feature f of this (point, level) is o[f * os].
+  const int64_t os = lay.soa ? N : 1;
+  emb_t* o = out + (lay.soa ? l * F * N + n : (n * lay.L + l) * F);
   if (l >= lay.max_level) {
-    for (int f = 0; f < F; ++f) o[f] = from_acc<emb_t>(acc_t(0));
+    for (int f = 0; f < F; ++f) o[f * os] = from_acc<emb_t>(acc_t(0));
     return;
   }
   const in_t scale = static_cast<const in_t*>(lay.scales)[l];
@@ -135,30 +137,8 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
   }
 #pragma unroll
   for (int f = 0; f < kMaxF; ++f) {
-    if (f < F) o[f] = from_acc<emb_t>(acc[f]);
+    if (f < F) o[f * os] = from_acc<emb_t>(acc[f]);
   }
-}
-
-// Lane index of the k-th (from 0) set bit of m.
-__device__ inline int nth_lane(unsigned m, int k) {
-  for (int i = 0; i < k; ++i) m &= m - 1u;
-  return __ffs(m) - 1;
-}
-
-// Sum of x over the lanes of `group`, left in the group's lowest lane. Every lane of `mask`
-// (a superset of the group) calls this together: a tree over the ranks inside each group.
-template <typename T>
-__device__ inline T group_sum(unsigned mask, unsigned group, T x) {
-  const int lane = threadIdx.x & 31;
-  const int rank = __popc(group & ((1u << lane) - 1u));
-  const int size = __popc(group);
-#pragma unroll
-  for (int s = 1; s < 32; s <<= 1) {
-    const bool take = (rank % (2 * s) == 0) && (rank + s < size);
-    const T t = __shfl_sync(mask, x, take ? nth_lane(group, rank + s) : lane);
-    if (take) x += t;
-  }
-  return x;
 }
 
 // grad[row*F .. row*F+F) += v: with two fp32 features on Hopper one 8-byte vector atomic
@@ -179,13 +159,24 @@ __device__ inline void add_row(acc_t* dst, const acc_t* v, int F) {
   }
 }
 
-// Levels with at most this many lattice points per axis aggregate their embedding-gradient
-// atomics inside the warp first: a warp holds 32 consecutive samples (mostly of one ray), so
-// at coarse levels they share cells and their atomicAdds on the same rows would serialise.
-constexpr int kAggregateMaxPoints = 256;
+// Sum of x over the lane's run (consecutive lanes with the same key), left in the run's first
+// lane. All 32 lanes call it together. A segmented Hillis-Steele scan towards lower lanes:
+// log2(32) shuffles and no per-lane loop.
+template <typename T>
+__device__ inline T run_sum(int end, T x) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int s = 1; s < 32; s <<= 1) {
+    const T t = __shfl_down_sync(0xffffffffu, x, s);
+    if (lane + s <= end) x += t;
+  }
+  return x;
+}
 
 // Embedding gradients by atomicAdd (fp32, or fp64 for double tables) and input gradients
-// sum_corners (dy . e_corner) d w_corner / d x, added atomically across levels.
+// sum_corners (dy . e_corner) d w_corner / d x, added atomically across levels. A warp holds
+// 32 consecutive samples (mostly of one ray), so at coarse levels they share cells and their
+// atomicAdds on the same rows would serialise: lay.agg_mode merges them inside the warp first.
 template <typename in_t, typename emb_t, int D>
 __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
                                 const in_t* __restrict__ inputs, const emb_t* __restrict__ emb,
@@ -194,33 +185,37 @@ __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
                                 in_t* __restrict__ grad_in) {
   using acc_t = decltype(to_acc(emb_t()));
   const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  // No early return: every lane of the warp must reach the ballot below.
+  const int lane = threadIdx.x & 31;
+  // No early return yet: every lane of the warp must reach the ballot below.
   const int l = tid < N * lay.L ? static_cast<int>(tid / N) : lay.L;
   const bool valid = l < lay.max_level && l < lay.L;  // zeroed levels pass no gradient
   const int P = valid ? lay.points[l] : 0;
-  const bool agg = grad_emb != nullptr && valid && P <= kAggregateMaxPoints;
-  const unsigned agg_mask = __ballot_sync(0xffffffffu, agg);
-  if (!valid) return;
-  const int64_t n = tid - l * N;
+  const bool agg = grad_emb != nullptr && lay.agg_mode != 0 && valid && P <= lay.agg_max_points;
+  // Run merging shuffles over the full warp: then idle lanes stay, as empty runs (warp-uniform).
+  const bool runs = __ballot_sync(0xffffffffu, agg) != 0u;
+  if (!valid && !runs) return;
+  const int lv = valid ? l : 0;
+  const int64_t n = valid ? tid - l * N : 0;
   const int F = lay.F;
-  const in_t scale = static_cast<const in_t*>(lay.scales)[l];
-  const int64_t base = lay.offsets[l], size = lay.offsets[l + 1] - base;
+  const in_t scale = static_cast<const in_t*>(lay.scales)[lv];
+  const int64_t base = lay.offsets[lv], size = lay.offsets[lv + 1] - base;
   const auto loc = locate<in_t, D>(inputs + n * D, scale, lay.align_corners, lay.smoothstep);
   acc_t go[kMaxF];
-  const emb_t* g = grad_out + (n * lay.L + l) * F;
+  const int64_t gs = lay.soa ? N : 1;
+  const emb_t* g = grad_out + (lay.soa ? lv * F * N + n : (n * lay.L + lv) * F);
 #pragma unroll
-  for (int f = 0; f < kMaxF; ++f) go[f] = f < F ? to_acc(g[f]) : acc_t(0);
+  for (int f = 0; f < kMaxF; ++f) go[f] = (valid && f < F) ? to_acc(g[f * gs]) : acc_t(0);
   in_t gx[D];
 #pragma unroll
   for (int d = 0; d < D; ++d) gx[d] = 0;
 #pragma unroll
   for (int corner = 0; corner < (1 << D); ++corner) {
     int c[D];
-    corner_point<D>(loc.corner, corner, P, c);
+    corner_point<D>(loc.corner, corner, valid ? P : 1, c);
     in_t f1[D];  // per-axis factor of this corner's weight
 #pragma unroll
     for (int d = 0; d < D; ++d) f1[d] = ((corner >> d) & 1) ? loc.w[d] : in_t(1) - loc.w[d];
-    const int64_t row = table_row<D>(c, P, size, base);
+    const int64_t row = table_row<D>(c, valid ? P : 1, size, base);
     if (grad_emb != nullptr) {
       in_t w = 1;
 #pragma unroll
@@ -228,19 +223,23 @@ __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
       acc_t v[kMaxF];
 #pragma unroll
       for (int f = 0; f < kMaxF; ++f) v[f] = f < F ? static_cast<acc_t>(w) * go[f] : acc_t(0);
-      bool leader = true;
-      if (agg) {
-        const unsigned group =
-            __match_any_sync(agg_mask, static_cast<unsigned long long>(row));
-        leader = (group & ((1u << (threadIdx.x & 31)) - 1u)) == 0u;
+      bool leader = valid;
+      if (runs) {
+        // Rows are < 2^31 (checked on the host); idle lanes get keys no row has.
+        const unsigned key = agg ? static_cast<unsigned>(row) : (0x80000000u | lane);
+        const unsigned prev = __shfl_up_sync(0xffffffffu, key, 1);
+        const bool head = lane == 0 || prev != key;
+        const unsigned later = __ballot_sync(0xffffffffu, head) & ~((2u << lane) - 1u);
+        const int end = later ? __ffs(later) - 2 : 31;  // last lane of this run
 #pragma unroll
         for (int f = 0; f < kMaxF; ++f) {
-          if (f < F) v[f] = group_sum(agg_mask, group, v[f]);
+          if (f < F) v[f] = run_sum(end, v[f]);
         }
+        leader = valid && head;
       }
       if (leader) add_row(grad_emb + row * F, v, F);
     }
-    if (grad_in != nullptr) {
+    if (grad_in != nullptr && valid) {
       acc_t ge = 0;  // dy . e_corner
 #pragma unroll
       for (int f = 0; f < kMaxF; ++f) {
@@ -258,7 +257,7 @@ __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
       }
     }
   }
-  if (grad_in != nullptr) {
+  if (grad_in != nullptr && valid) {
 #pragma unroll
     for (int d = 0; d < D; ++d) atomicAdd(grad_in + n * D + d, gx[d] * loc.dw[d]);
   }

@@ -24,15 +24,23 @@ struct GridLayout {
   int max_level;  // levels >= this output zeros
   bool align_corners;
   bool smoothstep;
+  // Backward only: 1 merges the embedding-gradient atomics of runs of consecutive lanes on
+  // the same table row inside the warp first (a segmented shuffle scan; samples of one ray
+  // are consecutive, so coarse levels form runs), for levels with at most agg_max_points
+  // lattice points per axis; 0 issues every atomic.
+  int agg_mode;
+  int agg_max_points;
+  // Features laid out [L*F, N] (feature-major: a warp's stores coalesce) instead of [N, L*F].
+  bool soa;
 };
 
 // inputs: [N,D] in [0,1] (double when emb is kFloat64, else float); embeddings: [T,F];
-// out: [N, L*F] in the embeddings' type. D is 2 or 3.
+// out: [N, L*F] (or [L*F, N] with layout.soa) in the embeddings' type. D is 2 or 3.
 cudaError_t grid_encode_forward(const void* inputs, const void* embeddings, EmbType emb,
                                 int64_t N, int D, GridLayout layout, void* out,
                                 cudaStream_t stream);
 
-// grad_out: [N, L*F] in the embeddings' type. grad_embeddings: [T,F] (float, or double for
+// grad_out: [N, L*F] (or [L*F, N] with layout.soa) in the embeddings' type. grad_embeddings: [T,F] (float, or double for
 // kFloat64; zeroed by the caller; null to skip); grad_inputs: [N,D] in the input type
 // (zeroed; null to skip).
 cudaError_t grid_encode_backward(const void* grad_out, const void* inputs,

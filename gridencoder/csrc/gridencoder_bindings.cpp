@@ -38,7 +38,7 @@ dfk::EmbType emb_type(const at::Tensor& embeddings, const at::Tensor& inputs) {
 dfk::GridLayout layout(const at::Tensor& offsets, const at::Tensor& points,
                        const at::Tensor& scales, const at::Tensor& inputs,
                        const at::Tensor& embeddings, bool align_corners, bool smoothstep,
-                       int64_t max_level) {
+                       int64_t max_level, int64_t agg_mode, int64_t agg_max_points, bool soa) {
   DFK_CHECK_INPUT(offsets);
   DFK_CHECK_INPUT(points);
   DFK_CHECK_INPUT(scales);
@@ -47,6 +47,7 @@ dfk::GridLayout layout(const at::Tensor& offsets, const at::Tensor& points,
   TORCH_CHECK(scales.scalar_type() == inputs.scalar_type(), "scales must have the inputs' type");
   const int64_t L = points.numel();
   TORCH_CHECK(offsets.numel() == L + 1 && scales.numel() == L, "inconsistent level layout");
+  TORCH_CHECK(agg_mode == 0 || agg_mode == 1, "agg_mode must be 0 or 1");
   return {offsets.data_ptr<int32_t>(),
           points.data_ptr<int32_t>(),
           scales.data_ptr(),
@@ -54,20 +55,24 @@ dfk::GridLayout layout(const at::Tensor& offsets, const at::Tensor& points,
           static_cast<int>(embeddings.size(1)),
           static_cast<int>(std::min<int64_t>(max_level, L)),
           align_corners,
-          smoothstep};
+          smoothstep,
+          static_cast<int>(agg_mode),
+          static_cast<int>(agg_max_points),
+          soa};
 }
 
 at::Tensor grid_encode_forward(const at::Tensor& inputs, const at::Tensor& embeddings,
                                const at::Tensor& offsets, const at::Tensor& points,
                                const at::Tensor& scales, bool align_corners, bool smoothstep,
-                               int64_t max_level) {
+                               int64_t max_level, bool soa) {
   DFK_CHECK_INPUT(inputs);
   DFK_CHECK_INPUT(embeddings);
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const auto lay =
-      layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep, max_level);
+  const auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
+                          max_level, 0, 0, soa);
   const int64_t N = inputs.size(0);
-  auto out = at::empty({N, lay.L * lay.F}, embeddings.options());
+  auto out = soa ? at::empty({lay.L * lay.F, N}, embeddings.options())
+                 : at::empty({N, lay.L * lay.F}, embeddings.options());
   const auto err = dfk::grid_encode_forward(inputs.data_ptr(), embeddings.data_ptr(),
                                             emb_type(embeddings, inputs), N,
                                             static_cast<int>(inputs.size(1)), lay,
@@ -76,7 +81,8 @@ at::Tensor grid_encode_forward(const at::Tensor& inputs, const at::Tensor& embed
   return out;
 }
 
-// Returns (grad_embeddings or an empty tensor, grad_inputs or an empty tensor). Embedding
+// grad_out: [N, L*F], or [L*F, N] with soa. Returns (grad_embeddings or an empty tensor,
+// grad_inputs or an empty tensor). Embedding
 // gradients accumulate in float32 (float64 for float64 tables) and are cast back.
 std::vector<at::Tensor> grid_encode_backward(const at::Tensor& grad_out,
                                              const at::Tensor& inputs,
@@ -84,15 +90,16 @@ std::vector<at::Tensor> grid_encode_backward(const at::Tensor& grad_out,
                                              const at::Tensor& offsets, const at::Tensor& points,
                                              const at::Tensor& scales, bool align_corners,
                                              bool smoothstep, int64_t max_level, bool need_emb,
-                                             bool need_inputs) {
+                                             bool need_inputs, int64_t agg_mode,
+                                             int64_t agg_max_points, bool soa) {
   DFK_CHECK_INPUT(grad_out);
   DFK_CHECK_INPUT(inputs);
   DFK_CHECK_INPUT(embeddings);
   TORCH_CHECK(grad_out.scalar_type() == embeddings.scalar_type(),
               "grad_out must have the embeddings' type");
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const auto lay =
-      layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep, max_level);
+  const auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
+                          max_level, agg_mode, agg_max_points, soa);
   const auto et = emb_type(embeddings, inputs);
   const auto acc = et == dfk::EmbType::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor grad_emb, grad_in;
