@@ -13,7 +13,7 @@ echo "== CUDA tests"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_renderer.py tests/test_speed.py tests/test_guidance.py tests/test_provider.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -4 "$OUT/pytest.log"
 echo "== render benchmark"
-timeout 240 python3 scripts/bench_render.py --repeat 30 --out "$OUT/bench_render.md" > "$OUT/bench_render.log" 2>&1
+timeout 300 python3 scripts/bench_render.py --repeat 20 --kernel_variants --out "$OUT/bench_render.md" > "$OUT/bench_render.log" 2>&1
 echo "bench rc=$?"; tail -12 "$OUT/bench_render.log"
 echo "== -O fp16 run, tiny random SD"
 timeout 150 python3 main.py --text "a red cube" --workspace /tmp/ws_tiny --hf_key /tmp/tsd -O --iters 300 \
