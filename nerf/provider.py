@@ -121,12 +121,14 @@ def look_at_poses(centers: torch.Tensor, targets: torch.Tensor, up: torch.Tensor
     """
     B = centers.shape[0]
     if up is None:
-        up = torch.tensor([0.0, 1.0, 0.0], device=centers.device).expand(B, 3)
+        # Axis vectors come from torch.eye: a tensor built from a list on the GPU is a pageable
+        # host->device copy, which waits for the stream (the previous step) to drain.
+        up = torch.eye(3, device=centers.device)[1].expand(B, 3)
     forward = safe_normalize(targets - centers)
     right = safe_normalize(torch.cross(forward, up, dim=-1))
     # Looking straight up/down makes forward parallel to up; pick any perpendicular right.
     degenerate = (right.norm(dim=-1) < 1e-6) | ~torch.isfinite(right).all(-1)
-    x_axis = torch.tensor([1.0, 0.0, 0.0], device=centers.device)
+    x_axis = torch.eye(3, device=centers.device)[0]
     right = torch.where(degenerate[:, None], x_axis, right)  # no host sync in the training loop
     true_up = safe_normalize(torch.cross(right, forward, dim=-1))
     poses = torch.eye(4, device=centers.device).repeat(B, 1, 1)
@@ -226,7 +228,7 @@ def rand_poses(
         centers = centers + (torch.rand_like(centers) - 0.5) * jitter_center
         targets = targets + torch.randn_like(centers) * jitter_target
         up = safe_normalize(
-            torch.tensor([0.0, 1.0, 0.0], device=device) + torch.randn_like(centers) * jitter_up
+            torch.eye(3, device=device)[1] + torch.randn_like(centers) * jitter_up
         )
     poses = look_at_poses(centers, targets, up)
     return {"radius": radius, "theta": thetas, "phi": phis, "fovy": fovy, "poses": poses}
