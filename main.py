@@ -241,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--normal_method",
         default=None,
         choices=["fd", "tetra", "autograd"],
-        help="normals: central differences, 4-point stencil or autograd (default: fd for grid, "
-        "autograd for vanilla)",
+        help="normals: central differences (6 density passes, second order), a 4-point tetrahedral "
+        "stencil (4 passes, first order) or autograd (default: fd for grid, autograd for vanilla)",
     )
     g.add_argument("--jitter_pose", action="store_true", help="jitter training cameras")
     g.add_argument("--jitter_center", type=float, default=0.2, help="camera position jitter (uniform, width)")

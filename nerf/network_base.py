@@ -143,8 +143,9 @@ class FieldNetwork(NeRFRenderer):
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """[N,3] -> [N,3] unit normals, the negated density gradient.
 
-        "fd": central differences (6 extra density passes); "tetra": a 4-point tetrahedral
-        stencil (4 passes, same second-order accuracy for smooth fields); "autograd": exact
+        "fd": central differences (6 extra density passes, error O(eps^2)); "tetra": a
+        4-point tetrahedral stencil (4 passes, but first order: each component is off by eps
+        times a mixed second derivative, e.g. eps * d2s/dydz for x); "autograd": exact
         gradient (a backward pass, with a graph when training).
         """
         if self.normal_method == "autograd":
@@ -153,24 +154,39 @@ class FieldNetwork(NeRFRenderer):
                 sigma = self._sigma(xg)
                 grad = torch.autograd.grad(sigma.sum(), xg, create_graph=self.training)[0]
         else:
-            # Positions and differences in fp32; the density MLP runs in the caller's autocast
-            # dtype (fp16 tensor cores under -O: the fd pass is 6x the samples, and in fp32 it
-            # cost more than the rest of the render; normals stay within 1e-2 of fp32, see
-            # tests/test_cuda_kernels.py).
-            e = self.normal_eps
-            xf = x.float()
-            if self.normal_method == "fd":
-                # +x, +y, +z, -x, -y, -z offsets in one broadcast (few launches per step).
-                offs = torch.cat([torch.eye(3, device=x.device), -torch.eye(3, device=x.device)]) * e
-                pts = (xf[None] + offs[:, None]).reshape(-1, 3)
-                s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(6, -1)
-                grad = ((s[:3] - s[3:]) / (2 * e)).t()
-            else:
-                v = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], device=x.device)
-                pts = torch.cat([xf + e * v[k] for k in range(4)])
-                s = self._sigma(pts.clamp(-self.bound, self.bound)).reshape(4, -1)
-                grad = (s[:, :, None] * v[:, None, :]).sum(0) / (4 * e)
+            grad = self._stencil_gradient(self._sigma(self._stencil_points(x)))
         return safe_normalize(-torch.nan_to_num(grad))
+
+    def _stencil_offsets(self, device) -> torch.Tensor:
+        """[K,3] offsets of the "fd" (K=6: +x,+y,+z,-x,-y,-z) or "tetra" (K=4) stencil."""
+        e = self.normal_eps
+        eye = torch.eye(3, device=device)
+        if self.normal_method == "fd":
+            return torch.cat([eye, -eye]) * e
+        # Tetrahedron vertices (1,-1,-1), (-1,-1,1), (-1,1,-1), (1,1,1) as 1 - 2 * (where -1),
+        # built from eye: a tensor from a list would be a host->device copy (a stream sync).
+        minus = torch.cat([1 - eye[[0, 2, 1]], torch.zeros_like(eye[:1])])
+        return (1 - 2 * minus) * e
+
+    def _stencil_points(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,3] -> [K*N,3] stencil points (offset-major), in fp32 and clamped to the box.
+
+        Positions and differences stay in fp32; the density MLP runs in the caller's autocast
+        dtype (fp16 tensor cores under -O: the fd pass is 6x the samples, and in fp32 it cost
+        more than the rest of the render; normals stay within 1e-2 of fp32, see
+        tests/test_cuda_kernels.py).
+        """
+        offs = self._stencil_offsets(x.device)
+        return (x.float()[None] + offs[:, None]).reshape(-1, 3).clamp(-self.bound, self.bound)
+
+    def _stencil_gradient(self, s: torch.Tensor) -> torch.Tensor:
+        """[K*N] densities at ``_stencil_points`` -> [N,3] density gradient estimate."""
+        e = self.normal_eps
+        if self.normal_method == "fd":
+            s = s.reshape(6, -1)
+            return ((s[:3] - s[3:]) / (2 * e)).t()
+        v = self._stencil_offsets(s.device) / e
+        return (s.reshape(4, -1, 1) * v[:, None, :]).sum(0) / (4 * e)
 
     # --- shading -----------------------------------------------------------------------
     def forward(
@@ -194,10 +210,18 @@ class FieldNetwork(NeRFRenderer):
         Returns:
             sigma [N], color [N,3], normal [N,3] or None.
         """
-        sigma, albedo = self.common_forward(x)
         normal = None
-        if shading != "albedo" or need_normal:
-            normal = self.normal(x)
+        if (shading != "albedo" or need_normal) and self.normal_method != "autograd":
+            # The samples and their stencil points through the encoder and MLP in one call:
+            # one hash-grid forward/backward and one gradient buffer instead of two.
+            N = x.shape[0]
+            sigma_all, albedo_all = self.common_forward(torch.cat([x.float(), self._stencil_points(x)]))
+            sigma, albedo = sigma_all[:N], albedo_all[:N]
+            normal = safe_normalize(-torch.nan_to_num(self._stencil_gradient(sigma_all[N:])))
+        else:
+            sigma, albedo = self.common_forward(x)
+            if shading != "albedo" or need_normal:
+                normal = self.normal(x)
         if shading == "albedo":
             color = albedo
         elif shading == "normal":
