@@ -81,6 +81,16 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "eager bf16": ["--precision", "bf16", *OFF],
     "compile UNet + CL": ["--fp16", *OFF, "--compile_unet", "--channels_last"],
+    "traced UNet graph + CL + compiled VAE graph": [
+        "--fp16",
+        *OFF[:-2],
+        "--unet_traced",
+        "auto",
+        "--unet_graph",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+    ],
     "traced UNet + graph + CL + VAE graph": [
         "--fp16",
         *OFF[:-2],
