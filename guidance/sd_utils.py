@@ -125,6 +125,14 @@ def traced_key(model: str, dtype: torch.dtype, sig: tuple, device_name: str) -> 
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def bind_live_weights(runner, unet: torch.nn.Module) -> None:
+    """Point an AOTInductor runner compiled without its weights (trace.py's artifacts) at the
+    live UNet's tensors: no second copy of the weights on the GPU, and nothing to go stale."""
+    state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    fqns = runner.get_constant_fqns()
+    runner.load_constants({k: state[k] for k in fqns}, check_full_update=True, user_managed=True)
+
+
 def default_traced_dir() -> Path:
     return Path.home() / ".cache" / "dreamfusion" / "unet_traced"
 
@@ -343,10 +351,7 @@ class StableDiffusion(torch.nn.Module):
 
             runner = aoti_load_package(str(package))
             if not info.get("constants_in_package", True):
-                # Weights were left out of the artifact: share the live UNet's (no second copy).
-                state = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
-                fqns = runner.get_constant_fqns()
-                runner.load_constants({k: state[k] for k in fqns}, check_full_update=True, user_managed=True)
+                bind_live_weights(runner, self.unet)
         except Exception as e:  # noqa: BLE001 - a broken artifact must not stop a run
             warn_once(f"traced UNet {package} could not be loaded ({type(e).__name__}: {e}); running eager")
             return None
