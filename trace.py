@@ -4,12 +4,17 @@
 
 Runs ``main.py`` with the given options up to its first UNet call and records that call's
 inputs (shapes, dtypes, memory format; no code is edited), exports the UNet with
-``torch.export`` for them, compiles it with AOTInductor into a ``.pt2`` package and times it
-against eager (each with and without a CUDA graph when ``--unet_graph`` is on). When the
-compiled UNet is faster it is saved as ``~/.cache/dreamfusion/unet_traced/<key>.pt2`` (+ .json),
+``torch.export`` for them, compiles it with AOTInductor into a ``.pt2`` package (code only: at
+load it is bound to the live UNet's weights), checks that the package loads in a fresh process,
+and times it against eager (each with and without a CUDA graph when ``--unet_graph`` is on).
+When the compiled UNet loads and is faster it is saved as ``~/.cache/dreamfusion/unet_traced/<key>.pt2`` (+ .json),
 keyed by model, dtype, input shapes, torch version and GPU; later runs with the same options
 load it automatically (``--unet_traced auto``, the default). Runs whose inputs differ (another
 batch size, another model, another dtype) fall back to eager with a one-line warning.
+
+Measured on the H100 with torch 2.11.0+cu130: export 6-10 s and compilation 129-179 s, then
+the package crashed its loader (a segmentation fault inside ``aoti_load_package``, also in a
+fresh process), so nothing is saved there and runs use ``--unet_graph`` (docs/benchmarks.md).
 
 trace.py's own options: --trace_dir DIR (where to save), --trace_force (save even if slower),
 --trace_repeat N (timing repeats).
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +77,26 @@ def capture_inputs(main_argv: list[str]):
     if not seen:
         raise SystemExit("trace.py: the run never called the UNet (is --text given, and not --test?)")
     return seen["sd"], seen["x"], seen["t"], seen["emb"]
+
+
+def load_check(package: Path) -> str | None:
+    """Load an AOTInductor package in a fresh Python process; None if that works, else what
+    went wrong. A separate process because a broken package can crash its loader outright
+    (it did: a segmentation fault inside aoti_load_package with torch 2.11.0+cu130 on the
+    H100, for the SD 2.1 UNet), and that must not take trace.py or a training run with it."""
+    code = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(package)], capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired:
+        return "did not load within 600 s"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return f"crashes its loader (signal {-proc.returncode}) in a fresh process"
+    last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"fails to load in a fresh process ({last})"
 
 
 def time_ms(fn, args: tuple, repeat: int) -> float:
@@ -128,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     compile_s = time.time() - t0
     print(f"[trace] export {export_s:.0f} s, AOTInductor compile {compile_s:.0f} s", flush=True)
+    problem = load_check(tmp_package)
+    if problem is not None:
+        tmp_package.unlink(missing_ok=True)
+        print(
+            f"[trace] not saved: the compiled package {problem} (torch {torch.__version__}). "
+            "Runs keep the -O default, --unet_graph (the eager UNet replayed from a CUDA graph).",
+            flush=True,
+        )
+        return 1
     runner = torch._inductor.aoti_load_package(str(tmp_package))
     bind_live_weights(runner, call.unet)
     print(f"[trace] loaded {tmp_package.stat().st_size / 2**20:.0f} MiB package", flush=True)

@@ -170,3 +170,19 @@ def test_O_turns_on_the_measured_levers_and_says_so():
     opt, _ = parse_args(["--text", "x"])
     assert not (opt.unet_graph or opt.vae_graph or opt.channels_last or opt.compile_unet)
     assert opt.unet_traced == "auto"
+
+
+def test_trace_keeps_no_package_that_cannot_be_loaded(tmp_path):
+    """trace.py loads a compiled package in a fresh process before keeping it: a file that is
+    no package (or one whose loader crashes) is reported in one line, not loaded in-process."""
+    import importlib.util
+    from pathlib import Path
+
+    # By path: "trace" is also a standard-library module name.
+    spec = importlib.util.spec_from_file_location("df_trace", Path(__file__).parent.parent / "trace.py")
+    trace_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_script)
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a package")
+    problem = trace_script.load_check(bad)
+    assert problem is not None and "fresh process" in problem
