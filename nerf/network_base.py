@@ -69,11 +69,30 @@ class MLP(nn.Module):
         self.residual = residual
 
     def forward(self, x):
+        # Without gradients (frames, density queries) Linear + ReLU run as one GEMM with a
+        # ReLU epilogue: the separate ReLU pass over [N, hidden] cost 2.5 of 24 ms of GPU time
+        # in an 800x800 H100 frame. torch._addmm_activation has no backward, hence no_grad only.
+        fuse = _FUSED_RELU and not self.residual and x.dim() == 2 and not torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
+            hidden = i != len(self.layers) - 1 and isinstance(layer, nn.Linear)
+            if fuse and hidden and layer.bias is not None:
+                x = _linear_relu(x, layer)
+                continue
             x = layer(x)
-            if i != len(self.layers) - 1 and isinstance(layer, nn.Linear):
+            if hidden:
                 x = F.silu(x) if self.residual else F.relu(x, inplace=True)
         return x
+
+
+_FUSED_RELU = hasattr(torch, "_addmm_activation")
+
+
+def _linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """relu(layer(x)) for [N, in] x in one ``addmm`` with a ReLU epilogue (autocast dtype)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    w, b = layer.weight.to(dtype), layer.bias.to(dtype)
+    return torch._addmm_activation(b, x.to(dtype), w.t())
 
 
 SHADINGS = ("albedo", "lambertian", "textureless", "normal")

@@ -3,6 +3,7 @@
 import argparse
 import math
 
+import pytest
 import torch
 
 from nerf.network_base import FieldNetwork
@@ -163,6 +164,27 @@ def test_shading_pass_with_stencil_points_equals_separate_passes():
         for g1, g2 in zip(*grads):
             if g1 is not None:
                 torch.testing.assert_close(g1, g2)
+
+
+def test_mlp_without_gradients_fuses_relu_and_gives_the_same_output(monkeypatch):
+    """No-grad MLP calls use one GEMM with a ReLU epilogue per hidden layer: same values as
+    Linear + ReLU, also on a transposed (feature-major) input as the CUDA encoder returns."""
+    from nerf import network_base
+    from nerf.network_base import MLP
+
+    if not network_base._FUSED_RELU:
+        pytest.skip("this torch has no _addmm_activation")
+    torch.manual_seed(0)
+    mlp = MLP(32, 4, 64, 3)
+    calls = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for x in (torch.randn(300, 32), torch.randn(32, 300).t()):
+        ref = mlp(x)  # gradients enabled: the unfused path
+        with torch.no_grad():
+            got = mlp(x)
+        torch.testing.assert_close(got, ref.detach())
+    assert len(calls) == 4  # two hidden layers, two inputs
 
 
 def test_pruned_training_render_equals_the_full_one():
