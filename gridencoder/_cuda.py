@@ -78,7 +78,6 @@ class _GridEncode(torch.autograd.Function):
                                          align_corners, smoothstep, max_level, soa)
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
         ctx.cfg = (align_corners, smoothstep, max_level)
-        ctx.soa = soa
         return out.t() if soa else out
 
     @staticmethod
@@ -86,11 +85,14 @@ class _GridEncode(torch.autograd.Function):
     def backward(ctx, grad_out):
         inputs, embeddings, offsets_t, points_t, scales = ctx.saved_tensors
         need_inputs, need_emb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # The kernel reads the gradient in either layout, so no transposed copy is made (a
+        # Linear's backward gives [N, L*F] row-major even when the forward wrote [L*F, N]).
         g = grad_out.to(embeddings.dtype)
-        g = g.t().contiguous() if ctx.soa else g.contiguous()
+        g_soa = not g.is_contiguous() and g.t().is_contiguous()
+        g = g.t() if g_soa else g.contiguous()
         grad_emb, grad_in = _ext().grid_encode_backward(
             g, inputs, embeddings, offsets_t, points_t, scales, *ctx.cfg, need_emb, need_inputs,
-            int(AGG_MODE), int(AGG_MAX_POINTS), ctx.soa,
+            int(AGG_MODE), int(AGG_MAX_POINTS), g_soa,
         )
         return (grad_in if need_inputs else None, grad_emb if need_emb else None,
                 None, None, None, None, None, None)
