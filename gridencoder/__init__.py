@@ -110,8 +110,7 @@ class GridEncoder(nn.Module):
         x = ((inputs.reshape(-1, self.input_dim) + bound) / (2 * bound)).clamp(0, 1)
         levels = None if max_level is None else max(1, math.ceil(max_level * self.num_levels))
         cuda = cuda_backend() if x.is_cuda else None
-        fn = cuda.grid_encode if cuda is not None else grid_encode
-        out = fn(
+        args = (
             x,
             self._table(cuda is not None),
             self.offsets,
@@ -122,6 +121,14 @@ class GridEncoder(nn.Module):
             self.interpolation,
             levels,
         )
+        if cuda is None:
+            out = grid_encode(*args)
+        else:
+            # Under autocast the kernel writes the features in the autocast dtype directly: the
+            # MLP would cast them anyway, and a float32 copy of [N, L*F] (and of its gradient)
+            # is memory the fd normals' 7x samples make large.
+            half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+            out = cuda.grid_encode(*args, out_dtype=half)
         return out.reshape(*shape, self.output_dim)
 
 

@@ -72,10 +72,10 @@ def _layout(
 class _GridEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, embeddings, offsets_t, points_t, scales, align_corners, smoothstep,
-                max_level):
+                max_level, out_dtype):
         soa = bool(SOA)
         out = _ext().grid_encode_forward(inputs, embeddings, offsets_t, points_t, scales,
-                                         align_corners, smoothstep, max_level, soa)
+                                         align_corners, smoothstep, max_level, soa, out_dtype)
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
         ctx.cfg = (align_corners, smoothstep, max_level)
         return out.t() if soa else out
@@ -87,7 +87,9 @@ class _GridEncode(torch.autograd.Function):
         need_inputs, need_emb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # The kernel reads the gradient in either layout, so no transposed copy is made (a
         # Linear's backward gives [N, L*F] row-major even when the forward wrote [L*F, N]).
-        g = grad_out.to(embeddings.dtype)
+        g = grad_out
+        if not (embeddings.dtype == torch.float32 and g.dtype in (torch.float16, torch.bfloat16)):
+            g = g.to(embeddings.dtype)  # a half gradient is read as is for a float32 table
         g_soa = not g.is_contiguous() and g.t().is_contiguous()
         g = g.t() if g_soa else g.contiguous()
         grad_emb, grad_in = _ext().grid_encode_backward(
@@ -95,7 +97,7 @@ class _GridEncode(torch.autograd.Function):
             int(AGG_MODE), int(AGG_MAX_POINTS), g_soa,
         )
         return (grad_in if need_inputs else None, grad_emb if need_emb else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def grid_encode(
@@ -108,6 +110,7 @@ def grid_encode(
     align_corners: bool = False,
     interpolation: str = "linear",
     max_level: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The twin's ``grid_encode`` on GPU tensors.
 
@@ -117,6 +120,9 @@ def grid_encode(
         offsets, points: from ``level_layout`` ([L+1] and [L]).
         interpolation: "linear" or "smoothstep".
         max_level: levels >= max_level give zeros (None: all levels).
+        out_dtype: the features' dtype: the table's (None), or float16/bfloat16 for a float32
+            table (what autocast would cast them to: interpolated in float32, rounded once,
+            and their gradient read in that dtype; saves the cast and its memory).
 
     Returns:
         [N, L*F] in the embeddings' dtype (a transposed view with ``SOA``), differentiable in
@@ -137,5 +143,8 @@ def grid_encode(
     offsets_t, points_t, scales = _layout(offsets, points, per_level_scale, base_resolution,
                                           align_corners, inputs.dtype, inputs.device)
     levels = L if max_level is None else max(0, min(int(max_level), L))
+    if out_dtype is None or embeddings.dtype != torch.float32:
+        out_dtype = embeddings.dtype
     return _GridEncode.apply(inputs.contiguous(), embeddings.contiguous(), offsets_t, points_t,
-                             scales, bool(align_corners), interpolation == "smoothstep", levels)
+                             scales, bool(align_corners), interpolation == "smoothstep", levels,
+                             out_dtype)

@@ -223,6 +223,24 @@ def test_grid_encode_low_precision_tables(dtype):
     assert err <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_grid_encode_half_features_from_a_float32_table(out_dtype):
+    """out_dtype: features written in half precision (rounded once from the float32
+    interpolation) and their half gradient read as is give what casting around the float32
+    path gives."""
+    offsets, points, scale, emb, x = grid_setup(3, 16, 2, 19, 16, 2048, False)
+    x = x.to(DEV)
+    up = torch.randn(x.shape[0], 32, generator=torch.Generator().manual_seed(3)).to(DEV).to(out_dtype)
+    e_ref, e_got = emb.to(DEV).requires_grad_(), emb.to(DEV).requires_grad_()
+    ref = gc.grid_encode(x, e_ref, offsets, points, scale, 16, False, "smoothstep")
+    ref.backward(up.float())
+    got = gc.grid_encode(x, e_got, offsets, points, scale, 16, False, "smoothstep", out_dtype=out_dtype)
+    got.backward(up)
+    assert got.dtype == out_dtype and e_got.grad.dtype == torch.float32
+    assert torch.equal(got, ref.detach().to(out_dtype))
+    assert rel_err(e_got.grad, e_ref.grad) <= 1e-6
+
+
 def test_grid_encode_gradcheck_float64():
     offsets, points = ge.level_layout(3, 3, 2.0, 2, 6)
     g = torch.Generator().manual_seed(4)

@@ -99,9 +99,9 @@ __device__ inline void corner_point(const int* lower, int corner, int P, int* c)
   for (int d = 0; d < D; ++d) c[d] = min(lower[d] + ((corner >> d) & 1), P - 1);
 }
 
-template <typename in_t, typename emb_t, int D>
+template <typename in_t, typename emb_t, typename out_t, int D>
 __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __restrict__ emb,
-                               int64_t N, GridLayout lay, emb_t* __restrict__ out) {
+                               int64_t N, GridLayout lay, out_t* __restrict__ out) {
   using acc_t = decltype(to_acc(emb_t()));
   const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (tid >= N * lay.L) return;
@@ -110,9 +110,9 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
   const int F = lay.F;
   // Feature f of this (point, level) is o[f * os].
   const int64_t os = lay.soa ? N : 1;
-  emb_t* o = out + (lay.soa ? l * F * N + n : (n * lay.L + l) * F);
+  out_t* o = out + (lay.soa ? l * F * N + n : (n * lay.L + l) * F);
   if (l >= lay.max_level) {
-    for (int f = 0; f < F; ++f) o[f * os] = from_acc<emb_t>(acc_t(0));
+    for (int f = 0; f < F; ++f) o[f * os] = from_acc<out_t>(acc_t(0));
     return;
   }
   const in_t scale = static_cast<const in_t*>(lay.scales)[l];
@@ -137,7 +137,7 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
   }
 #pragma unroll
   for (int f = 0; f < kMaxF; ++f) {
-    if (f < F) o[f * os] = from_acc<emb_t>(acc[f]);
+    if (f < F) o[f * os] = from_acc<out_t>(acc[f]);
   }
 }
 
@@ -177,8 +177,8 @@ __device__ inline T run_sum(int end, T x) {
 // sum_corners (dy . e_corner) d w_corner / d x, added atomically across levels. A warp holds
 // 32 consecutive samples (mostly of one ray), so at coarse levels they share cells and their
 // atomicAdds on the same rows would serialise: lay.agg_mode merges them inside the warp first.
-template <typename in_t, typename emb_t, int D>
-__global__ void backward_kernel(const emb_t* __restrict__ grad_out,
+template <typename in_t, typename emb_t, typename gout_t, int D>
+__global__ void backward_kernel(const gout_t* __restrict__ grad_out,
                                 const in_t* __restrict__ inputs, const emb_t* __restrict__ emb,
                                 int64_t N, GridLayout lay,
                                 decltype(to_acc(emb_t()))* __restrict__ grad_emb,
@@ -202,7 +202,7 @@ __global__ void backward_kernel(const emb_t* __restrict__ grad_out,
   const auto loc = locate<in_t, D>(inputs + n * D, scale, lay.align_corners, lay.smoothstep);
   acc_t go[kMaxF];
   const int64_t gs = lay.soa ? N : 1;
-  const emb_t* g = grad_out + (lay.soa ? lv * F * N + n : (n * lay.L + lv) * F);
+  const gout_t* g = grad_out + (lay.soa ? lv * F * N + n : (n * lay.L + lv) * F);
 #pragma unroll
   for (int f = 0; f < kMaxF; ++f) go[f] = (valid && f < F) ? to_acc(g[f * gs]) : acc_t(0);
   in_t gx[D];
@@ -267,65 +267,108 @@ inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>((n + kThreads - 1) / kThreads);
 }
 
-template <typename in_t, typename emb_t>
-cudaError_t forward_typed(const void* inputs, const void* emb, int64_t N, int D, GridLayout lay,
-                          void* out, cudaStream_t stream) {
+// D is a template parameter of the kernels; out_t is the feature type (the table's, or a
+// half type for a float32 table under autocast).
+template <typename in_t, typename emb_t, typename out_t>
+cudaError_t forward_launch(const void* inputs, const void* emb, int64_t N, int D, GridLayout lay,
+                           void* out, cudaStream_t stream) {
   const auto* x = static_cast<const in_t*>(inputs);
   const auto* e = static_cast<const emb_t*>(emb);
-  auto* o = static_cast<emb_t*>(out);
+  auto* o = static_cast<out_t*>(out);
   const unsigned blocks = blocks_for(N * lay.L);
   if (D == 2) {
-    forward_kernel<in_t, emb_t, 2><<<blocks, kThreads, 0, stream>>>(x, e, N, lay, o);
+    forward_kernel<in_t, emb_t, out_t, 2><<<blocks, kThreads, 0, stream>>>(x, e, N, lay, o);
   } else if (D == 3) {
-    forward_kernel<in_t, emb_t, 3><<<blocks, kThreads, 0, stream>>>(x, e, N, lay, o);
+    forward_kernel<in_t, emb_t, out_t, 3><<<blocks, kThreads, 0, stream>>>(x, e, N, lay, o);
   } else {
     return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
-template <typename in_t, typename emb_t>
-cudaError_t backward_typed(const void* grad_out, const void* inputs, const void* emb, int64_t N,
-                           int D, GridLayout lay, void* grad_emb, void* grad_in,
-                           cudaStream_t stream) {
+template <typename in_t, typename emb_t, typename gout_t>
+cudaError_t backward_launch(const void* grad_out, const void* inputs, const void* emb, int64_t N,
+                            int D, GridLayout lay, void* grad_emb, void* grad_in,
+                            cudaStream_t stream) {
   using acc_t = decltype(to_acc(emb_t()));
-  const auto* go = static_cast<const emb_t*>(grad_out);
+  const auto* go = static_cast<const gout_t*>(grad_out);
   const auto* x = static_cast<const in_t*>(inputs);
   const auto* e = static_cast<const emb_t*>(emb);
   auto* ge = static_cast<acc_t*>(grad_emb);
   auto* gi = static_cast<in_t*>(grad_in);
   const unsigned blocks = blocks_for(N * lay.L);
   if (D == 2) {
-    backward_kernel<in_t, emb_t, 2><<<blocks, kThreads, 0, stream>>>(go, x, e, N, lay, ge, gi);
+    backward_kernel<in_t, emb_t, gout_t, 2><<<blocks, kThreads, 0, stream>>>(go, x, e, N, lay, ge, gi);
   } else if (D == 3) {
-    backward_kernel<in_t, emb_t, 3><<<blocks, kThreads, 0, stream>>>(go, x, e, N, lay, ge, gi);
+    backward_kernel<in_t, emb_t, gout_t, 3><<<blocks, kThreads, 0, stream>>>(go, x, e, N, lay, ge, gi);
   } else {
     return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
+// Feature types: the table's own, and for a float32 table also float16 or bfloat16.
+template <typename in_t, typename emb_t>
+cudaError_t forward_typed(const void* inputs, const void* emb, int64_t N, int D, GridLayout lay,
+                          EmbType out_type, EmbType emb_type, void* out, cudaStream_t stream) {
+  if (out_type == emb_type) return forward_launch<in_t, emb_t, emb_t>(inputs, emb, N, D, lay, out, stream);
+  if constexpr (std::is_same_v<emb_t, float>) {
+    if (out_type == EmbType::kFloat16) {
+      return forward_launch<in_t, emb_t, __half>(inputs, emb, N, D, lay, out, stream);
+    }
+    if (out_type == EmbType::kBFloat16) {
+      return forward_launch<in_t, emb_t, __nv_bfloat16>(inputs, emb, N, D, lay, out, stream);
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename in_t, typename emb_t>
+cudaError_t backward_typed(const void* grad_out, EmbType grad_type, EmbType emb_type,
+                           const void* inputs, const void* emb, int64_t N, int D, GridLayout lay,
+                           void* grad_emb, void* grad_in, cudaStream_t stream) {
+  if (grad_type == emb_type) {
+    return backward_launch<in_t, emb_t, emb_t>(grad_out, inputs, emb, N, D, lay, grad_emb, grad_in,
+                                               stream);
+  }
+  if constexpr (std::is_same_v<emb_t, float>) {
+    if (grad_type == EmbType::kFloat16) {
+      return backward_launch<in_t, emb_t, __half>(grad_out, inputs, emb, N, D, lay, grad_emb,
+                                                  grad_in, stream);
+    }
+    if (grad_type == EmbType::kBFloat16) {
+      return backward_launch<in_t, emb_t, __nv_bfloat16>(grad_out, inputs, emb, N, D, lay,
+                                                         grad_emb, grad_in, stream);
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t grid_encode_forward(const void* inputs, const void* embeddings, EmbType emb,
-                                int64_t N, int D, GridLayout layout, void* out,
+                                int64_t N, int D, GridLayout layout, EmbType out_type, void* out,
                                 cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
   if (layout.F < 1 || layout.F > kMaxF) return cudaErrorInvalidValue;
   switch (emb) {
     case EmbType::kFloat32:
-      return forward_typed<float, float>(inputs, embeddings, N, D, layout, out, stream);
+      return forward_typed<float, float>(inputs, embeddings, N, D, layout, out_type, emb, out,
+                                         stream);
     case EmbType::kFloat16:
-      return forward_typed<float, __half>(inputs, embeddings, N, D, layout, out, stream);
+      return forward_typed<float, __half>(inputs, embeddings, N, D, layout, out_type, emb, out,
+                                          stream);
     case EmbType::kBFloat16:
-      return forward_typed<float, __nv_bfloat16>(inputs, embeddings, N, D, layout, out, stream);
+      return forward_typed<float, __nv_bfloat16>(inputs, embeddings, N, D, layout, out_type, emb,
+                                                 out, stream);
     case EmbType::kFloat64:
-      return forward_typed<double, double>(inputs, embeddings, N, D, layout, out, stream);
+      return forward_typed<double, double>(inputs, embeddings, N, D, layout, out_type, emb, out,
+                                           stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t grid_encode_backward(const void* grad_out, const void* inputs,
+cudaError_t grid_encode_backward(const void* grad_out, EmbType grad_type, const void* inputs,
                                  const void* embeddings, EmbType emb, int64_t N, int D,
                                  GridLayout layout, void* grad_embeddings, void* grad_inputs,
                                  cudaStream_t stream) {
@@ -333,17 +376,17 @@ cudaError_t grid_encode_backward(const void* grad_out, const void* inputs,
   if (layout.F < 1 || layout.F > kMaxF) return cudaErrorInvalidValue;
   switch (emb) {
     case EmbType::kFloat32:
-      return backward_typed<float, float>(grad_out, inputs, embeddings, N, D, layout,
-                                          grad_embeddings, grad_inputs, stream);
+      return backward_typed<float, float>(grad_out, grad_type, emb, inputs, embeddings, N, D,
+                                          layout, grad_embeddings, grad_inputs, stream);
     case EmbType::kFloat16:
-      return backward_typed<float, __half>(grad_out, inputs, embeddings, N, D, layout,
-                                           grad_embeddings, grad_inputs, stream);
+      return backward_typed<float, __half>(grad_out, grad_type, emb, inputs, embeddings, N, D,
+                                           layout, grad_embeddings, grad_inputs, stream);
     case EmbType::kBFloat16:
-      return backward_typed<float, __nv_bfloat16>(grad_out, inputs, embeddings, N, D, layout,
-                                                  grad_embeddings, grad_inputs, stream);
+      return backward_typed<float, __nv_bfloat16>(grad_out, grad_type, emb, inputs, embeddings, N,
+                                                  D, layout, grad_embeddings, grad_inputs, stream);
     case EmbType::kFloat64:
-      return backward_typed<double, double>(grad_out, inputs, embeddings, N, D, layout,
-                                            grad_embeddings, grad_inputs, stream);
+      return backward_typed<double, double>(grad_out, grad_type, emb, inputs, embeddings, N, D,
+                                            layout, grad_embeddings, grad_inputs, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -35,15 +35,16 @@ struct GridLayout {
 };
 
 // inputs: [N,D] in [0,1] (double when emb is kFloat64, else float); embeddings: [T,F];
-// out: [N, L*F] (or [L*F, N] with layout.soa) in the embeddings' type. D is 2 or 3.
+// out: [N, L*F] (or [L*F, N] with layout.soa) of out_type: the embeddings' type, or for a
+// kFloat32 table also kFloat16/kBFloat16 (accumulated in float, rounded once). D is 2 or 3.
 cudaError_t grid_encode_forward(const void* inputs, const void* embeddings, EmbType emb,
-                                int64_t N, int D, GridLayout layout, void* out,
+                                int64_t N, int D, GridLayout layout, EmbType out_type, void* out,
                                 cudaStream_t stream);
 
-// grad_out: [N, L*F] (or [L*F, N] with layout.soa) in the embeddings' type. grad_embeddings: [T,F] (float, or double for
+// grad_out: [N, L*F] (or [L*F, N] with layout.soa) of grad_type (as out_type above). grad_embeddings: [T,F] (float, or double for
 // kFloat64; zeroed by the caller; null to skip); grad_inputs: [N,D] in the input type
 // (zeroed; null to skip).
-cudaError_t grid_encode_backward(const void* grad_out, const void* inputs,
+cudaError_t grid_encode_backward(const void* grad_out, EmbType grad_type, const void* inputs,
                                  const void* embeddings, EmbType emb, int64_t N, int D,
                                  GridLayout layout, void* grad_embeddings, void* grad_inputs,
                                  cudaStream_t stream);

@@ -35,6 +35,23 @@ dfk::EmbType emb_type(const at::Tensor& embeddings, const at::Tensor& inputs) {
   return dfk::EmbType::kBFloat16;
 }
 
+// A feature/gradient tensor's type: the table's, or half/bfloat16 for a float32 table.
+dfk::EmbType feature_type(at::ScalarType t, dfk::EmbType table) {
+  switch (t) {
+    case at::kFloat:
+      return dfk::EmbType::kFloat32;
+    case at::kHalf:
+      return dfk::EmbType::kFloat16;
+    case at::kBFloat16:
+      return dfk::EmbType::kBFloat16;
+    case at::kDouble:
+      return dfk::EmbType::kFloat64;
+    default:
+      TORCH_CHECK(false, "unsupported feature dtype ", t);
+  }
+  return table;
+}
+
 dfk::GridLayout layout(const at::Tensor& offsets, const at::Tensor& points,
                        const at::Tensor& scales, const at::Tensor& inputs,
                        const at::Tensor& embeddings, bool align_corners, bool smoothstep,
@@ -64,18 +81,21 @@ dfk::GridLayout layout(const at::Tensor& offsets, const at::Tensor& points,
 at::Tensor grid_encode_forward(const at::Tensor& inputs, const at::Tensor& embeddings,
                                const at::Tensor& offsets, const at::Tensor& points,
                                const at::Tensor& scales, bool align_corners, bool smoothstep,
-                               int64_t max_level, bool soa) {
+                               int64_t max_level, bool soa, at::ScalarType out_dtype) {
   DFK_CHECK_INPUT(inputs);
   DFK_CHECK_INPUT(embeddings);
   const c10::cuda::CUDAGuard guard(inputs.device());
   const auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
                           max_level, 0, 0, soa);
+  const auto et = emb_type(embeddings, inputs);
+  const auto ot = feature_type(out_dtype, et);
+  TORCH_CHECK(ot == et || et == dfk::EmbType::kFloat32,
+              "features in another dtype than the table's need a float32 table");
   const int64_t N = inputs.size(0);
-  auto out = soa ? at::empty({lay.L * lay.F, N}, embeddings.options())
-                 : at::empty({N, lay.L * lay.F}, embeddings.options());
-  const auto err = dfk::grid_encode_forward(inputs.data_ptr(), embeddings.data_ptr(),
-                                            emb_type(embeddings, inputs), N,
-                                            static_cast<int>(inputs.size(1)), lay,
+  const auto opts = embeddings.options().dtype(out_dtype);
+  auto out = soa ? at::empty({lay.L * lay.F, N}, opts) : at::empty({N, lay.L * lay.F}, opts);
+  const auto err = dfk::grid_encode_forward(inputs.data_ptr(), embeddings.data_ptr(), et, N,
+                                            static_cast<int>(inputs.size(1)), lay, ot,
                                             out.data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "grid_encode forward failed: ", cudaGetErrorString(err));
   return out;
@@ -95,18 +115,20 @@ std::vector<at::Tensor> grid_encode_backward(const at::Tensor& grad_out,
   DFK_CHECK_INPUT(grad_out);
   DFK_CHECK_INPUT(inputs);
   DFK_CHECK_INPUT(embeddings);
-  TORCH_CHECK(grad_out.scalar_type() == embeddings.scalar_type(),
-              "grad_out must have the embeddings' type");
+
   const c10::cuda::CUDAGuard guard(inputs.device());
   const auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
                           max_level, agg_mode, agg_max_points, soa);
   const auto et = emb_type(embeddings, inputs);
+  const auto gt = feature_type(grad_out.scalar_type(), et);
+  TORCH_CHECK(gt == et || et == dfk::EmbType::kFloat32,
+              "grad_out in another dtype than the table's needs a float32 table");
   const auto acc = et == dfk::EmbType::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor grad_emb, grad_in;
   if (need_emb) grad_emb = at::zeros(embeddings.sizes(), embeddings.options().dtype(acc));
   if (need_inputs) grad_in = at::zeros_like(inputs);
   const auto err = dfk::grid_encode_backward(
-      grad_out.data_ptr(), inputs.data_ptr(), embeddings.data_ptr(), et, inputs.size(0),
+      grad_out.data_ptr(), gt, inputs.data_ptr(), embeddings.data_ptr(), et, inputs.size(0),
       static_cast<int>(inputs.size(1)), lay, need_emb ? grad_emb.data_ptr() : nullptr,
       need_inputs ? grad_in.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "grid_encode backward failed: ", cudaGetErrorString(err));
