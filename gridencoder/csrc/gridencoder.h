@@ -41,9 +41,9 @@ cudaError_t grid_encode_forward(const void* inputs, const void* embeddings, EmbT
                                 int64_t N, int D, GridLayout layout, EmbType out_type, void* out,
                                 cudaStream_t stream);
 
-// grad_out: [N, L*F] (or [L*F, N] with layout.soa) of grad_type (as out_type above). grad_embeddings: [T,F] (float, or double for
-// kFloat64; zeroed by the caller; null to skip); grad_inputs: [N,D] in the input type
-// (zeroed; null to skip).
+// grad_out: [N, L*F] (or [L*F, N] with layout.soa) of grad_type (as out_type above).
+// grad_embeddings: [T,F] (float, or double for kFloat64; zeroed by the caller; null to skip);
+// grad_inputs: [N,D] in the input type (zeroed; null to skip).
 cudaError_t grid_encode_backward(const void* grad_out, EmbType grad_type, const void* inputs,
                                  const void* embeddings, EmbType emb, int64_t N, int D,
                                  GridLayout layout, void* grad_embeddings, void* grad_inputs,
