@@ -141,31 +141,6 @@ def test_field_normals_methods_agree():
     assert ((ref * torch.nn.functional.normalize(x, dim=-1)).sum(-1) > 0.9).float().mean() > 0.9
 
 
-def test_shading_pass_with_stencil_points_equals_separate_passes():
-    """forward() sends the samples and their stencil points through the field in one call:
-    sigma, colour, normals and parameter gradients equal those of density() + normal()."""
-    opt = _opt(bg_radius=-1, blob_density=5.0, blob_radius=0.3)
-    torch.manual_seed(0)
-    for method in ("fd", "tetra"):
-        field = _mlp_field(opt, method)
-        x = (torch.rand(50, 3) - 0.5) * 0.6
-        light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]]), dim=-1)
-        sigma, color, normal = field(x, x, light, 0.2, "lambertian")
-        ref_sigma, ref_albedo = field.common_forward(x)
-        ref_normal = field.normal(x)
-        lam = 0.2 + 0.8 * (ref_normal * light).sum(-1).clamp(min=0)
-        torch.testing.assert_close(sigma, ref_sigma)
-        torch.testing.assert_close(normal, ref_normal)
-        torch.testing.assert_close(color, ref_albedo * lam[:, None])
-        grads = [
-            torch.autograd.grad((a * w).sum(), list(field.parameters()), allow_unused=True)
-            for a, w in ((sigma + color.sum(-1), 1.0), (ref_sigma + (ref_albedo * lam[:, None]).sum(-1), 1.0))
-        ]
-        for g1, g2 in zip(*grads):
-            if g1 is not None:
-                torch.testing.assert_close(g1, g2)
-
-
 def test_mlp_without_gradients_fuses_relu_and_gives_the_same_output(monkeypatch):
     """No-grad MLP calls use one GEMM with a ReLU epilogue per hidden layer: same values as
     Linear + ReLU, also on a transposed (feature-major) input as the CUDA encoder returns."""
