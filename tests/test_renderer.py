@@ -141,6 +141,29 @@ def test_field_normals_methods_agree():
     assert ((ref * torch.nn.functional.normalize(x, dim=-1)).sum(-1) > 0.9).float().mean() > 0.9
 
 
+def test_shading_in_one_or_two_field_calls_gives_the_same_result():
+    """forward() sends few samples and their stencil points through the field in one call,
+    many in two: sigma, colour, normals and parameter gradients are the same either way."""
+    opt = _opt(bg_radius=-1, blob_density=5.0, blob_radius=0.3)
+    light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]]), dim=-1)
+    for method in ("fd", "tetra"):
+        torch.manual_seed(0)
+        field = _mlp_field(opt, method)
+        x = (torch.rand(50, 3) - 0.5) * 0.6
+        res = []
+        for limit in (10**9, 0):  # one call, then two
+            field.merge_stencil_max = limit
+            sigma, color, normal = field(x, x, light, 0.2, "lambertian")
+            loss = sigma.sum() + color.sum() + (normal * light).sum()
+            res.append((sigma, color, normal, torch.autograd.grad(loss, list(field.parameters()))))
+        (s1, c1, n1, g1), (s2, c2, n2, g2) = res
+        torch.testing.assert_close(s1, s2)
+        torch.testing.assert_close(c1, c2)
+        torch.testing.assert_close(n1, n2)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
+
+
 def test_mlp_without_gradients_fuses_relu_and_gives_the_same_output(monkeypatch):
     """No-grad MLP calls use one GEMM with a ReLU epilogue per hidden layer: same values as
     Linear + ReLU, also on a transposed (feature-major) input as the CUDA encoder returns."""
