@@ -102,18 +102,26 @@ def grid_encode(
     sizes = torch.tensor([offsets[i + 1] - offsets[i] for i in range(L)], device=dev, dtype=torch.int64)
     base = torch.tensor(offsets[:-1], device=dev, dtype=torch.int64)
     dense = P**D <= sizes  # [L]
-    primes = torch.tensor(PRIMES[:D], device=dev, dtype=torch.int64)
     strides = P[:, None] ** torch.arange(D, device=dev)[None, :]  # [L,D]
 
+    # Per axis and corner bit b: the clamped lattice coordinate's dense-index term, its hash
+    # term and the interpolation factor ([N,L] each); a corner combines one of each per axis.
+    # (The same values as clamping and hashing all D coordinates per corner, at a fraction of
+    # the work: this function is what CPU runs spend most of their time in.)
+    terms = []
+    for d in range(D):
+        g = grid[..., d]
+        cs = (torch.minimum(g, P[None] - 1), torch.minimum(g + 1, P[None] - 1))
+        f = frac[..., d]
+        terms.append(
+            [(c * strides[None, :, d], (c * PRIMES[d]) & 0xFFFFFFFF, w) for c, w in zip(cs, (1 - f, f))]
+        )
     out = torch.zeros(N, L, F_, device=dev, dtype=embeddings.dtype)
     for corner in range(2**D):
-        bits = torch.tensor([(corner >> d) & 1 for d in range(D)], device=dev)
-        c = torch.minimum(grid + bits, (P - 1)[None, :, None])  # [N,L,D]
-        w = torch.where(bits.bool(), frac, 1 - frac).prod(-1)  # [N,L]
-        dense_idx = (c * strides[None]).sum(-1)
-        h = torch.zeros(N, L, device=dev, dtype=torch.int64)
-        for d in range(D):
-            h = h ^ ((c[..., d] * primes[d]) & 0xFFFFFFFF)
+        dense_idx, h, w = terms[0][corner & 1]
+        for d in range(1, D):  # weight ((w0 * w1) * w2): the CUDA kernel's order
+            t_d, h_d, w_d = terms[d][(corner >> d) & 1]
+            dense_idx, h, w = dense_idx + t_d, h ^ h_d, w * w_d
         idx = torch.where(dense[None], dense_idx, h) % sizes[None] + base[None]
         # index_select: its backward (index_add) is deterministic on multi-threaded CPUs,
         # unlike advanced indexing's accumulate-put.
