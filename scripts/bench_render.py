@@ -108,20 +108,15 @@ def rays(device, H, W, azimuth=30.0):
     return get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0], device=device), H, W), H, W)
 
 
-def profile(model, device, light, test_size: int, path: Path) -> None:
-    """Sample counts and torch.profiler tables (CUDA time) of both CUDA-path calls."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
-    lines = []
+def training_samples(model, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 64x64 training march (jittered) of the fitted scene: samples [M,3] and the indices
+    of those kept by sample pruning."""
     ro, rd = rays(device, 64, 64)
-    model.train()
-    nears, fars = raymarching.near_far_from_aabb(
-        ro.reshape(-1, 3), rd.reshape(-1, 3), model.aabb, model.min_near
-    )
-    march = raymarching.march_rays_train(
-        ro.reshape(-1, 3),
-        rd.reshape(-1, 3),
+    ro, rd = ro.reshape(-1, 3), rd.reshape(-1, 3)
+    nears, fars = raymarching.near_far_from_aabb(ro, rd, model.aabb, model.min_near)
+    xyzs, _, ts, packed = raymarching.march_rays_train(
+        ro,
+        rd,
         model.bound,
         model.density_bitfield,
         model.cascade,
@@ -132,9 +127,20 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
         model.opt.dt_gamma,
         model.opt.max_steps,
     )
-    xyzs, ts, packed = march[0], march[2], march[3]
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
         keep, _ = raymarching.prune_rays_train(model.common_forward(xyzs)[0].float(), ts, packed, 1e-5)
+    return xyzs, keep
+
+
+def profile(model, device, light, test_size: int, path: Path) -> None:
+    """Sample counts and torch.profiler tables (CUDA time) of both CUDA-path calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    lines = []
+    model.train()
+    ro, rd = rays(device, 64, 64)
+    xyzs, keep = training_samples(model, device)
     lines.append(
         f"64x64 training march: {xyzs.shape[0]} samples ({xyzs.shape[0] / 4096:.1f} per ray), "
         f"{keep.numel()} after pruning"
@@ -199,28 +205,9 @@ def grid_kernels(model, device) -> list[str]:
     """Hash-grid forward + backward on one lambertian training step's points (the kept samples
     and their six fd offsets, as the network evaluates them) for each kernel layout, and the
     backward's cost per level (by timing the first k levels)."""
-    ro, rd = rays(device, 64, 64)
-    ro, rd = ro.reshape(-1, 3), rd.reshape(-1, 3)
-    nears, fars = raymarching.near_far_from_aabb(ro, rd, model.aabb, model.min_near)
-    xyzs, _, ts, packed = raymarching.march_rays_train(
-        ro,
-        rd,
-        model.bound,
-        model.density_bitfield,
-        model.cascade,
-        model.grid_size,
-        nears,
-        fars,
-        True,
-        model.opt.dt_gamma,
-        model.opt.max_steps,
-    )
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
-        keep, _ = raymarching.prune_rays_train(model.common_forward(xyzs)[0].float(), ts, packed, 1e-5)
+    xyzs, keep = training_samples(model, device)
     x = xyzs[keep]
-    e = model.normal_eps
-    offs = torch.cat([torch.eye(3, device=device), -torch.eye(3, device=device)]) * e
-    fd = (x[None] + offs[:, None]).reshape(-1, 3).clamp(-model.bound, model.bound)
+    fd = model._stencil_points(x)  # the six fd offsets of each sample, as the network makes them
     enc = model.encoder
     up = {n: torch.randn(p.shape[0], enc.output_dim, device=device) for n, p in (("main", x), ("fd", fd))}
     lines = [

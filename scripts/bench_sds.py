@@ -91,15 +91,6 @@ VARIANTS: dict[str, list[str]] = {
         "--vae_graph",
         "--compile_vae",
     ],
-    "traced UNet + graph + CL + VAE graph": [
-        "--fp16",
-        *OFF[:-2],
-        "--unet_traced",
-        "auto",
-        "--unet_graph",
-        "--channels_last",
-        "--vae_graph",
-    ],
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:5]
 
