@@ -102,8 +102,8 @@ at::Tensor grid_encode_forward(const at::Tensor& inputs, const at::Tensor& embed
 }
 
 // grad_out: [N, L*F], or [L*F, N] with soa. Returns (grad_embeddings or an empty tensor,
-// grad_inputs or an empty tensor). Embedding
-// gradients accumulate in float32 (float64 for float64 tables) and are cast back.
+// grad_inputs or an empty tensor). Embedding gradients accumulate in float32 (float64 for
+// float64 tables) and are cast back.
 std::vector<at::Tensor> grid_encode_backward(const at::Tensor& grad_out,
                                              const at::Tensor& inputs,
                                              const at::Tensor& embeddings,
@@ -115,7 +115,6 @@ std::vector<at::Tensor> grid_encode_backward(const at::Tensor& grad_out,
   DFK_CHECK_INPUT(grad_out);
   DFK_CHECK_INPUT(inputs);
   DFK_CHECK_INPUT(embeddings);
-
   const c10::cuda::CUDAGuard guard(inputs.device());
   const auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
                           max_level, agg_mode, agg_max_points, soa);
