@@ -186,3 +186,22 @@ def test_trace_keeps_no_package_that_cannot_be_loaded(tmp_path):
     bad.write_bytes(b"not a package")
     problem = trace_script.load_check(bad)
     assert problem is not None and "fresh process" in problem
+
+
+def test_traced_package_is_bound_to_the_live_unet_weights():
+    """A package compiled without its weights gets the live UNet's own tensors (no copy)."""
+    unet = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+
+    class Runner:  # the two methods of an AOTInductor runner that binding uses
+        def get_constant_fqns(self):
+            return ["unet.0.weight", "unet.1.bias"]
+
+        def load_constants(self, constants, check_full_update, user_managed):
+            self.got = (constants, check_full_update, user_managed)
+
+    runner = Runner()
+    sd_utils.bind_live_weights(runner, unet)
+    constants, full, user_managed = runner.got
+    assert set(constants) == {"unet.0.weight", "unet.1.bias"} and full and user_managed
+    assert constants["unet.0.weight"].data_ptr() == unet[0].weight.data_ptr()
+    assert constants["unet.1.bias"].data_ptr() == unet[1].bias.data_ptr()
