@@ -107,14 +107,27 @@ def grid_encode(
     # Per axis and corner bit b: the clamped lattice coordinate's dense-index term, its hash
     # term and the interpolation factor ([N,L] each); a corner combines one of each per axis.
     # (The same values as clamping and hashing all D coordinates per corner, at a fraction of
-    # the work: this function is what CPU runs spend most of their time in.)
+    # the work: this function is what CPU runs spend most of their time in.) Hashed tables have
+    # 2^k rows (at least 8), so the modulo is a mask that commutes with the xor: the hash terms
+    # are masked up front and all index arithmetic fits int32 (rows < 2^31 overall).
+    hashed_sizes = [
+        offsets[i + 1] - offsets[i] for i in range(L) if points[i] ** D > offsets[i + 1] - offsets[i]
+    ]
+    narrow = all(n & (n - 1) == 0 for n in hashed_sizes) and offsets[-1] < 2**31
+    itype = torch.int32 if narrow else torch.int64
+    # ... but the gather's backward (index_add) is several times slower with int32 indices.
+    wide_gather = torch.is_grad_enabled() and embeddings.requires_grad
+    mask = torch.where(dense, sizes.new_full((), 0xFFFFFFFF), sizes - 1) if narrow else 0xFFFFFFFF
     terms = []
     for d in range(D):
         g = grid[..., d]
         cs = (torch.minimum(g, P[None] - 1), torch.minimum(g + 1, P[None] - 1))
         f = frac[..., d]
         terms.append(
-            [(c * strides[None, :, d], (c * PRIMES[d]) & 0xFFFFFFFF, w) for c, w in zip(cs, (1 - f, f))]
+            [
+                ((c * strides[None, :, d]).to(itype), ((c * PRIMES[d]) & mask).to(itype), w)
+                for c, w in zip(cs, (1 - f, f))
+            ]
         )
     out = torch.zeros(N, L, F_, device=dev, dtype=embeddings.dtype)
     for corner in range(2**D):
@@ -122,7 +135,12 @@ def grid_encode(
         for d in range(1, D):  # weight ((w0 * w1) * w2): the CUDA kernel's order
             t_d, h_d, w_d = terms[d][(corner >> d) & 1]
             dense_idx, h, w = dense_idx + t_d, h ^ h_d, w * w_d
-        idx = torch.where(dense[None], dense_idx, h) % sizes[None] + base[None]
+        if narrow:
+            idx = torch.where(dense[None], dense_idx, h) + base.to(itype)[None]
+            if wide_gather:
+                idx = idx.long()
+        else:
+            idx = torch.where(dense[None], dense_idx, h) % sizes[None] + base[None]
         # index_select: its backward (index_add) is deterministic on multi-threaded CPUs,
         # unlike advanced indexing's accumulate-put.
         feats = embeddings.index_select(0, idx.reshape(-1)).reshape(N, L, F_)

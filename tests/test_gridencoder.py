@@ -62,6 +62,20 @@ def test_twin_matches_naive_loop(align, interpolation):
     assert torch.allclose(got, ref, atol=1e-10)
 
 
+def test_twin_with_a_hashed_table_that_is_not_a_power_of_two():
+    """Hand-made layouts may give a hashed level any table size: the index is then taken
+    modulo the size (the int64 path) and still matches the naive loop."""
+    g = torch.Generator().manual_seed(1)
+    offsets, points = ge.level_layout(3, 3, 2.0, 4, 9)
+    offsets = offsets[:-1] + [offsets[-2] + 24]  # the hashed last level: 24 rows
+    assert points[-1] ** 3 > 24
+    emb = torch.randn(offsets[-1], 2, generator=g, dtype=torch.float64)
+    x = torch.rand(9, 3, generator=g, dtype=torch.float64)
+    got = ge.grid_encode(x, emb, offsets, points, 2.0, 4, False, "linear")
+    ref = naive_encode(x, emb, offsets, points, 2.0, 4, False, "linear")
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
 def test_twin_float32_matches_float64():
     g = torch.Generator().manual_seed(1)
     offsets, points = ge.level_layout(3, 6, 1.5, 8, 12)
