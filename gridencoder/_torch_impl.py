@@ -99,7 +99,8 @@ def grid_encode(
     grid = grid.long()
 
     P = torch.tensor(points, device=dev, dtype=torch.int64)  # [L]
-    sizes = torch.tensor([offsets[i + 1] - offsets[i] for i in range(L)], device=dev, dtype=torch.int64)
+    size_list = [offsets[i + 1] - offsets[i] for i in range(L)]
+    sizes = torch.tensor(size_list, device=dev, dtype=torch.int64)
     base = torch.tensor(offsets[:-1], device=dev, dtype=torch.int64)
     dense = P**D <= sizes  # [L]
     strides = P[:, None] ** torch.arange(D, device=dev)[None, :]  # [L,D]
@@ -110,9 +111,7 @@ def grid_encode(
     # the work: this function is what CPU runs spend most of their time in.) Hashed tables have
     # 2^k rows (at least 8), so the modulo is a mask that commutes with the xor: the hash terms
     # are masked up front and all index arithmetic fits int32 (rows < 2^31 overall).
-    hashed_sizes = [
-        offsets[i + 1] - offsets[i] for i in range(L) if points[i] ** D > offsets[i + 1] - offsets[i]
-    ]
+    hashed_sizes = [n for n, p in zip(size_list, points) if p**D > n]
     narrow = all(n & (n - 1) == 0 for n in hashed_sizes) and offsets[-1] < 2**31
     itype = torch.int32 if narrow else torch.int64
     # ... but the gather's backward (index_add) is several times slower with int32 indices.

@@ -33,6 +33,9 @@ from main import parse_args  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy  # noqa: E402
 
+# The grid encoder's CUDA kernel layouts compared by --kernel_variants: (AGG_MODE, SOA).
+GRID_LAYOUTS = ((0, False), (1, False), (0, True), (1, True))
+
 
 def target_field(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A ball (r 0.35 at y=0.2) on a box (0.8 x 0.3 x 0.6 below y=-0.05): sigma, albedo."""
@@ -228,7 +231,7 @@ def grid_kernels(model, device) -> list[str]:
         ys = [enc(p, bound=model.bound, max_level=max_level) for p in (x, fd)]
         torch.autograd.backward(ys, [up["main"], up["fd"]])
 
-    for agg, soa in ((0, False), (1, False), (0, True), (1, True)):
+    for agg, soa in GRID_LAYOUTS:
         gc.AGG_MODE, gc.SOA = agg, soa
         f_ms, _ = timeit(fwd, 20, device)
         fb_ms, _ = timeit(fwd_bwd, 20, device)
@@ -320,7 +323,7 @@ def main() -> None:
         variants = variants[2:]
     elif args.kernel_variants:
         default = (gc.AGG_MODE, gc.SOA)
-        for agg, soa in ((0, False), (1, False), (0, True), (1, True)):
+        for agg, soa in GRID_LAYOUTS:
             if (agg, soa) != default:
                 name = f"run_cuda, CUDA kernels, grid AGG_MODE {agg}" + (" SOA" if soa else "")
                 variants.insert(1, (name, "auto", True, True, (agg, soa)))
