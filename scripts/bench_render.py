@@ -248,6 +248,22 @@ def grid_kernels(model, device) -> list[str]:
     return lines
 
 
+def stencil_calls(model, device, light, repeat: int) -> list[str]:
+    """Lambertian training render + backward with the samples and their fd points in one field
+    call against two (``FieldNetwork.merge_stencil_max``), alternating, two rounds."""
+    ro, rd = rays(device, 64, 64)
+    saved = model.merge_stencil_max
+    lines = ["", "| round | one field call, ms | two field calls, ms |", "|---|---|---|"]
+    for r in range(2):
+        ms = []
+        for limit in (saved, 0):
+            model.merge_stencil_max = limit
+            ms.append(timeit(lambda: train_render(model, ro, rd, light, "lambertian"), repeat, device)[0])
+        lines.append(f"| {r + 1} | {ms[0]:.2f} | {ms[1]:.2f} |")
+    model.merge_stencil_max = saved
+    return lines
+
+
 def infer_thresholds(model, device, size: int) -> list[str]:
     """Test-frame time, samples evaluated and image change for --infer_T_thresh values."""
     ro8, rd8 = rays(device, size, size)
@@ -297,6 +313,12 @@ def main() -> None:
         "--kernel_variants",
         action="store_true",
         help="add rows for the grid encoder's other kernel layouts (gridencoder._cuda AGG_MODE, SOA)",
+    )
+    ap.add_argument(
+        "--stencil_calls",
+        action="store_true",
+        help="also time the lambertian training render with one field call for samples and fd "
+        "points against two (FieldNetwork.merge_stencil_max)",
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -369,6 +391,8 @@ def main() -> None:
     thresh_lines = infer_thresholds(model, device, args.test_size) if device.type == "cuda" else []
     if device.type == "cuda" and args.kernel_variants:
         thresh_lines += grid_kernels(model, device)
+    if args.stencil_calls:
+        thresh_lines += stencil_calls(model, device, light, args.repeat)
 
     # Occupancy-grid quality of partial refreshes: start from the full-sweep grid, run 64
     # partial refreshes (the default fraction), compare occupied sets.
