@@ -136,7 +136,8 @@ def training_samples(model, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def profile(model, device, light, test_size: int, path: Path) -> None:
-    """Sample counts and torch.profiler tables (CUDA time) of both CUDA-path calls."""
+    """Sample counts and torch.profiler tables (CUDA time) of both CUDA-path calls; Chrome
+    traces of them beside ``path`` (``*.trace.json``, for perfetto or chrome://tracing)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -177,6 +178,7 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
+        prof.export_chrome_trace(str(path.with_suffix(f".train_{shading}.trace.json")))
         lines += [
             f"== train {shading} x5",
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=30),
@@ -194,11 +196,24 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
             f"test frame with min_infer_step {k}: {ms:.1f} ms, alpha {frame()['weights_sum'].mean():.4f}"
         )
     model.min_infer_step = type(model).min_infer_step
+    for k in (8, 16, 32, 64, 128):
+        model.max_infer_step = k
+        calls.clear()
+        raymarching.march_rays = counting
+        out = frame()
+        raymarching.march_rays = orig
+        ms, _ = timeit(frame, 5, device)
+        lines.append(
+            f"test frame with max_infer_step {k}: {ms:.1f} ms, {len(calls)} loop iterations, "
+            f"{sum(a * b for a, b in calls)} samples, alpha {out['weights_sum'].mean():.4f}"
+        )
+    model.max_infer_step = type(model).max_infer_step
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
             model.render(ro8, rd8, bg_color=torch.ones(3, device=device))
         torch.cuda.synchronize()
+    prof.export_chrome_trace(str(path.with_suffix(".frame.trace.json")))
     lines += ["== test frame x1", prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)]
     path.write_text("\n".join(lines) + "\n")
     print(*[ln for ln in lines if not ln.startswith(("==", " ", "-"))][:8], sep="\n")
@@ -248,19 +263,21 @@ def grid_kernels(model, device) -> list[str]:
     return lines
 
 
-def stencil_calls(model, device, light, repeat: int) -> list[str]:
-    """Lambertian training render + backward with the samples and their fd points in one field
-    call against two (``FieldNetwork.merge_stencil_max``), alternating, two rounds."""
+def ab_rounds(model, device, light, repeat: int, attr: str, values, shadings=("lambertian",)) -> list[str]:
+    """Training render + backward with ``model.<attr>`` set to each of ``values`` in turn,
+    alternating, three rounds per shading (machines drift: compare within a round)."""
     ro, rd = rays(device, 64, 64)
-    saved = model.merge_stencil_max
-    lines = ["", "| round | one field call, ms | two field calls, ms |", "|---|---|---|"]
-    for r in range(2):
-        ms = []
-        for limit in (saved, 0):
-            model.merge_stencil_max = limit
-            ms.append(timeit(lambda: train_render(model, ro, rd, light, "lambertian"), repeat, device)[0])
-        lines.append(f"| {r + 1} | {ms[0]:.2f} | {ms[1]:.2f} |")
-    model.merge_stencil_max = saved
+    saved = getattr(model, attr)
+    lines = ["", "| shading | round | " + " | ".join(f"{attr}={v}, ms" for v in values) + " |"]
+    lines.append("|---|---|" + "---|" * len(values))
+    for shading in shadings:
+        for r in range(3):
+            ms = []
+            for v in values:
+                setattr(model, attr, v)
+                ms.append(timeit(lambda s=shading: train_render(model, ro, rd, light, s), repeat, device)[0])
+            lines.append(f"| {shading} | {r + 1} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
+    setattr(model, attr, saved)
     return lines
 
 
@@ -319,6 +336,12 @@ def main() -> None:
         action="store_true",
         help="also time the lambertian training render with one field call for samples and fd "
         "points against two (FieldNetwork.merge_stencil_max)",
+    )
+    ap.add_argument(
+        "--fused_head",
+        action="store_true",
+        help="also time the training renders with the MLP + head as one autograd node "
+        "(FieldNetwork.fused_head) against the module path",
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -392,7 +415,14 @@ def main() -> None:
     if device.type == "cuda" and args.kernel_variants:
         thresh_lines += grid_kernels(model, device)
     if args.stencil_calls:
-        thresh_lines += stencil_calls(model, device, light, args.repeat)
+        # One field call for samples and fd points (the default limit) against two (limit 0).
+        thresh_lines += ab_rounds(
+            model, device, light, args.repeat, "merge_stencil_max", (model.merge_stencil_max, 0)
+        )
+    if args.fused_head:
+        thresh_lines += ab_rounds(
+            model, device, light, args.repeat, "fused_head", (True, False), ("albedo", "lambertian")
+        )
 
     # Occupancy-grid quality of partial refreshes: start from the full-sweep grid, run 64
     # partial refreshes (the default fraction), compare occupied sets.

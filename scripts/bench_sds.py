@@ -313,7 +313,7 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
 
 
 def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out: Path) -> None:
-    """Profiler table of 5 iterations; counts the host syncs (aten::_local_scalar_dense,
+    """Profiler table (and a Chrome trace beside it) of 5 iterations; counts the host syncs (aten::_local_scalar_dense,
     cudaStreamSynchronize, cudaMemcpyAsync device->host)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -322,6 +322,7 @@ def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out:
         for _ in range(5):
             trainer.train_one_step(train_set.train_batch())
         sync(device)
+    prof.export_chrome_trace(str(out.with_suffix(".trace.json")))  # for perfetto / chrome://tracing
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
     table += "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50)
     ev = {e.key: e.count for e in prof.key_averages()}

@@ -78,11 +78,24 @@ MARCH_CASES = [  # C, G, bound, dt_gamma, max_steps, perturb
     (2, 64, 2.0, 0.0, 1024, True),
     (3, 32, 4.0, 0.0, 1024, False),
     (2, 64, 2.0, 1 / 128, 1024, True),
+    # Sparse occupancy (p: random cells besides the blobs), so that whole 8^3 blocks are empty
+    # and the CUDA walk skips them a block at a time.
+    (1, 128, 1.0, 0.0, 1024, True, 1e-4),
+    (2, 64, 2.0, 0.0, 1024, False, 0.0),
+    (3, 32, 4.0, 0.0, 1024, True, 1e-4),
+    (2, 64, 2.0, 1 / 128, 1024, True, 0.0),
 ]
 
 
-def march_both(C, G, bound, dt_gamma, max_steps, perturb, N=4096, seed=0):
-    o, d, bits = random_scene(N, C, G, bound, seed=seed + C * 7 + G)
+def empty_block_fraction(bits: torch.Tensor) -> float:
+    """Fraction of aligned 8^3-cell blocks (512 consecutive Morton bits) with no occupied cell."""
+    return (bits.reshape(-1, 64) == 0).all(1).float().mean().item()
+
+
+def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0):
+    o, d, bits = random_scene(N, C, G, bound, seed=seed + C * 7 + G, p=p)
+    if p < 1e-3:
+        assert empty_block_fraction(bits) > 0.3  # the case exercises block skipping
     aabb = torch.tensor([-bound] * 3 + [bound] * 3)
     nears, fars = rm.near_far_from_aabb(o, d, aabb, 0.05)
     noise = torch.rand(N, generator=torch.Generator().manual_seed(seed)) if perturb else None
@@ -146,13 +159,25 @@ def test_composite_rays_train_gradcheck_float64():
                                     (sig, rgb))
 
 
-@pytest.mark.parametrize("case", [(1, 64, 1.0, 0.0), (2, 64, 2.0, 0.0), (2, 32, 2.0, 1 / 128)])
+@pytest.mark.parametrize(
+    "case",
+    [  # C, G, bound, dt_gamma, p (sparse: empty 8^3 blocks), the n_step cap
+        (1, 64, 1.0, 0.0, 0.05, 8),
+        (2, 64, 2.0, 0.0, 0.05, 8),
+        (2, 32, 2.0, 1 / 128, 0.05, 8),
+        (1, 128, 1.0, 0.0, 1e-4, 64),
+        (2, 64, 2.0, 1 / 128, 0.0, 64),
+    ],
+)
 def test_inference_matches_twin(case):
-    C, G, bound, gamma = case
-    o, d, bits = random_scene(1024, C, G, bound, seed=5)
-    ref = render_inference(o, d, bits, C, G, bound, 1e-3, dt_gamma=gamma)
+    C, G, bound, gamma, p, cap = case
+    o, d, bits = random_scene(1024, C, G, bound, seed=5, p=p)
+    if p < 1e-3:
+        assert empty_block_fraction(bits) > 0.3
+    ref = render_inference(o, d, bits, C, G, bound, 1e-3, dt_gamma=gamma, max_step=cap)
     got = render_inference(o.to(DEV), d.to(DEV), bits.to(DEV), C, G, bound, 1e-3,
-                           march=rc.march_rays, composite=rc.composite_rays, dt_gamma=gamma)
+                           march=rc.march_rays, composite=rc.composite_rays, dt_gamma=gamma,
+                           max_step=cap)
     assert len(got[3]) == len(ref[3])
     for (x1, t1, r1), (x2, t2, r2) in zip(got[3], ref[3]):
         assert torch.equal(x1.cpu(), x2) and torch.equal(t1.cpu(), t2) and torch.equal(r1.cpu(), r2)

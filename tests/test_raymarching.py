@@ -163,8 +163,9 @@ def _field(xyz):
 
 
 def render_inference(o, d, bits, C, G, bound, T_thresh, march=rm.march_rays,
-                     composite=rm.composite_rays, dt_gamma=0.0, max_steps=1024):
-    """The renderer's alive-ray loop, run until every ray is finished."""
+                     composite=rm.composite_rays, dt_gamma=0.0, max_steps=1024, max_step=8):
+    """The renderer's alive-ray loop, run until every ray is finished (``max_step``: the cap
+    on samples per alive ray per round)."""
     N = o.shape[0]
     aabb = torch.tensor([-bound] * 3 + [bound] * 3, device=o.device)
     nears, fars = rm.near_far_from_aabb(o.cpu(), d.cpu(), aabb.cpu(), 0.05)
@@ -176,7 +177,7 @@ def render_inference(o, d, bits, C, G, bound, T_thresh, march=rm.march_rays,
     rounds = []
     while alive.numel() > 0:
         n_alive = alive.numel()
-        n_step = max(min(N // n_alive, 8), 1)
+        n_step = max(min(N // n_alive, max_step), 1)
         xyzs, dirs, ts = march(n_alive, n_step, alive, rays_t, o, d, bound, bits, C, G, nears,
                                fars, dt_gamma, max_steps)
         sigma, rgb = _field(xyzs)

@@ -264,3 +264,52 @@ def test_a_batch_of_images_with_their_own_lights_equals_rendering_each_alone():
             alone = field.render(o[b : b + 1], d[b : b + 1], light_d=lights[b], **kw)["image"]
             assert torch.allclose(both[b], alone[0], atol=1e-5), (cuda_ray, training, b)
         assert (both[0] - both[1]).abs().max() > 0.05  # the lights (and views) differ
+
+
+@pytest.mark.parametrize("activation", ["exp", "softplus"])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("pad", [False, True])
+def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad):
+    """FieldNetwork.fused_head (_MLPHead, one autograd node with a hand-written backward) gives
+    the module path's sigma, albedo, normals and gradients (hash table and MLP), in fp32 and
+    under bf16 autocast, with and without the rows padded to a bucket size (500 -> 512)."""
+    from nerf import network_base
+    from nerf.network_grid import NeRFNetwork
+
+    if not network_base._FUSED_RELU:
+        pytest.skip("this torch has no _addmm_activation")
+    torch.manual_seed(0)
+    opt = _opt(
+        density_activation=activation,
+        blob_density=5.0,
+        blob_radius=0.4,
+        grid_levels=4,
+        grid_base=8,
+        grid_log2_size=12,
+        grid_finest=64,
+        normal_method=None,
+    )
+    model = NeRFNetwork(opt).train()
+    with torch.no_grad():
+        model.encoder.embeddings.uniform_(-0.5, 0.5)
+    x = torch.rand(500, 3) * 1.6 - 0.8
+    light = torch.tensor([[0.3, 0.5, 1.0]])
+    results = []
+    model.pad_rows = pad  # the GPU path's row padding (bucket_rows), forced on CPU
+    for fused in (False, True):
+        model.fused_head = fused
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sigma, color, normal = model(x, x, light, 0.2, "lambertian")
+        loss = (sigma.float() * 0.01).sum() + color.float().square().sum() + normal.float().sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((sigma, color, normal, grads))
+    (s0, c0, n0, g0), (s1, c1, n1, g1) = results
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1, s0, **tol)
+    torch.testing.assert_close(c1.float(), c0.float(), **tol)
+    torch.testing.assert_close(n1.float(), n0.float(), **tol)
+    for a, b in zip(g1, g0):
+        scale = b.abs().max().clamp(min=1e-12)
+        assert ((a - b).abs().max() / scale).item() < (3e-2 if autocast else 1e-4)

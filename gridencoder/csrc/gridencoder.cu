@@ -237,7 +237,11 @@ __global__ void backward_kernel(const gout_t* __restrict__ grad_out,
         }
         leader = valid && head;
       }
-      if (leader) add_row(grad_emb + row * F, v, F);
+      // Samples past a ray's termination get exactly zero gradient: skip their atomics.
+      bool nonzero = false;
+#pragma unroll
+      for (int f = 0; f < kMaxF; ++f) nonzero |= f < F && v[f] != acc_t(0);
+      if (leader && nonzero) add_row(grad_emb + row * F, v, F);
     }
     if (grad_in != nullptr && valid) {
       acc_t ge = 0;  // dy . e_corner

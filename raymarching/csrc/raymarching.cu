@@ -116,17 +116,38 @@ DFK_HD bool occupied(const Cell& c, const GridSpec& g) {
   return (g.bitfield[idx >> 3] >> (idx & 7)) & 1;
 }
 
-DFK_HD bool same_cell(const Cell& a, const Cell& b) {
-  return a.mip == b.mip && a.n[0] == b.n[0] && a.n[1] == b.n[1] && a.n[2] == b.n[2];
+// Empty space is skipped a block of kBlock^3 cells at a time when the whole block is empty
+// (a ray crossing the 128^3 grid visits ~16 blocks instead of ~200 cells). An aligned block
+// is kBlock^3 consecutive Morton indices, so its bits are kBlock^3/8 consecutive bytes.
+constexpr int kBlockLog2 = 3;
+constexpr int kBlock = 1 << kBlockLog2;
+
+DFK_HD bool block_empty(const Cell& c, const GridSpec& g) {
+  if (!g.blocks) return false;
+  const int64_t G3 = static_cast<int64_t>(g.G) * g.G * g.G;
+  const int m = ~(kBlock - 1);
+  const int64_t first = c.mip * G3 + morton(c.n[0] & m, c.n[1] & m, c.n[2] & m);
+  const uint64_t* q = reinterpret_cast<const uint64_t*>(g.bitfield + (first >> 3));
+  uint64_t any = 0;
+#pragma unroll
+  for (int i = 0; i < kBlock * kBlock * kBlock / 64; ++i) any |= q[i];
+  return any == 0;
+}
+
+// Cells a and b are in the same aligned block of 2^shift cells per axis (shift 0: same cell).
+DFK_HD bool same_cell(const Cell& a, const Cell& b, int shift = 0) {
+  return a.mip == b.mip && (a.n[0] >> shift) == (b.n[0] >> shift) &&
+         (a.n[1] >> shift) == (b.n[1] >> shift) && (a.n[2] >> shift) == (b.n[2] >> shift);
 }
 
 // True when every sample strictly between positions pa and pb (both computed as above, in
-// cells ca and cb) is in cell ca. Float rounding is monotone, so each coordinate of a sample
-// between them lies between theirs; that bounds max|x| (hence the cascade) and, within one
-// cascade, the cell index per axis. This makes empty-space skipping exact, not approximate.
+// cells ca and cb) is in ca's cell (shift 0) or ca's block (shift kBlockLog2). Float rounding
+// is monotone, so each coordinate of a sample between them lies between theirs; that bounds
+// max|x| (hence the cascade) and, within one cascade, the cell index per axis. This makes
+// empty-space skipping exact, not approximate.
 DFK_HD bool same_region(const float pa[3], const float pb[3], const Cell& ca,
-                                   const Cell& cb, int C) {
-  if (!same_cell(ca, cb)) return false;
+                                   const Cell& cb, int C, int shift = 0) {
+  if (!same_cell(ca, cb, shift)) return false;
   if (C == 1) return true;
   float lo = 0.0f, hi = 0.0f;
 #pragma unroll
@@ -138,16 +159,18 @@ DFK_HD bool same_region(const float pa[3], const float pb[3], const Cell& ca,
   return mip_of(lo, C) == ca.mip && mip_of(hi, C) == ca.mip;
 }
 
-// Where the ray leaves cell c (an estimate: the caller verifies with same_region).
+// Where the ray leaves c's cell (shift 0) or c's block (shift kBlockLog2); an estimate: the
+// caller verifies with same_region.
 DFK_HD float cell_exit(const float o[3], const float d[3], const Cell& c,
-                                  const GridSpec& g) {
+                                  const GridSpec& g, int shift = 0) {
   const float scale = cascade_scale(c.mip, g.bound);
   const float h = 2.0f * scale / static_cast<float>(g.G);
   float t = 3.4e38f;
 #pragma unroll
   for (int i = 0; i < 3; ++i) {
     if (d[i] == 0.0f) continue;
-    const float face = -scale + h * static_cast<float>(d[i] > 0.0f ? c.n[i] + 1 : c.n[i]);
+    const int lo = (c.n[i] >> shift) << shift;
+    const float face = -scale + h * static_cast<float>(d[i] > 0.0f ? lo + (1 << shift) : lo);
     t = fminf(t, (face - o[i]) / d[i]);
   }
   return t;
@@ -167,8 +190,8 @@ DFK_HD float step_size(float t, const StepSpec& s) {
 
 // A walk along one ray over lattice indices [0, k_end) from t_base, visiting only lattice
 // points in occupied cells before `far`. Empty cells are skipped: from an empty lattice point
-// k the walk jumps to the last lattice point still in the same cell (verified exactly), then
-// continues after it. emit(p, t, dt) returns false to stop early. Returns the index of the
+// k the walk jumps to the last lattice point still in the same cell, or in the same block when
+// the whole block is empty (verified exactly), then continues after it. emit(p, t, dt) returns false to stop early. Returns the index of the
 // first lattice point not visited and, in *t_next, its position (t_{k_end} or the stop
 // point); with dt_gamma > 0 that position is accumulated exactly as the twin does.
 struct WalkEnd {
@@ -196,7 +219,8 @@ __host__ __device__ WalkEnd walk(const float o[3], const float d[3], float t_bas
       if (!uniform) t = DFK_ADD(t, dt);
       continue;
     }
-    const float t_exit = cell_exit(o, d, c, g);
+    const int shift = block_empty(c, g) ? kBlockLog2 : 0;
+    const float t_exit = cell_exit(o, d, c, g, shift);
     if (uniform) {
       // Candidate: the last lattice index before t_exit; shrink until verified.
       const float q = (t_exit - t_base) / s.dt_min;
@@ -211,7 +235,7 @@ __host__ __device__ WalkEnd walk(const float o[3], const float d[3], float t_bas
         if (tc < far) {
           float pc[3];
           position(o, d, tc, g.bound, pc);
-          if (same_region(p, pc, c, cell_of(pc, g), g.C)) break;
+          if (same_region(p, pc, c, cell_of(pc, g), g.C, shift)) break;
         }
         // The estimate is usually off by one point at the cell's face; then halve.
         kc = first ? kc - 1 : k + (kc - k) / 2;
@@ -232,7 +256,7 @@ __host__ __device__ WalkEnd walk(const float o[3], const float d[3], float t_bas
       if (kc > k) {
         float pc[3];
         position(o, d, tc, g.bound, pc);
-        if (!same_region(p, pc, c, cell_of(pc, g), g.C)) {
+        if (!same_region(p, pc, c, cell_of(pc, g), g.C, shift)) {
           kc = k;
           tc = t;
           dtc = dt;

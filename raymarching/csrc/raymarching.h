@@ -17,6 +17,7 @@ struct GridSpec {
   int C;
   int G;
   float bound;
+  bool blocks;  // skip empty 8^3 blocks (needs G % 8 == 0 and an 8-byte aligned bitfield)
 };
 
 // Lattice of sample positions along a ray (see the twin's module docstring).

@@ -36,8 +36,9 @@ dfk::GridSpec grid_spec(const at::Tensor& bitfield, int64_t C, int64_t G, double
   DFK_CHECK(bitfield, at::kByte);
   TORCH_CHECK(bitfield.numel() * 8 == C * G * G * G, "bitfield must hold C*G^3 bits");
   TORCH_CHECK(G > 0 && G <= 1024, "grid size must be in [1, 1024]");
-  return {bitfield.data_ptr<uint8_t>(), static_cast<int>(C), static_cast<int>(G),
-          static_cast<float>(bound)};
+  const uint8_t* bits = bitfield.data_ptr<uint8_t>();
+  const bool blocks = G % 8 == 0 && reinterpret_cast<uintptr_t>(bits) % 8 == 0;
+  return {bits, static_cast<int>(C), static_cast<int>(G), static_cast<float>(bound), blocks};
 }
 
 dfk::StepSpec step_spec(double dt_min, double dt_max, double dt_gamma, int64_t max_steps) {
