@@ -97,17 +97,18 @@ def _linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 def bucket_rows(n: int) -> int:
-    """``n`` rounded up to a multiple of 1/16 to 1/32 of its power of two (at most 6.25% more).
+    """``n`` rounded up to a multiple of 1/64 to 1/128 of its power of two (at most 1.6% more).
 
-    cuBLASLt chooses a GEMM algorithm per shape and does not remember it across calls for a
-    new row count: that costs 0.3-0.5 ms of host time per GEMM (H100, torch 2.11) against
-    0.03 ms for a shape seen before, and the sample count changes at every step. Padding the
-    rows to a few dozen sizes per octave makes the shapes repeat.
+    cuBLASLt chooses a GEMM algorithm for each new shape: that costs 0.3-0.5 ms of host time
+    per GEMM (H100, torch 2.11) against 0.03 ms for a shape seen before, and the sample count
+    changes at every step. Padding the rows to 64-128 sizes per octave makes the shapes
+    repeat (a 10k-step run meets a few hundred sizes), for at most 1.6% more rows (coarser
+    buckets, 6%, cost 0.17 GiB at bench_sds's memory peak).
 
     >>> [bucket_rows(n) for n in (1, 100, 1000, 334242)]
-    [64, 128, 1024, 344064]
+    [64, 128, 1024, 335872]
     """
-    q = 1 << max(n.bit_length() - 5, 6)
+    q = 1 << max(n.bit_length() - 7, 6)
     return max(-(-n // q) * q, q)
 
 
@@ -128,11 +129,21 @@ def _head_forward(
     for i in range(n):
         w, b = params[2 * i].to(dtype), params[2 * i + 1].to(dtype)
         acts.append(h)
-        # ReLU as the GEMM's epilogue on hidden layers (one kernel instead of two).
-        h = torch._addmm_activation(b, h, w.t()) if i < n - 1 else torch.addmm(b, h, w.t())
+        if i < n - 1:  # ReLU as the GEMM's epilogue (one kernel instead of two)
+            h = torch._addmm_activation(b, h, w.t())
+            continue
+        out, pad = w.shape[0], -w.shape[0] % 8
+        if pad and h.shape[0] >= _PAD_OUT_MIN_ROWS and (h.is_cuda or _PAD_OUT_MIN_ROWS == 0):
+            # 4 output columns: padded to 8 (zero rows of W) cuBLAS picks a kernel that reads
+            # [N, 64] at 0.6x the time (H100, 400k rows; at 100k rows padding is slower).
+            w, b = F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        h = torch.addmm(b, h, w.t())[:, :out]
     logit = h[:, 0].float() + blob
     sigma = torch.exp(logit) if activation == "exp" else F.softplus(logit)
     return sigma, torch.sigmoid(h[:, 1:]), acts, logit
+
+
+_PAD_OUT_MIN_ROWS = 1 << 18  # GPU only; 0 forces it everywhere (tests)
 
 
 class _MLPHead(torch.autograd.Function):
@@ -183,8 +194,8 @@ class _MLPHead(torch.autograd.Function):
             grads[2 * i] = (g_h.t() @ a).to(weights[i].dtype)
             grads[2 * i + 1] = g_h.sum(0, dtype=torch.float32).to(weights[i].dtype)
             g_h = g_h @ weights[i].to(dtype)
-            if i > 0:  # a = relu(previous layer): the gradient passes where a > 0
-                g_h = torch.ops.aten.threshold_backward(g_h, a, 0)
+            if i > 0:  # a = relu(previous layer): the gradient passes where a > 0 (in place)
+                torch.ops.aten.threshold_backward.grad_input(g_h, a, 0, grad_input=g_h)
             del a
         g_feat = g_h.to(ctx.feat_dtype) if ctx.needs_input_grad[0] else None
         return (g_feat, None, None, None, *grads)

@@ -269,10 +269,11 @@ def test_a_batch_of_images_with_their_own_lights_equals_rendering_each_alone():
 @pytest.mark.parametrize("activation", ["exp", "softplus"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("pad", [False, True])
-def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad):
+def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, monkeypatch):
     """FieldNetwork.fused_head (_MLPHead, one autograd node with a hand-written backward) gives
     the module path's sigma, albedo, normals and gradients (hash table and MLP), in fp32 and
-    under bf16 autocast, with and without the rows padded to a bucket size (500 -> 512)."""
+    under bf16 autocast, with and without the GPU path's padding (rows to a bucket size, 500
+    -> 512; the last layer's 4 output columns to 8)."""
     from nerf import network_base
     from nerf.network_grid import NeRFNetwork
 
@@ -296,6 +297,8 @@ def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad):
     light = torch.tensor([[0.3, 0.5, 1.0]])
     results = []
     model.pad_rows = pad  # the GPU path's row padding (bucket_rows), forced on CPU
+    if pad:  # and the last layer's output padding (4 -> 8 columns)
+        monkeypatch.setattr(network_base, "_PAD_OUT_MIN_ROWS", 0)
     for fused in (False, True):
         model.fused_head = fused
         model.zero_grad()
