@@ -76,8 +76,7 @@ def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
 
 
 def prune_rays_train(sigmas, ts, rays, T_min):
-    # Pure tensor ops on either device (a scan and a gather): no kernel of its own.
-    return _torch_impl.prune_rays_train(sigmas, ts, rays, T_min)
+    return _impl(sigmas).prune_rays_train(sigmas, ts, rays, T_min)
 
 
 def march_rays(

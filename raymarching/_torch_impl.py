@@ -289,7 +289,7 @@ def prune_rays_train(
     the packed layout survives: ``keep`` indexes the kept samples in order and ``new_rays``
     gives each ray's (offset, count) among them. With ``T_min`` below the compositing
     threshold, ``composite_rays_train`` of the kept samples equals that of all samples (the
-    dropped ones would get weight 0 and no gradient). The same function serves CPU and GPU.
+    dropped ones would get weight 0 and no gradient).
 
     Args:
         sigmas: [M] densities (no gradient needed); ts: [M,2] (t, dt); rays: [N,2] (offset, count).

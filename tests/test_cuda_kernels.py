@@ -148,6 +148,23 @@ def test_composite_rays_train_forward_backward(channels):
     assert max(errs.values()) <= 1e-4
 
 
+@pytest.mark.parametrize("case", [(2, 64, 2.0, 0.0, 1024, True), (1, 128, 1.0, 0.0, 1024, True, 1e-4)])
+def test_prune_rays_train_matches_twin(case):
+    """The prune kernels keep the same samples and pack the rays as the twin does, on the CUDA
+    marcher's (arbitrary) ray order; the kept samples are each ray's front."""
+    _, (xyzs, _, ts, rays) = march_both(*case)
+    g = torch.Generator().manual_seed(3)
+    M = xyzs.shape[0]
+    sig = (torch.nn.functional.softplus(torch.randn(M, generator=g) * 3 + 1) * 30).to(DEV)
+    for T_min in (1e-5, 1e-2):
+        ref = rm.prune_rays_train(sig.cpu(), ts.cpu(), rays.cpu(), T_min)
+        got = rc.prune_rays_train(sig, ts, rays, T_min)
+        assert got[0].dtype == torch.int64 and got[1].dtype == torch.int32
+        assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
+        print(f"\n[prune T_min={T_min}] kept {got[0].numel()} of {M}")
+        assert 0 < got[0].numel() < M
+
+
 def test_composite_rays_train_gradcheck_float64():
     g = torch.Generator().manual_seed(2)
     sig = (torch.rand(7, generator=g, dtype=torch.float64) * 5).to(DEV).requires_grad_()

@@ -623,10 +623,65 @@ __global__ void composite_rays_kernel(int64_t n_alive, int n_step, index_t* __re
   composite_rays_one<index_t>(i, n_alive, n_step, alive, rays_t, sigmas, rgbs, ts, Cc, weights_sum, depth, image, fars, T_thresh);
 }
 
+__global__ void prune_mark_kernel(const float* __restrict__ sigmas, const float* __restrict__ ts,
+                                  const int32_t* __restrict__ rays, int64_t N, double max_depth,
+                                  int32_t* __restrict__ mask, int32_t* __restrict__ counts) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= N) return;
+  const int64_t off = rays[2 * r], count = rays[2 * r + 1];
+  double excl = 0.0;
+  int32_t kept = 0;
+  for (int64_t i = off; i < off + count; ++i) {
+    const int32_t m = excl <= max_depth;
+    mask[i] = m;
+    kept += m;
+    excl += static_cast<double>(sigmas[i]) * static_cast<double>(ts[2 * i + 1]);
+  }
+  counts[r] = kept;
+}
+
+__global__ void prune_keep_kernel(const int32_t* __restrict__ mask, const int32_t* __restrict__ csum,
+                                  int64_t M, int64_t* __restrict__ keep) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= M || !mask[i]) return;
+  keep[csum[i] - 1] = i;
+}
+
+__global__ void prune_rays_kernel(const int32_t* __restrict__ rays, const int32_t* __restrict__ mask,
+                                  const int32_t* __restrict__ csum, const int32_t* __restrict__ counts,
+                                  int64_t N, int32_t* __restrict__ new_rays) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= N) return;
+  const int64_t off = rays[2 * r];
+  const int32_t k = counts[r];
+  new_rays[2 * r] = k > 0 ? csum[off] - mask[off] : 0;
+  new_rays[2 * r + 1] = k;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
 // Launchers.
+
+cudaError_t prune_rays_mark(const float* sigmas, const float* ts, const int32_t* rays, int64_t N,
+                            double max_depth, int32_t* mask, int32_t* counts,
+                            cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  prune_mark_kernel<<<blocks_for(N), kThreads, 0, stream>>>(sigmas, ts, rays, N, max_depth, mask,
+                                                            counts);
+  return cudaGetLastError();
+}
+
+cudaError_t prune_rays_write(const int32_t* rays, const int32_t* mask, const int32_t* csum,
+                             const int32_t* counts, int64_t M, int64_t N, int64_t* keep,
+                             int32_t* new_rays, cudaStream_t stream) {
+  if (M > 0) prune_keep_kernel<<<blocks_for(M), kThreads, 0, stream>>>(mask, csum, M, keep);
+  if (N > 0) {
+    prune_rays_kernel<<<blocks_for(N), kThreads, 0, stream>>>(rays, mask, csum, counts, N,
+                                                              new_rays);
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t near_far_from_aabb(const float* rays_o, const float* rays_d, const float* aabb,
                                int64_t N, float min_near, float* nears, float* fars,

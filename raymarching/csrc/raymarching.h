@@ -95,4 +95,19 @@ cudaError_t composite_rays(int64_t n_alive, int n_step, index_t* rays_alive,
                            float* image, const float* fars, float T_thresh,
                            cudaStream_t stream);
 
+// prune_rays_train, pass 1 (one thread per ray): mask[i] = 1 for each sample i of the ray
+// whose optical depth before it (a running sum of sigma*dt in double, as the twin's) is at
+// most max_depth; counts[r] = the ray's kept samples. sigmas: [M]; ts: [M,2]; rays: [N,2];
+// mask: [M] int32 zeroed by the caller (samples of no ray stay 0); counts: [N] int32.
+cudaError_t prune_rays_mark(const float* sigmas, const float* ts, const int32_t* rays, int64_t N,
+                            double max_depth, int32_t* mask, int32_t* counts,
+                            cudaStream_t stream);
+
+// Pass 2, given csum = inclusive cumsum of mask [M]: keep[csum[i]-1] = i for kept samples
+// (keep: [M'] int64, in sample order) and new_rays[r] = (kept samples before the ray's first,
+// counts[r]) (0 offset for empty rays), as the twin packs them.
+cudaError_t prune_rays_write(const int32_t* rays, const int32_t* mask, const int32_t* csum,
+                             const int32_t* counts, int64_t M, int64_t N, int64_t* keep,
+                             int32_t* new_rays, cudaStream_t stream);
+
 }  // namespace dfk

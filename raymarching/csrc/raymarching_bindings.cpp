@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -189,6 +190,32 @@ std::vector<at::Tensor> composite_train_backward(
   return {grad_sigmas, grad_rgbs};
 }
 
+std::vector<at::Tensor> prune_rays_train(const at::Tensor& sigmas, const at::Tensor& ts,
+                                         const at::Tensor& rays, double T_min) {
+  DFK_CHECK(sigmas, at::kFloat);
+  DFK_CHECK(ts, at::kFloat);
+  DFK_CHECK(rays, at::kInt);
+  TORCH_CHECK(T_min > 0.0, "T_min must be positive");
+  const c10::cuda::CUDAGuard guard(sigmas.device());
+  const int64_t M = sigmas.size(0), N = rays.size(0);
+  auto mask = at::zeros({M}, rays.options());
+  auto counts = at::empty({N}, rays.options());
+  check_launch(dfk::prune_rays_mark(sigmas.data_ptr<float>(), ts.data_ptr<float>(),
+                                    rays.data_ptr<int32_t>(), N, -std::log(T_min),
+                                    mask.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), stream()),
+               "prune_rays_train (mark)");
+  auto csum = mask.cumsum(0, at::kInt);
+  const int64_t kept = M > 0 ? csum[M - 1].item<int32_t>() : 0;  // host sync: output size
+  auto keep = at::empty({kept}, rays.options().dtype(at::kLong));
+  auto new_rays = at::empty({N, 2}, rays.options());
+  check_launch(dfk::prune_rays_write(rays.data_ptr<int32_t>(), mask.data_ptr<int32_t>(),
+                                     csum.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), M, N,
+                                     keep.data_ptr<int64_t>(), new_rays.data_ptr<int32_t>(),
+                                     stream()),
+               "prune_rays_train (write)");
+  return {keep, new_rays};
+}
+
 std::vector<at::Tensor> march_rays(int64_t n_alive, int64_t n_step, const at::Tensor& rays_alive,
                                    at::Tensor rays_t, const at::Tensor& rays_o,
                                    const at::Tensor& rays_d, const at::Tensor& bitfield,
@@ -270,6 +297,7 @@ void register_raymarching(pybind11::module_& m) {
   m.def("march_rays_train", &march_rays_train);
   m.def("composite_rays_train_forward", &composite_train_forward);
   m.def("composite_rays_train_backward", &composite_train_backward);
+  m.def("prune_rays_train", &prune_rays_train);
   m.def("march_rays", &march_rays);
   m.def("composite_rays", &composite_rays);
 }
