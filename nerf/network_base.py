@@ -99,9 +99,9 @@ def _linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 def bucket_rows(n: int) -> int:
     """``n`` rounded up to a multiple of 1/64 to 1/128 of its power of two (at most 1.6% more).
 
-    cuBLASLt chooses a GEMM algorithm for each new shape: that costs 0.3-0.5 ms of host time
-    per GEMM (H100, torch 2.11) against 0.03 ms for a shape seen before, and the sample count
-    changes at every step. Padding the rows to 64-128 sizes per octave makes the shapes
+    cuBLASLt chooses a GEMM algorithm for each new shape: that cost 0.27-0.55 ms of host time
+    per ReLU-epilogue GEMM against 0.03-0.04 ms for a shape seen before (H100, torch 2.11,
+    scripts/bench_gemm.py), and the sample count changes at every step. Padding the rows to 64-128 sizes per octave makes the shapes
     repeat (a 10k-step run meets a few hundred sizes), for at most 1.6% more rows (coarser
     buckets, 6%, cost 0.17 GiB at bench_sds's memory peak).
 
@@ -134,8 +134,9 @@ def _head_forward(
             continue
         out, pad = w.shape[0], -w.shape[0] % 8
         if pad and h.shape[0] >= _PAD_OUT_MIN_ROWS and (h.is_cuda or _PAD_OUT_MIN_ROWS == 0):
-            # 4 output columns: padded to 8 (zero rows of W) cuBLAS picks a kernel that reads
-            # [N, 64] at 0.6x the time (H100, 400k rows; at 100k rows padding is slower).
+            # 4 output columns: padded to 8 (zero rows of W) cuBLAS picks a faster kernel, 0.6x
+            # to 0.8x the time at 400k rows on the H100; at 100k rows padding is slower
+            # (scripts/bench_gemm.py).
             w, b = F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad))
         h = torch.addmm(b, h, w.t())[:, :out]
     logit = h[:, 0].float() + blob
