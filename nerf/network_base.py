@@ -101,9 +101,10 @@ def bucket_rows(n: int) -> int:
 
     cuBLASLt chooses a GEMM algorithm for each new shape: that cost 0.27-0.55 ms of host time
     per ReLU-epilogue GEMM against 0.03-0.04 ms for a shape seen before (H100, torch 2.11,
-    scripts/bench_gemm.py), and the sample count changes at every step. Padding the rows to 64-128 sizes per octave makes the shapes
-    repeat (a 10k-step run meets a few hundred sizes), for at most 1.6% more rows (coarser
-    buckets, 6%, cost 0.17 GiB at bench_sds's memory peak).
+    scripts/bench_gemm.py), and the sample count changes at every step. Padding the rows to
+    64-128 sizes per octave makes the shapes repeat (a 10k-step run meets a few hundred
+    sizes), for at most 1.6% more rows (with buckets of up to 6%, bench_sds's allocation peak
+    was 0.17 GiB higher).
 
     >>> [bucket_rows(n) for n in (1, 100, 1000, 334242)]
     [64, 128, 1024, 335872]
