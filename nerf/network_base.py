@@ -164,7 +164,8 @@ class _MLPHead(torch.autograd.Function):
         ctx.save_for_backward(logit, albedo, acts[0], *params[0::2])
         # Hidden activations are kept outside save_for_backward so that backward can drop each
         # one as soon as it is used (as the module path's per-layer nodes do): with all of
-        # them alive to the end, a 5M-point fd pass held 1 GiB more at the peak.
+        # them alive to the end (and the ReLU mask out of place), bench_sds peaked 1.1 GiB
+        # higher (its fd passes reach 5M points).
         ctx.hidden = acts[1:]
         return sigma[:n], albedo[:n]
 
