@@ -369,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="UNet weights and inputs in channels_last memory format [default: on with -O, else off]",
     )
     g.add_argument(
+        "--vae_channels_last",
+        action="store_true",
+        help="VAE encoder weights and inputs in channels_last on the graphed/compiled encoder path",
+    )
+    g.add_argument(
         "--compile_unet",
         action="store_true",
         help="torch.compile the UNet (the first step compiles for about a minute or more)",
@@ -550,6 +555,7 @@ def build_guidance(opt: argparse.Namespace, device) -> dict:
             unet_graph=opt.unet_graph,
             vae_graph=opt.vae_graph,
             channels_last=opt.channels_last,
+            vae_channels_last=opt.vae_channels_last,
             compile_unet=opt.compile_unet,
             compile_vae=opt.compile_vae,
             unet_traced=opt.unet_traced,

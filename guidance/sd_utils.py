@@ -180,6 +180,8 @@ class StableDiffusion(torch.nn.Module):
         unet_graph: replay the UNet CFG call from a CUDA graph, one per input signature.
         vae_graph: replay the VAE encoder's forward and backward from CUDA graphs.
         channels_last: UNet weights and inputs in channels_last.
+        vae_channels_last: VAE encoder weights and inputs in channels_last on the fast encoder
+            path (``vae_graph``/``compile_vae``), so that cuDNN needs no NCHW<->NHWC conversions.
         compile_unet: ``torch.compile`` the UNet (the first call compiles for minutes).
         compile_vae: ``torch.compile`` the VAE encoder (fuses its GroupNorm + SiLU pairs; the
             first call with gradients compiles for about half a minute); with ``vae_graph`` the
@@ -204,6 +206,7 @@ class StableDiffusion(torch.nn.Module):
         unet_graph: bool = False,
         vae_graph: bool = False,
         channels_last: bool = False,
+        vae_channels_last: bool = False,
         compile_unet: bool = False,
         compile_vae: bool = False,
         unet_traced: str | os.PathLike | None = None,
@@ -251,6 +254,11 @@ class StableDiffusion(torch.nn.Module):
             from diffusers.models.attention_processor import AttnProcessor
 
             self.vae.set_attn_processor(AttnProcessor())
+        self.vae_channels_last = vae_channels_last and (self.vae_graph or self.compile_vae)
+        if self.vae_channels_last:
+            self.vae.encoder.to(memory_format=torch.channels_last)
+            if self.vae.quant_conv is not None:
+                self.vae.quant_conv.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         self.unet_traced = None if unet_traced in (None, "", "off") or not cuda else str(unet_traced)
         self.traced_dir = Path(traced_dir) if traced_dir else default_traced_dir()
@@ -401,6 +409,8 @@ class StableDiffusion(torch.nn.Module):
 
     def _fast_moments(self, x: torch.Tensor) -> torch.Tensor:
         """``_vae_moments`` through the enabled levers (compiled and/or graphed), one per signature."""
+        if self.vae_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         sig = signature(x)
         fn = self._vae_graphs.get(sig)
         if fn is None:

@@ -53,6 +53,15 @@ VARIANTS: dict[str, list[str]] = {
         "--vae_graph",
         "--compile_vae",
     ],
+    "UNet graph + CL + compiled VAE graph + VAE CL": [
+        "--fp16",
+        *OFF,
+        "--unet_graph",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+        "--vae_channels_last",
+    ],
     "compiled UNet graph + CL + compiled VAE graph": [
         "--fp16",
         *OFF,

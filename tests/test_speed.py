@@ -44,6 +44,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         (dict(unet_graph=True), 2e-2),
         (dict(unet_graph=True, channels_last=True, vae_graph=True), 2e-2),
         (dict(unet_graph=True, channels_last=True, vae_graph=True, compile_vae=True), 2e-2),
+        (
+            dict(
+                unet_graph=True, channels_last=True, vae_graph=True, compile_vae=True, vae_channels_last=True
+            ),
+            2e-2,
+        ),
         (dict(compile_vae=True), 2e-2),
         (dict(bf16=True, unet_graph=True, channels_last=True, vae_graph=True), 8e-2),
     ],
@@ -88,8 +94,16 @@ def test_graph_replays_fresh_inputs_and_other_shapes_get_their_own(tiny_sd, embe
 def test_cpu_ignores_graph_levers_and_matches_eager(tiny_sd, embed_cache):
     """On a CPU the graph levers are off and the result is the eager one exactly."""
     eager = StableDiffusion("cpu", hf_key=str(tiny_sd))
-    fast = StableDiffusion("cpu", hf_key=str(tiny_sd), unet_graph=True, vae_graph=True, unet_traced="auto")
+    fast = StableDiffusion(
+        "cpu",
+        hf_key=str(tiny_sd),
+        unet_graph=True,
+        vae_graph=True,
+        vae_channels_last=True,
+        unet_traced="auto",
+    )
     assert not fast.unet_graph and not fast.vae_graph and fast.unet_traced is None
+    assert not fast.vae_channels_last  # it belongs to the GPU encoder path
     emb = eager.get_text_embeds(["", "a red cube"])
     assert torch.equal(_sds_grad(eager, emb, 0), _sds_grad(fast, emb, 0))
 
