@@ -204,6 +204,73 @@ class _MLPHead(torch.autograd.Function):
         return (g_feat, None, None, None, *grads)
 
 
+class _FDShade(torch.autograd.Function):
+    """Central-difference normals and shading of a merged field call as one autograd node.
+
+    Inputs: sigma_all [7N] and albedo_all [7N,3] for N samples followed by their six fd points
+    (offset-major: +x,+y,+z,-x,-y,-z); l [1,3] or [N,3] light directions. Outputs sigma [N],
+    color [N,3] and normal [N,3], computed as ``FieldNetwork.forward``'s module path does
+    (``safe_normalize(-nan_to_num(gradient))``, then the shading), with its gradients written
+    out: about 20 tensor ops and as many autograd nodes fewer on the host-bound training render.
+    """
+
+    @staticmethod
+    def forward(ctx, sigma_all, albedo_all, l, ratio, eps, shading, n):
+        s = sigma_all[n:].view(6, n)
+        d = ((s[:3] - s[3:]) / (2 * eps)).t()  # [N,3] density gradient
+        v = -torch.nan_to_num(d)
+        sq = (v * v).sum(-1, keepdim=True)
+        den = torch.sqrt(torch.clamp(sq, min=1e-20))
+        normal = v / den
+        albedo = albedo_all[:n]
+        lam = None
+        if shading == "albedo":
+            color = albedo
+        elif shading == "normal":
+            color = (normal + 1) / 2
+        else:
+            dot = (normal * l).sum(-1)
+            lam = ratio + (1 - ratio) * dot.clamp(min=0)
+            color = lam[:, None].expand(-1, 3) if shading == "textureless" else albedo * lam[:, None]
+            ctx.save_for_backward(normal, den, sq >= 1e-20, torch.isfinite(d), albedo, lam, dot > 0, l)
+        if lam is None:
+            ctx.save_for_backward(normal, den, sq >= 1e-20, torch.isfinite(d))
+        ctx.shading, ctx.ratio, ctx.eps, ctx.n = shading, ratio, eps, n
+        ctx.albedo_dtype = albedo_all.dtype
+        return sigma_all[:n], color, normal
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_sigma, g_color, g_normal):
+        normal, den, unclamped, finite, *rest = ctx.saved_tensors
+        shading, n = ctx.shading, ctx.n
+        g_n = g_normal.float()
+        g_alb = None
+        if shading == "albedo":
+            g_alb = g_color
+        elif shading == "normal":
+            g_n = g_n + g_color / 2
+        else:
+            albedo, lam, lit, l = rest
+            if shading == "lambertian":
+                g_alb = g_color * lam[:, None]
+                g_lam = (g_color * albedo).sum(-1)
+            else:
+                g_lam = g_color.sum(-1)
+            g_n = g_n + (g_lam * (1 - ctx.ratio) * lit)[:, None] * l
+        # n = v / sqrt(clamp(|v|^2, 1e-20)); where unclamped the radial part is projected out.
+        g_v = (g_n - unclamped * normal * (normal * g_n).sum(-1, keepdim=True)) / den
+        g_d = -g_v * finite  # v = -nan_to_num(d)
+        g_half = (g_d / (2 * ctx.eps)).t()  # d = (s+ - s-) / (2 eps)
+        g_sigma_all = torch.cat([g_sigma.float().reshape(-1), g_half.reshape(-1), -g_half.reshape(-1)])
+        g_albedo_all = None
+        if ctx.needs_input_grad[1]:
+            g_albedo_all = torch.zeros(7 * n, 3, dtype=ctx.albedo_dtype, device=g_sigma.device)
+            if g_alb is not None:
+                g_albedo_all[:n] = g_alb
+        return g_sigma_all, g_albedo_all, None, None, None, None, None
+
+
 SHADINGS = ("albedo", "lambertian", "textureless", "normal")
 
 
@@ -362,6 +429,11 @@ class FieldNetwork(NeRFRenderer):
             # fitted scene (98k samples) took 10.1-10.9 ms instead of 12.5-13.3 on the H100.
             N = x.shape[0]
             sigma_all, albedo_all = self.common_forward(torch.cat([x.float(), self._stencil_points(x)]))
+            if self.fused_head and self.normal_method == "fd" and shading in SHADINGS:
+                if l is None and shading in ("lambertian", "textureless"):
+                    raise ValueError(f"{shading} shading needs a light direction")
+                light = None if l is None else l.float().reshape(-1, 3)
+                return _FDShade.apply(sigma_all, albedo_all, light, ratio, self.normal_eps, shading, N)
             sigma, albedo = sigma_all[:N], albedo_all[:N]
             normal = safe_normalize(-torch.nan_to_num(self._stencil_gradient(sigma_all[N:])))
         else:

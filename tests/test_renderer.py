@@ -269,11 +269,12 @@ def test_a_batch_of_images_with_their_own_lights_equals_rendering_each_alone():
 @pytest.mark.parametrize("activation", ["exp", "softplus"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("pad", [False, True])
-def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, monkeypatch):
-    """FieldNetwork.fused_head (_MLPHead, one autograd node with a hand-written backward) gives
-    the module path's sigma, albedo, normals and gradients (hash table and MLP), in fp32 and
-    under bf16 autocast, with and without the GPU path's padding (rows to a bucket size, 500
-    -> 512; the last layer's 4 output columns to 8)."""
+@pytest.mark.parametrize("shading", ["lambertian", "textureless", "normal", "albedo"])
+def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, shading, monkeypatch):
+    """FieldNetwork.fused_head (_MLPHead and _FDShade, autograd nodes with hand-written
+    backwards) gives the module path's sigma, colour, normals and gradients (hash table and
+    MLP) for every shading, in fp32 and under bf16 autocast, with and without the GPU path's
+    padding (rows to a bucket size, 500 -> 512; the last layer's 4 output columns to 8)."""
     from nerf import network_base
     from nerf.network_grid import NeRFNetwork
 
@@ -295,6 +296,7 @@ def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, monkey
         model.encoder.embeddings.uniform_(-0.5, 0.5)
     x = torch.rand(500, 3) * 1.6 - 0.8
     light = torch.tensor([[0.3, 0.5, 1.0]])
+    wc, wn = torch.rand(500, 3), torch.randn(500, 3)  # loss weights: every output's gradient differs
     results = []
     model.pad_rows = pad  # the GPU path's row padding (bucket_rows), forced on CPU
     if pad:  # and the last layer's output padding (4 -> 8 columns)
@@ -303,8 +305,10 @@ def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, monkey
         model.fused_head = fused
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            sigma, color, normal = model(x, x, light, 0.2, "lambertian")
-        loss = (sigma.float() * 0.01).sum() + color.float().square().sum() + normal.float().sum()
+            sigma, color, normal = model(x, x, light, 0.2, shading, need_normal=True)
+        loss = (
+            (sigma.float() * 0.01).sum() + (color.float() * wc).square().sum() + (normal.float() * wn).sum()
+        )
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         results.append((sigma, color, normal, grads))
