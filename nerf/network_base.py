@@ -88,10 +88,15 @@ class MLP(nn.Module):
 _FUSED_RELU = hasattr(torch, "_addmm_activation")
 
 
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear layer would compute in for ``x``: autocast's when it is on."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """relu(layer(x)) for [N, in] x in one ``addmm`` with a ReLU epilogue (autocast dtype)."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    dtype = _gemm_dtype(x)
     w, b = layer.weight.to(dtype), layer.bias.to(dtype)
     return torch._addmm_activation(b, x.to(dtype), w.t())
 
@@ -114,16 +119,16 @@ def bucket_rows(n: int) -> int:
 
 
 def _head_forward(
-    feat: torch.Tensor, blob: torch.Tensor, params: tuple[torch.Tensor, ...], activation: str
+    feat: torch.Tensor, blob: torch.Tensor, params: tuple[torch.Tensor, ...], activation: str, pad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """The ReLU MLP and the density/albedo head, without autograd.
 
     feat: [N,F] encoder features (any strides; the GEMMs run in the autocast dtype when
     autocast is on, else in feat's dtype); blob: [N] fp32 density prior; params: (W0, b0, W1,
-    b1, ...). Returns sigma [N] fp32, albedo [N,3], the layers' inputs and the fp32 logit.
+    b1, ...); pad: the GPU path's GEMM padding (``FieldNetwork.pad_rows``). Returns sigma [N]
+    fp32, albedo [N,3], the layers' inputs and the fp32 logit.
     """
-    dev = feat.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else feat.dtype
+    dtype = _gemm_dtype(feat)
     h = feat.to(dtype)
     acts = []
     n = len(params) // 2
@@ -133,19 +138,19 @@ def _head_forward(
         if i < n - 1:  # ReLU as the GEMM's epilogue (one kernel instead of two)
             h = torch._addmm_activation(b, h, w.t())
             continue
-        out, pad = w.shape[0], -w.shape[0] % 8
-        if pad and h.shape[0] >= _PAD_OUT_MIN_ROWS and (h.is_cuda or _PAD_OUT_MIN_ROWS == 0):
+        out, out_pad = w.shape[0], -w.shape[0] % 8
+        if pad and out_pad and h.shape[0] >= _PAD_OUT_MIN_ROWS:
             # 4 output columns: padded to 8 (zero rows of W) cuBLAS picks a faster kernel, 0.6x
             # to 0.8x the time at 400k rows on the H100; at 100k rows padding is slower
             # (scripts/bench_gemm.py).
-            w, b = F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad))
+            w, b = F.pad(w, (0, 0, 0, out_pad)), F.pad(b, (0, out_pad))
         h = torch.addmm(b, h, w.t())[:, :out]
     logit = h[:, 0].float() + blob
     sigma = torch.exp(logit) if activation == "exp" else F.softplus(logit)
     return sigma, torch.sigmoid(h[:, 1:]), acts, logit
 
 
-_PAD_OUT_MIN_ROWS = 1 << 18  # GPU only; 0 forces it everywhere (tests)
+_PAD_OUT_MIN_ROWS = 1 << 18  # rows from which the last layer's outputs are padded (with pad)
 
 
 class _MLPHead(torch.autograd.Function):
@@ -158,8 +163,8 @@ class _MLPHead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, feat, blob, n, activation, *params):
-        sigma, albedo, acts, logit = _head_forward(feat, blob, params, activation)
+    def forward(ctx, feat, blob, n, activation, pad, *params):
+        sigma, albedo, acts, logit = _head_forward(feat, blob, params, activation, pad)
         ctx.activation, ctx.feat_dtype, ctx.rows = activation, feat.dtype, feat.shape[0]
         ctx.save_for_backward(logit, albedo, acts[0], *params[0::2])
         # Hidden activations are kept outside save_for_backward so that backward can drop each
@@ -185,12 +190,9 @@ class _MLPHead(torch.autograd.Function):
         else:
             g_logit = g_sigma * torch.sigmoid(lg)
         g_h[:n, 0] = g_logit
-        if g_albedo is None:
-            g_h[:n, 1:] = 0
-        else:
-            al = albedo[:n]
-            torch.mul(g_albedo.to(dtype), al * (1 - al), out=g_h[:n, 1:])
-        del logit, albedo, lg, g_logit
+        al = albedo[:n]
+        torch.mul(g_albedo.to(dtype), al * (1 - al), out=g_h[:n, 1:])
+        del logit, albedo, lg, g_logit, al
         grads: list[torch.Tensor | None] = [None] * (2 * len(weights))
         for i in reversed(range(len(weights))):
             a = hidden.pop() if i > 0 else feat
@@ -201,7 +203,13 @@ class _MLPHead(torch.autograd.Function):
                 torch.ops.aten.threshold_backward.grad_input(g_h, a, 0, grad_input=g_h)
             del a
         g_feat = g_h.to(ctx.feat_dtype) if ctx.needs_input_grad[0] else None
-        return (g_feat, None, None, None, *grads)
+        return (g_feat, None, None, None, None, *grads)
+
+
+def _central_difference(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """[6*N] densities at the +x,+y,+z,-x,-y,-z offsets (offset-major) -> [N,3] gradient."""
+    s = s.reshape(6, -1)
+    return ((s[:3] - s[3:]) / (2 * eps)).t()
 
 
 class _FDShade(torch.autograd.Function):
@@ -216,8 +224,7 @@ class _FDShade(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sigma_all, albedo_all, l, ratio, eps, shading, n):
-        s = sigma_all[n:].view(6, n)
-        d = ((s[:3] - s[3:]) / (2 * eps)).t()  # [N,3] density gradient
+        d = _central_difference(sigma_all[n:], eps)  # [N,3] density gradient
         v = -torch.nan_to_num(d)
         sq = (v * v).sum(-1, keepdim=True)
         den = torch.sqrt(torch.clamp(sq, min=1e-20))
@@ -304,8 +311,9 @@ class FieldNetwork(NeRFRenderer):
         self.merge_stencil_max = 2**17  # samples up to which forward() makes one field call
         # MLP + density/albedo head as one autograd node (_MLPHead); False: the module path.
         self.fused_head = True
-        # Pad the fused head's rows to bucket_rows sizes; None: on GPUs only (CPU BLAS has no
-        # per-shape set-up cost, so padding would only add work there).
+        # Pad the fused head's GEMMs (rows to bucket_rows sizes; from _PAD_OUT_MIN_ROWS rows,
+        # the last layer's outputs to 8); None: on GPUs only (CPU BLAS has no per-shape set-up
+        # cost, so padding would only add work there).
         self.pad_rows: bool | None = None
         self.max_level: float | None = None  # fraction of encoder levels in use
         if opt.bg_radius > 0:
@@ -333,7 +341,7 @@ class FieldNetwork(NeRFRenderer):
             feat = self.encoder(xp, bound=self.bound, max_level=self.max_level)
             params = [t for layer in self.sigma_net.layers for t in (layer.weight, layer.bias)]
             blob = self.density_blob(xp.float())
-            return _MLPHead.apply(feat, blob, n, self.density_activation, *params)
+            return _MLPHead.apply(feat, blob, n, self.density_activation, pad, *params)
         h = self.sigma_net(self.encoder(x, bound=self.bound, max_level=self.max_level))
         logit = h[..., 0].float() + self.density_blob(x.float())
         if self.density_activation == "exp":
@@ -394,8 +402,7 @@ class FieldNetwork(NeRFRenderer):
         """[K*N] densities at ``_stencil_points`` -> [N,3] density gradient estimate."""
         e = self.normal_eps
         if self.normal_method == "fd":
-            s = s.reshape(6, -1)
-            return ((s[:3] - s[3:]) / (2 * e)).t()
+            return _central_difference(s, e)
         v = self._stencil_offsets(s.device) / e
         return (s.reshape(4, -1, 1) * v[:, None, :]).sum(0) / (4 * e)
 
@@ -421,6 +428,10 @@ class FieldNetwork(NeRFRenderer):
         Returns:
             sigma [N], color [N,3], normal [N,3] or None.
         """
+        if shading not in SHADINGS:
+            raise ValueError(f"unknown shading {shading!r}")
+        if l is None and shading in ("lambertian", "textureless"):
+            raise ValueError(f"{shading} shading needs a light direction")
         normal = None
         wants = shading != "albedo" or need_normal
         if wants and self.normal_method != "autograd" and x.shape[0] <= self.merge_stencil_max:
@@ -429,9 +440,7 @@ class FieldNetwork(NeRFRenderer):
             # fitted scene (98k samples) took 10.1-10.9 ms instead of 12.5-13.3 on the H100.
             N = x.shape[0]
             sigma_all, albedo_all = self.common_forward(torch.cat([x.float(), self._stencil_points(x)]))
-            if self.fused_head and self.normal_method == "fd" and shading in SHADINGS:
-                if l is None and shading in ("lambertian", "textureless"):
-                    raise ValueError(f"{shading} shading needs a light direction")
+            if self.fused_head and self.normal_method == "fd":
                 light = None if l is None else l.float().reshape(-1, 3)
                 return _FDShade.apply(sigma_all, albedo_all, light, ratio, self.normal_eps, shading, N)
             sigma, albedo = sigma_all[:N], albedo_all[:N]
@@ -447,15 +456,8 @@ class FieldNetwork(NeRFRenderer):
         elif shading == "normal":
             color = (normal + 1) / 2
         else:
-            if l is None:
-                raise ValueError(f"{shading} shading needs a light direction")
             lam = ratio + (1 - ratio) * (normal * l).sum(-1).clamp(min=0)
-            if shading == "textureless":
-                color = lam[:, None].expand(-1, 3)
-            elif shading == "lambertian":
-                color = albedo * lam[:, None]
-            else:
-                raise ValueError(f"unknown shading {shading!r}")
+            color = lam[:, None].expand(-1, 3) if shading == "textureless" else albedo * lam[:, None]
         return sigma, color, normal
 
     def background(self, d: torch.Tensor) -> torch.Tensor:

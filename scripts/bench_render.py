@@ -111,6 +111,30 @@ def rays(device, H, W, azimuth=30.0):
     return get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0], device=device), H, W), H, W)
 
 
+def render_frame(model, ro: torch.Tensor, rd: torch.Tensor) -> dict:
+    """One test frame (no gradients; fp16 autocast on CUDA), as validation and videos render."""
+    model.eval()
+    dev = ro.device.type
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.float16, enabled=dev == "cuda"):
+        return model.render(ro, rd, bg_color=torch.ones(3, device=ro.device), max_ray_batch=4096)
+
+
+def counted(fn) -> tuple[object, list[tuple[int, int]]]:
+    """fn()'s result and the (n_alive, n_step) of every inference-march call it made."""
+    calls = []
+    orig = raymarching.march_rays
+
+    def counting(n_alive, n_step, *a, **k):
+        calls.append((n_alive, n_step))
+        return orig(n_alive, n_step, *a, **k)
+
+    raymarching.march_rays = counting
+    try:
+        return fn(), calls
+    finally:
+        raymarching.march_rays = orig
+
+
 def training_samples(model, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One 64x64 training march (jittered) of the fitted scene: samples [M,3] and the indices
     of those kept by sample pruning."""
@@ -149,19 +173,12 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
         f"64x64 training march: {xyzs.shape[0]} samples ({xyzs.shape[0] / 4096:.1f} per ray), "
         f"{keep.numel()} after pruning"
     )
-    calls = []
-    orig = raymarching.march_rays
-
-    def counting(n_alive, n_step, *a, **k):
-        calls.append((n_alive, n_step))
-        return orig(n_alive, n_step, *a, **k)
-
-    raymarching.march_rays = counting
     ro8, rd8 = rays(device, test_size, test_size)
-    model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
-        model.render(ro8, rd8, bg_color=torch.ones(3, device=device))
-    raymarching.march_rays = orig
+
+    def frame():
+        return render_frame(model, ro8, rd8)
+
+    _, calls = counted(frame)
     lines.append(
         f"{test_size}^2 test frame: {len(calls)} loop iterations, {sum(a * b for a, b in calls)} samples; "
         f"(n_alive, n_step): {calls[:6]} ... {calls[-3:]}"
@@ -185,12 +202,6 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
         ]
     for k in (1, 2, 4, 8):
         model.min_infer_step = k
-
-        def frame():
-            model.eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
-                return model.render(ro8, rd8, bg_color=torch.ones(3, device=device))
-
         ms, _ = timeit(frame, 5, device)
         lines.append(
             f"test frame with min_infer_step {k}: {ms:.1f} ms, alpha {frame()['weights_sum'].mean():.4f}"
@@ -198,10 +209,7 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
     model.min_infer_step = type(model).min_infer_step
     for k in (8, 16, 32, 64, 128):
         model.max_infer_step = k
-        calls.clear()
-        raymarching.march_rays = counting
-        out = frame()
-        raymarching.march_rays = orig
+        out, calls = counted(frame)
         ms, _ = timeit(frame, 5, device)
         lines.append(
             f"test frame with max_infer_step {k}: {ms:.1f} ms, {len(calls)} loop iterations, "
@@ -209,9 +217,7 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
         )
     model.max_infer_step = type(model).max_infer_step
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
-            model.render(ro8, rd8, bg_color=torch.ones(3, device=device))
+        frame()
         torch.cuda.synchronize()
     prof.export_chrome_trace(str(path.with_suffix(".frame.trace.json")))
     lines += ["== test frame x1", prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)]
@@ -284,17 +290,9 @@ def ab_rounds(model, device, light, repeat: int, attr: str, values, shadings=("l
 def infer_thresholds(model, device, size: int) -> list[str]:
     """Test-frame time, samples evaluated and image change for --infer_T_thresh values."""
     ro8, rd8 = rays(device, size, size)
-    calls = []
-    orig = raymarching.march_rays
-
-    def counting(n_alive, n_step, *a, **k):
-        calls.append(n_alive * n_step)
-        return orig(n_alive, n_step, *a, **k)
 
     def frame():
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
-            return model.render(ro8, rd8, bg_color=torch.ones(3, device=device), max_ray_batch=4096)
+        return render_frame(model, ro8, rd8)
 
     saved = getattr(model.opt, "infer_T_thresh", 1e-4)
     lines = [
@@ -307,13 +305,12 @@ def infer_thresholds(model, device, size: int) -> list[str]:
     for t in (1e-4, 1e-3, 1e-2):
         model.opt.infer_T_thresh = t
         ms, _ = timeit(frame, 7, device)
-        calls.clear()
-        raymarching.march_rays = counting
-        img = frame()["image"].float()
-        raymarching.march_rays = orig
+        out, calls = counted(frame)
+        img = out["image"].float()
         ref = img if ref is None else ref
         d = (img - ref).abs()
-        lines.append(f"| {t:g} | {ms:.1f} | {sum(calls)} | {len(calls)} | {d.max():.4f} | {d.mean():.5f} |")
+        samples = sum(a * b for a, b in calls)
+        lines.append(f"| {t:g} | {ms:.1f} | {samples} | {len(calls)} | {d.max():.4f} | {d.mean():.5f} |")
     model.opt.infer_T_thresh = saved
     return lines
 
@@ -392,12 +389,7 @@ def main() -> None:
         ro8, rd8 = rays(device, S, S)
 
         def test_frame(ro8=ro8, rd8=rd8):
-            model.eval()
-            with (
-                torch.no_grad(),
-                torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"),
-            ):
-                return model.render(ro8, rd8, bg_color=torch.ones(3, device=device), max_ray_batch=4096)
+            return render_frame(model, ro8, rd8)
 
         # The twin's inference loop is many small launches: time it fewer times.
         reps = max(3, args.repeat // 5) if backend == "auto" or not cuda_ray else 2
