@@ -15,7 +15,7 @@ Gradients are first clipped to a global norm of ``max_grad_norm`` (when > 0).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -58,22 +58,37 @@ class Adan(torch.optim.Optimizer):
         self.__dict__.setdefault("foreach", None)  # optimizers pickled before the flag existed
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, ok: torch.Tensor | None = None):
+        """One update. ``ok``: None, or a 0-d bool tensor on the parameters' device that
+        decides on the device whether the update happens: where it is False, parameters,
+        moments and step counts stay as they were (non-finite gradients are never read into
+        them). A trainer can then step before it knows whether the loss was finite, with no
+        host sync. Needs every parameter with a gradient to be dense fp32 (``can_gate``);
+        step counts become 0-d device tensors."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if ok is not None and not self.can_gate():
+            raise ValueError("Adan.step(ok=...) needs dense float32 parameters and gradients")
         clip = self._clip_factor()
         for group in self.param_groups:
             fast, slow = [], []
             for p in group["params"]:
                 if p.grad is not None:
                     (fast if self.foreach is not False and _foreach_ok(p) else slow).append(p)
+            if ok is not None:
+                self._step_gated(group, fast + slow, clip, ok)
+                continue
             if fast:
                 self._step_foreach(group, fast, clip)
             if slow:
                 self._step_loop(group, slow, clip)
         return loss
+
+    def can_gate(self) -> bool:
+        """Whether ``step(ok=...)`` applies: every parameter with a gradient is dense fp32."""
+        return all(_foreach_ok(p) for g in self.param_groups for p in g["params"] if p.grad is not None)
 
     def _clip_factor(self) -> torch.Tensor | float:
         """Global-norm clip factor, a device tensor (never read on the host: no sync)."""
@@ -101,7 +116,7 @@ class Adan(torch.optim.Optimizer):
                 st["v"] = torch.zeros_like(g)
                 st["n"] = torch.zeros_like(g)
                 st["prev"] = g.clone()
-            st["step"] += 1
+            st["step"] = int(st["step"]) + 1  # an int again after gated steps (tensor counts)
             k = st["step"]
             diff = g - st["prev"]
             st["m"].mul_(b1).add_(g, alpha=1 - b1)
@@ -128,7 +143,7 @@ class Adan(torch.optim.Optimizer):
                 st["v"] = torch.zeros_like(p.grad)
                 st["n"] = torch.zeros_like(p.grad)
                 st["prev"] = None  # set from the clipped gradient below
-            st["step"] += 1
+            st["step"] = int(st["step"]) + 1  # an int again after gated steps (tensor counts)
             buckets[(p.device, st["step"])].append(p)
         for (_, k), ps in buckets.items():
             states = [self.state[p] for p in ps]
@@ -156,6 +171,78 @@ class Adan(torch.optim.Optimizer):
             torch._foreach_addcdiv_(ps, num, denom, value=-lr)
             if wd != 0:
                 torch._foreach_div_(ps, 1 + lr * wd)
+
+    def _step_gated(
+        self, group: dict, params: list[torch.Tensor], clip: torch.Tensor | float, ok: torch.Tensor
+    ) -> None:
+        """The foreach update applied with weight ``ok`` (1 or 0) on the device: each moment
+        moves by ``ok`` times its usual step, the step count by ``ok``; bias corrections use the
+        device count. Equal to ``_step_foreach`` up to float rounding when ok is True."""
+        b1, b2, b3 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        okf = ok.to(torch.float32)
+        # Parameters that share a step count share one device tensor (usually one per group).
+        shared: dict[tuple, torch.Tensor] = {}
+        buckets: dict[int, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = 0
+                st["m"] = torch.zeros_like(p.grad)
+                st["v"] = torch.zeros_like(p.grad)
+                st["n"] = torch.zeros_like(p.grad)
+                st["prev"] = torch.zeros_like(p.grad)
+            k = st["step"]
+            # An int count (foreach/loop state) or one loaded off the device (torch keeps
+            # optimizer "step" tensors on the CPU when loading) joins a shared device tensor.
+            if not isinstance(k, torch.Tensor) or k.device != p.device:
+                key = (p.device, int(k))
+                if key not in shared:
+                    shared[key] = torch.full((), float(k), device=p.device)
+                st["step"] = shared[key]
+            buckets[id(st["step"])].append(p)
+        # A count shared with parameters that get no gradient this step splits off first.
+        refs = Counter(
+            id(st["step"]) for st in self.state.values() if isinstance(st.get("step"), torch.Tensor)
+        )
+        for key, ps in buckets.items():
+            states = [self.state[p] for p in ps]
+            if refs[key] != len(ps):
+                own = states[0]["step"].clone()
+                for st in states:
+                    st["step"] = own
+            k = states[0]["step"]
+            k.add_(okf)
+            kc = k.clamp(min=1)  # a count still at 0 only meets ok = 0 below
+            # Sanitised, clipped gradients: a skipped step may carry inf/NaN, and 0 * inf = NaN.
+            g = [torch.where(ok, p.grad * clip, 0.0) for p in ps]
+            m, v, n, prev = ([st[key] for st in states] for key in ("m", "v", "n", "prev"))
+            diff = torch._foreach_sub(g, prev)
+            torch._foreach_mul_(diff, (k > 1).to(torch.float32))  # diff = 0 at the first applied step
+            for acc, target, w in ((m, g, 1 - b1), (v, diff, 1 - b2)):
+                t = torch._foreach_sub(target, acc)
+                torch._foreach_mul_(t, okf * w)
+                torch._foreach_add_(acc, t)
+            nest = torch._foreach_add(g, diff, alpha=b2)
+            del diff
+            t = torch._foreach_mul(nest, nest)
+            del nest
+            torch._foreach_sub_(t, n)
+            torch._foreach_mul_(t, okf * (1 - b3))
+            torch._foreach_add_(n, t)
+            for pv, gi in zip(prev, g):
+                torch.where(ok, gi, pv, out=pv)
+            denom = torch._foreach_div(n, 1 - b3**kc)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            num = torch._foreach_div(m, 1 - b1**kc)
+            t = torch._foreach_mul(v, b2 / (1 - b2**kc))
+            torch._foreach_add_(num, t)
+            torch._foreach_div_(num, denom)
+            torch._foreach_mul_(num, okf * -lr)
+            torch._foreach_add_(ps, num)
+            if wd != 0:
+                torch._foreach_div_(ps, 1 + okf * (lr * wd))
 
 
 def _foreach_ok(p: torch.Tensor) -> bool:
@@ -195,9 +282,16 @@ class EMA:
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, ok: torch.Tensor | None = None) -> None:
+        """Move the average towards the weights; with ``ok`` (a 0-d bool device tensor) only
+        where it is True, decided on the device."""
         for shadow, params in _by_device_dtype(self.shadow, self.params).values():
-            torch._foreach_lerp_(shadow, params, 1 - self.decay)
+            if ok is None:
+                torch._foreach_lerp_(shadow, params, 1 - self.decay)
+                continue
+            t = torch._foreach_sub(params, shadow)
+            torch._foreach_mul_(t, ok.to(shadow[0].dtype) * (1 - self.decay))
+            torch._foreach_add_(shadow, t)
 
     @torch.no_grad()
     def swap(self) -> None:

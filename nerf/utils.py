@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,17 @@ def seed_everything(seed: int) -> None:
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass
+class _StepRecord:
+    """A training step's results on their way to the host: [ok, loss, *parts] values."""
+
+    step: int  # global step index (before the step)
+    shading: str
+    names: list[str]
+    values: torch.Tensor
+    event: torch.cuda.Event | None  # recorded after the copy (CUDA only)
 
 
 class CheckpointError(RuntimeError):
@@ -165,6 +177,11 @@ class Trainer:
         else:
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: 1.0)
         self.ema = EMA(model.parameters(), opt.ema_decay) if opt.ema_decay > 0 else None
+        # With Adan the skip of a non-finite step is decided on the device, so on a GPU the
+        # host reads each step's loss back one step later instead of waiting for it: the next
+        # step's host work (batch, launches) overlaps the GPU's work on this one.
+        self.defer_sync = device.type == "cuda"
+        self._pending: _StepRecord | None = None
 
         self.epoch = 0
         self.global_step = 0
@@ -348,9 +365,18 @@ class Trainer:
             return torch.ones((), dtype=torch.bool, device=self.device)
         return torch.stack([torch.isfinite(g).all() for g in grads]).all()
 
-    def train_one_step(self, data: dict) -> dict:
+    def _gated(self) -> bool:
+        """The optimizer can skip a non-finite step on the device (Adan on fp32 parameters)."""
+        return isinstance(self.optimizer, Adan) and self.optimizer.can_gate()
+
+    def train_one_step(self, data: dict) -> dict | None:
         """One optimisation step. Non-finite losses/gradients skip the step (counted);
-        ``--max_nonfinite`` of them in a row stop the run."""
+        ``--max_nonfinite`` of them in a row stop the run.
+
+        Returns the parts of a finished step (loss, each term, ``ok``, ``step``): this step's,
+        or with ``defer_sync`` the previous step's (None after the first; ``flush()`` gives
+        the last). With Adan the skip is decided on the device, so the host reads the loss
+        back one step late, while the GPU works, instead of waiting for it every step."""
         opt, model = self.opt, self.model
         model.train()
         if model.cuda_ray and self.global_step % opt.update_extra_interval == 0:
@@ -366,49 +392,100 @@ class Trainer:
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
             loss, parts = self.train_step(data, save_guidance_path=save_path)
-        # One host sync per step: backward runs before the loss is checked (a non-finite loss
-        # gives non-finite gradients, so the step is skipped all the same), and the loss, its
-        # parts and the finiteness flags come back in a single device->host copy.
+        # Backward runs before the loss is checked (a non-finite loss gives non-finite
+        # gradients, so the step is skipped all the same); the loss, its parts and the
+        # finiteness flag come back in a single device->host copy.
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         finite = torch.isfinite(loss.detach()) & self._grads_finite_flag()
-        names = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
-        values = torch.stack([finite.float(), loss.detach().float(), *(parts[k].float() for k in names)])
-        ok_flag, loss_value, *part_values = values.tolist()
-        parts.update(zip(names, part_values))
-        ok = ok_flag > 0
-        if ok:
+        rec = self._readback(finite, loss, parts)
+        done: _StepRecord | dict | None
+        if self._gated():
             if opt.grad_clip > 0:
                 torch.nn.utils.clip_grad_value_(model.parameters(), opt.grad_clip)
-            # = scaler.step(optimizer) for finite gradients, without its found-inf host sync.
-            self.optimizer.step()
-            self.scaler.update()
-            self.nonfinite_run = 0
+            # = scaler.step(optimizer) with the found-inf decision left on the device.
+            self.optimizer.step(ok=finite)
+            self.scaler.update()  # lowers the loss scale after an overflow, as GradScaler does
+            if self.ema is not None:
+                self.ema.update(ok=finite)
+            if self.defer_sync:
+                done, self._pending = self._pending, rec  # read back at the next step
+            else:
+                done = rec
         else:
+            done = self._finish(rec)  # the host decides: one sync per step
+            if done["ok"]:
+                if opt.grad_clip > 0:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), opt.grad_clip)
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
-                self.scaler.update()  # lowers the loss scale, as GradScaler would on overflow
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_total += 1
-            self.nonfinite_run += 1
-            self.log(
-                f"[step {self.global_step}] non-finite loss or gradient: step skipped "
-                f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)"
-            )
-            if self.nonfinite_run >= opt.max_nonfinite:
-                raise TrainingDiverged(
-                    f"{self.nonfinite_run} non-finite steps in a row at step {self.global_step}; stopped. "
-                    f"The last good checkpoint is kept in {self.ckpt_dir}. Try --precision fp32, a lower --lr "
-                    f"or --grad_clip 1"
-                )
+                self.scaler.update()
         self.lr_scheduler.step()
-        if ok and self.ema is not None:
-            self.ema.update()
         self.global_step += 1
-        parts["loss"] = loss_value if ok else float("nan")
-        parts["ok"] = ok
+        return self._finish(done) if isinstance(done, _StepRecord) else done
+
+    def flush(self) -> dict | None:
+        """The parts of a step still being read back (``defer_sync``), or None."""
+        rec, self._pending = self._pending, None
+        return None if rec is None else self._finish(rec)
+
+    def _readback(self, finite: torch.Tensor, loss: torch.Tensor, parts: dict) -> _StepRecord:
+        """Start copying the step's flag, loss and parts to the host (no wait on a GPU)."""
+        names = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([finite.float(), loss.detach().float(), *(parts[k].float() for k in names)])
+        event = None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return _StepRecord(self.global_step, parts.get("shading", ""), names, values, event)
+
+    def _finish(self, rec: _StepRecord) -> dict:
+        """Read a step's values (waiting for its copy), count skips; may stop the run."""
+        if rec.event is not None:
+            rec.event.synchronize()
+        ok_flag, loss_value, *part_values = rec.values.tolist()
+        ok = ok_flag > 0
+        parts: dict = dict(zip(rec.names, part_values))
+        parts.update(shading=rec.shading, step=rec.step + 1, ok=ok, loss=loss_value if ok else float("nan"))
+        if ok:
+            self.nonfinite_run = 0
+            return parts
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self.log(
+            f"[step {rec.step}] non-finite loss or gradient: step skipped "
+            f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)"
+        )
+        if self.nonfinite_run >= self.opt.max_nonfinite:
+            raise TrainingDiverged(
+                f"{self.nonfinite_run} non-finite steps in a row at step {rec.step}; stopped. "
+                f"The last good checkpoint is kept in {self.ckpt_dir}. Try --precision fp32, a lower --lr "
+                f"or --grad_clip 1"
+            )
         return parts
 
     # --- loops ------------------------------------------------------------------------------
+    def _log_step(self, parts: dict, bar: tqdm, losses: list[float]) -> None:
+        """Progress bar, loss list and (every 10 steps or on a skip) TensorBoard for one
+        finished step."""
+        step = parts["step"]
+        if parts["ok"]:
+            losses.append(parts["loss"])
+        if step % 10 == 0 or not parts["ok"]:
+            w = self._tb()
+            for k, v in parts.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    w.add_scalar(f"train/{k}", v, step)
+            w.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+            if self.model.cuda_ray:
+                w.add_scalar("train/occupancy", self.model.occupancy(), step)
+        bar.set_postfix(loss=f"{parts['loss']:.4g}", it_s=f"{bar.format_dict.get('rate') or 0:.2f}")
+
     def train(
         self, train_set: NeRFDataset, valid_set: NeRFDataset | None, test_set: NeRFDataset | None
     ) -> None:
@@ -432,20 +509,14 @@ class Trainer:
             for _ in range(steps):
                 data = train_set.train_batch(self.progress() if opt.progressive_view else None)
                 parts = self.train_one_step(data)
-                if parts["ok"]:
-                    losses.append(parts["loss"])
-                if self.global_step % 10 == 0 or not parts["ok"]:
-                    w = self._tb()
-                    for k, v in parts.items():
-                        if isinstance(v, float) and math.isfinite(v):
-                            w.add_scalar(f"train/{k}", v, self.global_step)
-                    w.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
-                    if self.model.cuda_ray:
-                        w.add_scalar("train/occupancy", self.model.occupancy(), self.global_step)
-                bar.set_postfix(loss=f"{parts['loss']:.4g}", it_s=f"{bar.format_dict.get('rate') or 0:.2f}")
+                if parts is not None:
+                    self._log_step(parts, bar, losses)
                 bar.update(1)
                 if kill_at and self.global_step == kill_at:
                     os._exit(3)
+            parts = self.flush()
+            if parts is not None:
+                self._log_step(parts, bar, losses)
             bar.close()
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             mem = ""

@@ -32,6 +32,7 @@ import raymarching  # noqa: E402
 from main import parse_args  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy  # noqa: E402
+from scripts.trace_stats import summary  # noqa: E402
 
 # The grid encoder's CUDA kernel layouts compared by --kernel_variants: (AGG_MODE, SOA).
 GRID_LAYOUTS = ((0, False), (1, False), (0, True), (1, True))
@@ -195,8 +196,10 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        prof.export_chrome_trace(str(path.with_suffix(f".train_{shading}.trace.json")))
+        trace = path.with_suffix(f".train_{shading}.trace.json")
+        prof.export_chrome_trace(str(trace))
         lines += [
+            summary(trace, steps=5),
             f"== train {shading} x5",
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=30),
         ]
@@ -219,8 +222,13 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         frame()
         torch.cuda.synchronize()
-    prof.export_chrome_trace(str(path.with_suffix(".frame.trace.json")))
-    lines += ["== test frame x1", prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)]
+    trace = path.with_suffix(".frame.trace.json")
+    prof.export_chrome_trace(str(trace))
+    lines += [
+        summary(trace),
+        "== test frame x1",
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=30),
+    ]
     path.write_text("\n".join(lines) + "\n")
     print(*[ln for ln in lines if not ln.startswith(("==", " ", "-"))][:8], sep="\n")
 

@@ -37,6 +37,7 @@ from main import build_guidance, configure_cuda_allocator, parse_args  # noqa: E
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
+from scripts.trace_stats import summary  # noqa: E402
 
 OFF = ["--no-unet_graph", "--no-vae_graph", "--no-compile_vae", "--no-channels_last", "--unet_traced", "off"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
@@ -331,7 +332,9 @@ def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out:
         for _ in range(5):
             trainer.train_one_step(train_set.train_batch())
         sync(device)
-    prof.export_chrome_trace(str(out.with_suffix(".trace.json")))  # for perfetto / chrome://tracing
+    trace = out.with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))  # for perfetto / chrome://tracing
+    busy = summary(trace, steps=5)
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
     table += "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50)
     ev = {e.key: e.count for e in prof.key_averages()}
@@ -340,11 +343,11 @@ def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out:
     }
     where = sync_sites(trainer, train_set, device) if device.type == "cuda" else {}
     out.write_text(
-        f"syncs over 5 iterations: {json.dumps(syncs, indent=1)}\n\n"
+        f"{busy}\n\nsyncs over 5 iterations: {json.dumps(syncs, indent=1)}\n\n"
         f"synchronising call sites over 3 iterations (torch.cuda sync debug mode): "
         f"{json.dumps(where, indent=1)}\n\n{table}\n"
     )
-    print(f"profile: host-sync events over 5 iterations: {syncs}")
+    print(f"profile: host-sync events over 5 iterations: {syncs}\n{busy}")
 
 
 def sync_sites(trainer: Trainer, train_set: NeRFDataset, device: torch.device) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from nerf.optimizer import EMA, Adan
@@ -173,3 +174,87 @@ def test_ema_update_with_a_parameter_of_another_dtype():
     assert ema.shadow[0].dtype == torch.float32
     torch.testing.assert_close(ema.shadow[0], 0.5 * s0[0] + 0.5 * m.weight.detach().float())
     torch.testing.assert_close(ema.shadow[1], s0[1])
+
+
+def test_gated_adan_equals_adan_without_the_skipped_steps():
+    """step(ok=...) decided on the device: a skipped step (here with NaN gradients, and the
+    very first step) leaves everything as it was; applied steps match the plain update."""
+    ref_p, gated_p = _params(4), _params(4)
+    ref, gated = _make(ref_p, foreach=None), _make(gated_p, foreach=None)
+    skipped = {0, 3}
+    for k in range(7):
+        grads = _grads(k)
+        bad = k in skipped
+        for p, g in zip(gated_p, grads):
+            p.grad = None if g is None else g.clone() * (float("nan") if bad else 1.0)
+        gated.step(ok=torch.tensor(not bad))
+        if not bad:
+            for p, g in zip(ref_p, grads):
+                p.grad = None if g is None else g.clone()
+            ref.step()
+    for a, b in zip(ref_p, gated_p):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+    steps = [gated.state[p]["step"] for p in gated_p]
+    assert all(isinstance(s, torch.Tensor) for s in steps)
+    assert [int(s) for s in steps] == [ref.state[p]["step"] for p in ref_p] == [5, 5, 4, 5]
+    for key in ("m", "v", "n", "prev"):
+        for a, b in zip(ref_p, gated_p):
+            torch.testing.assert_close(gated.state[b][key], ref.state[a][key], rtol=1e-5, atol=1e-6)
+
+
+def test_gated_adan_resumes_from_a_checkpoint_of_either_kind():
+    a_p, b_p = _params(5), _params(5)
+    a, b = _make(a_p, foreach=None), _make(b_p, foreach=None)
+    _run(a, a_p, range(3))
+    _run(b, b_p, range(3))
+    # An int-step checkpoint into the gated path, and a gated (tensor-step) one back into foreach.
+    for k in range(3, 5):
+        for p, g in zip(b_p, _grads(k)):
+            p.grad = None if g is None else g.clone()
+        b.step(ok=torch.tensor(True))
+    c_p = [torch.nn.Parameter(p.detach().clone()) for p in b_p]
+    c = _make(c_p, foreach=None)
+    c.load_state_dict(copy.deepcopy(b.state_dict()))
+    _run(a, a_p, range(3, 6))
+    _run(c, c_p, range(5, 6))
+    for x, y in zip(a_p, c_p):
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_gated_adan_refuses_other_dtypes():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = Adan([p], lr=0.1)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    assert not opt.can_gate()
+    with pytest.raises(ValueError, match="float32"):
+        opt.step(ok=torch.tensor(True))
+
+
+def test_gated_ema_moves_only_when_ok():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m.parameters(), 0.9)
+    before = [s.clone() for s in ema.shadow]
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(ok=torch.tensor(False))
+    for s, b in zip(ema.shadow, before):
+        assert torch.equal(s, b)
+    ema.update(ok=torch.tensor(True))
+    torch.testing.assert_close(ema.shadow[0], before[0] + 0.1)
+
+
+def test_gated_adan_counts_steps_per_parameter():
+    """Parameters share one device step count until one of them misses a gradient."""
+    ps = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    ref = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    gated, plain = Adan(ps, lr=0.1), Adan(ref, lr=0.1)
+    for k, with_second in enumerate((True, True, False, True)):
+        for group in (ps, ref):
+            group[0].grad = torch.full((3,), float(k + 1))
+            group[1].grad = torch.full((2,), -float(k + 1)) if with_second else None
+        gated.step(ok=torch.tensor(True))
+        plain.step()
+    assert [int(gated.state[p]["step"]) for p in ps] == [4, 3]
+    for a, b in zip(ref, ps):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)

@@ -68,29 +68,76 @@ __device__ inline Located<in_t, D> locate(const in_t* x, in_t scale, bool align,
   return r;
 }
 
-// Table row of lattice point c (clamped to the level) in level l: dense x + y P + z P^2 when
-// the level's P^D points fit its table, else the uint32 xor hash, modulo the table size.
+// How a level maps lattice points to table rows, fixed per level (warp-uniform): dense
+// (x + y P + z P^2, when its P^D points fit the table) or hashed, then modulo the size.
+struct RowMap {
+  int P;
+  uint32_t size;
+  bool dense;
+  bool pow2;  // size is a power of two: the modulo is a mask
+  int64_t base;
+};
+
 template <int D>
-__device__ inline int64_t table_row(const int* c, int P, int64_t size, int64_t base) {
+__device__ inline RowMap row_map(int P, int64_t base, int64_t size) {
   int64_t dense_n = 1;
 #pragma unroll
   for (int d = 0; d < D; ++d) dense_n *= P;
-  uint64_t idx;
-  if (dense_n <= size) {
-    uint64_t stride = 1;
-    idx = 0;
+  const uint32_t s = static_cast<uint32_t>(size);  // level sizes are < 2^31 (int32 offsets)
+  return RowMap{P, s, dense_n <= size, (s & (s - 1u)) == 0u, base};
+}
+
+// Table row of lattice point c (clamped to the level). 32-bit arithmetic throughout: a dense
+// index is below P^D <= size < 2^31 and needs no modulo; the hash is uint32. (A 64-bit
+// remainder is a long library routine, run 8 times per point and level.)
+template <int D>
+__device__ inline int64_t table_row(const int* c, const RowMap& m) {
+  uint32_t idx = 0;
+  if (m.dense) {
+    uint32_t stride = 1;
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-      idx += static_cast<uint64_t>(c[d]) * stride;
-      stride *= static_cast<uint64_t>(P);
+      idx += static_cast<uint32_t>(c[d]) * stride;
+      stride *= static_cast<uint32_t>(m.P);
     }
   } else {
-    uint32_t h = 0;
 #pragma unroll
-    for (int d = 0; d < D; ++d) h ^= static_cast<uint32_t>(c[d]) * kPrimes[d];
-    idx = h;
+    for (int d = 0; d < D; ++d) idx ^= static_cast<uint32_t>(c[d]) * kPrimes[d];
+    idx = m.pow2 ? (idx & (m.size - 1u)) : (idx % m.size);
   }
-  return static_cast<int64_t>(idx % static_cast<uint64_t>(size)) + base;
+  return static_cast<int64_t>(idx) + m.base;
+}
+
+// Features f < F of one table row, as acc_t. Two features (the default) in one vector load
+// when the table allows it (vec2: F == 2 and the pointer aligned to the pair).
+__device__ inline void load_pair(const float* p, float* v) {
+  const float2 t = *reinterpret_cast<const float2*>(p);
+  v[0] = t.x;
+  v[1] = t.y;
+}
+__device__ inline void load_pair(const __half* p, float* v) {
+  const float2 t = __half22float2(*reinterpret_cast<const __half2*>(p));
+  v[0] = t.x;
+  v[1] = t.y;
+}
+__device__ inline void load_pair(const __nv_bfloat16* p, float* v) {
+  const float2 t = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+  v[0] = t.x;
+  v[1] = t.y;
+}
+__device__ inline void load_pair(const double* p, double* v) {
+  v[0] = p[0];
+  v[1] = p[1];
+}
+
+template <typename emb_t, typename acc_t>
+__device__ inline void load_row(const emb_t* e, int F, bool vec2, acc_t* v) {
+  if (vec2) {
+    load_pair(e, v);
+    return;
+  }
+#pragma unroll
+  for (int f = 0; f < kMaxF; ++f) v[f] = f < F ? to_acc(e[f]) : acc_t(0);
 }
 
 template <int D>
@@ -117,7 +164,7 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
   }
   const in_t scale = static_cast<const in_t*>(lay.scales)[l];
   const int P = lay.points[l];
-  const int64_t base = lay.offsets[l], size = lay.offsets[l + 1] - base;
+  const RowMap map = row_map<D>(P, lay.offsets[l], lay.offsets[l + 1] - lay.offsets[l]);
   const auto loc = locate<in_t, D>(inputs + n * D, scale, lay.align_corners, lay.smoothstep);
   acc_t acc[kMaxF];
 #pragma unroll
@@ -129,10 +176,11 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
     in_t w = 1;
 #pragma unroll
     for (int d = 0; d < D; ++d) w *= ((corner >> d) & 1) ? loc.w[d] : in_t(1) - loc.w[d];
-    const emb_t* e = emb + table_row<D>(c, P, size, base) * F;
+    acc_t e[kMaxF];
+    load_row(emb + table_row<D>(c, map) * F, F, lay.vec2, e);
 #pragma unroll
     for (int f = 0; f < kMaxF; ++f) {
-      if (f < F) acc[f] += static_cast<acc_t>(w) * to_acc(e[f]);
+      if (f < F) acc[f] += static_cast<acc_t>(w) * e[f];
     }
   }
 #pragma unroll
@@ -198,7 +246,7 @@ __global__ void backward_kernel(const gout_t* __restrict__ grad_out,
   const int64_t n = valid ? tid - l * N : 0;
   const int F = lay.F;
   const in_t scale = static_cast<const in_t*>(lay.scales)[lv];
-  const int64_t base = lay.offsets[lv], size = lay.offsets[lv + 1] - base;
+  const RowMap map = row_map<D>(valid ? P : 1, lay.offsets[lv], lay.offsets[lv + 1] - lay.offsets[lv]);
   const auto loc = locate<in_t, D>(inputs + n * D, scale, lay.align_corners, lay.smoothstep);
   acc_t go[kMaxF];
   const int64_t gs = lay.soa ? N : 1;
@@ -215,7 +263,7 @@ __global__ void backward_kernel(const gout_t* __restrict__ grad_out,
     in_t f1[D];  // per-axis factor of this corner's weight
 #pragma unroll
     for (int d = 0; d < D; ++d) f1[d] = ((corner >> d) & 1) ? loc.w[d] : in_t(1) - loc.w[d];
-    const int64_t row = table_row<D>(c, valid ? P : 1, size, base);
+    const int64_t row = table_row<D>(c, map);
     if (grad_emb != nullptr) {
       in_t w = 1;
 #pragma unroll
@@ -244,10 +292,12 @@ __global__ void backward_kernel(const gout_t* __restrict__ grad_out,
       if (leader && nonzero) add_row(grad_emb + row * F, v, F);
     }
     if (grad_in != nullptr && valid) {
+      acc_t e[kMaxF];
+      load_row(emb + row * F, F, lay.vec2, e);
       acc_t ge = 0;  // dy . e_corner
 #pragma unroll
       for (int f = 0; f < kMaxF; ++f) {
-        if (f < F) ge += go[f] * to_acc(emb[row * F + f]);
+        if (f < F) ge += go[f] * e[f];
       }
 #pragma unroll
       for (int d = 0; d < D; ++d) {
@@ -267,6 +317,12 @@ __global__ void backward_kernel(const gout_t* __restrict__ grad_out,
   }
 }
 
+// Rows of two features load as one vector when the table is aligned to the pair (row r
+// starts at byte 2 r sizeof(emb_t)).
+inline bool vec2_ok(const void* emb, int F, size_t elem) {
+  return F == 2 && reinterpret_cast<uintptr_t>(emb) % (2 * elem) == 0;
+}
+
 inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>((n + kThreads - 1) / kThreads);
 }
@@ -279,6 +335,7 @@ cudaError_t forward_launch(const void* inputs, const void* emb, int64_t N, int D
   const auto* x = static_cast<const in_t*>(inputs);
   const auto* e = static_cast<const emb_t*>(emb);
   auto* o = static_cast<out_t*>(out);
+  lay.vec2 = vec2_ok(emb, lay.F, sizeof(emb_t));
   const unsigned blocks = blocks_for(N * lay.L);
   if (D == 2) {
     forward_kernel<in_t, emb_t, out_t, 2><<<blocks, kThreads, 0, stream>>>(x, e, N, lay, o);
@@ -300,6 +357,7 @@ cudaError_t backward_launch(const void* grad_out, const void* inputs, const void
   const auto* e = static_cast<const emb_t*>(emb);
   auto* ge = static_cast<acc_t*>(grad_emb);
   auto* gi = static_cast<in_t*>(grad_in);
+  lay.vec2 = vec2_ok(emb, lay.F, sizeof(emb_t));
   const unsigned blocks = blocks_for(N * lay.L);
   if (D == 2) {
     backward_kernel<in_t, emb_t, gout_t, 2><<<blocks, kThreads, 0, stream>>>(go, x, e, N, lay, ge, gi);

@@ -32,6 +32,9 @@ struct GridLayout {
   int agg_max_points;
   // Features laid out [L*F, N] (feature-major: a warp's stores coalesce) instead of [N, L*F].
   bool soa;
+  // Set by the launchers (callers need not): F == 2 and the table aligned to a pair of
+  // features, so a row loads as one vector.
+  bool vec2;
 };
 
 // inputs: [N,D] in [0,1] (double when emb is kFloat64, else float); embeddings: [T,F];
