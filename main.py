@@ -49,7 +49,13 @@ BUILTIN_DEFAULTS = {
 
 # Speed levers that -O turns on (each measured faster and SDS-equivalent on an H100:
 # docs/benchmarks.md, "SDS speed (H100)"); an explicit --no-<flag> keeps one off.
-O_SPEED_DEFAULTS = {"unet_graph": True, "vae_graph": True, "compile_vae": True, "channels_last": True}
+O_SPEED_DEFAULTS = {
+    "unet_graph": True,
+    "vae_graph": True,
+    "compile_vae": True,
+    "compile_unet": True,
+    "channels_last": True,
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -375,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--compile_unet",
-        action="store_true",
-        help="torch.compile the UNet (the first step compiles for about a minute or more)",
+        action=flag,
+        default=None,
+        help="torch.compile the UNet (replayed as a CUDA graph with --unet_graph; the first run compiles "
+        "for about a minute, later runs load torch's compile cache in seconds) [default: on with -O, "
+        "else off]",
     )
     g.add_argument(
         "--unet_traced",

@@ -51,6 +51,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
             2e-2,
         ),
         (dict(compile_vae=True), 2e-2),
+        (  # the -O default
+            dict(unet_graph=True, channels_last=True, vae_graph=True, compile_vae=True, compile_unet=True),
+            2e-2,
+        ),
         (dict(bf16=True, unet_graph=True, channels_last=True, vae_graph=True), 8e-2),
     ],
 )
@@ -74,6 +78,7 @@ def test_fast_paths_give_the_eager_sds_gradient(tiny_sd, embed_cache, levers, to
     assert len(fast._graphs) == (1 if levers.get("unet_graph") else 0)
     assert len(fast._vae_graphs) == (1 if levers.get("vae_graph") or levers.get("compile_vae") else 0)
     assert fast.compile_vae == levers.get("compile_vae", False)  # compiled, not fallen back
+    assert fast.compile_unet == levers.get("compile_unet", False)
 
 
 @pytest.mark.cuda

@@ -42,7 +42,7 @@ def test_deferred_readback_gives_the_same_run(tmp_path, monkeypatch, device):
     (t_sync, sync_out, sync_last), (t_def, def_out, def_last) = runs[False], runs[True]
     # The same parameters, Adan state and EMA, step for step (the skip is decided on the device).
     # (Bit for bit on the CPU; the GPU's atomic adds may sum in another order.)
-    tol = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-6}
+    tol = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-3, "atol": 1e-5}
     for a, b in zip(t_sync.model.parameters(), t_def.model.parameters()):
         torch.testing.assert_close(a, b, **tol)
     for a, b in zip(t_sync.ema.shadow, t_def.ema.shadow):
