@@ -111,11 +111,7 @@ class Adan(torch.optim.Optimizer):
             g = p.grad.float() * clip
             st = self.state[p]
             if not st:
-                st["step"] = 0
-                st["m"] = torch.zeros_like(g)
-                st["v"] = torch.zeros_like(g)
-                st["n"] = torch.zeros_like(g)
-                st["prev"] = g.clone()
+                st.update(_new_state(g, g.clone()))
             st["step"] = int(st["step"]) + 1  # an int again after gated steps (tensor counts)
             k = st["step"]
             diff = g - st["prev"]
@@ -138,11 +134,7 @@ class Adan(torch.optim.Optimizer):
         for p in params:
             st = self.state[p]
             if not st:
-                st["step"] = 0
-                st["m"] = torch.zeros_like(p.grad)
-                st["v"] = torch.zeros_like(p.grad)
-                st["n"] = torch.zeros_like(p.grad)
-                st["prev"] = None  # set from the clipped gradient below
+                st.update(_new_state(p.grad, None))  # prev: set from the clipped gradient below
             st["step"] = int(st["step"]) + 1  # an int again after gated steps (tensor counts)
             buckets[(p.device, st["step"])].append(p)
         for (_, k), ps in buckets.items():
@@ -187,11 +179,7 @@ class Adan(torch.optim.Optimizer):
         for p in params:
             st = self.state[p]
             if not st:
-                st["step"] = 0
-                st["m"] = torch.zeros_like(p.grad)
-                st["v"] = torch.zeros_like(p.grad)
-                st["n"] = torch.zeros_like(p.grad)
-                st["prev"] = torch.zeros_like(p.grad)
+                st.update(_new_state(p.grad, torch.zeros_like(p.grad)))
             k = st["step"]
             # An int count (foreach/loop state) or one loaded off the device (torch keeps
             # optimizer "step" tensors on the CPU when loading) joins a shared device tensor.
@@ -243,6 +231,17 @@ class Adan(torch.optim.Optimizer):
             torch._foreach_add_(ps, num)
             if wd != 0:
                 torch._foreach_div_(ps, 1 + okf * (lr * wd))
+
+
+def _new_state(like: torch.Tensor, prev: torch.Tensor | None) -> dict:
+    """A parameter's first state: no steps, zero moments shaped (and typed) like ``like``."""
+    return {
+        "step": 0,
+        "m": torch.zeros_like(like),
+        "v": torch.zeros_like(like),
+        "n": torch.zeros_like(like),
+        "prev": prev,
+    }
 
 
 def _foreach_ok(p: torch.Tensor) -> bool:
