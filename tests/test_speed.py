@@ -224,3 +224,26 @@ def test_traced_package_is_bound_to_the_live_unet_weights():
     assert set(constants) == {"unet.0.weight", "unet.1.bias"} and full and user_managed
     assert constants["unet.0.weight"].data_ptr() == unet[0].weight.data_ptr()
     assert constants["unet.1.bias"].data_ptr() == unet[1].bias.data_ptr()
+
+
+def test_trace_stats_merges_overlapping_kernels_and_finds_gaps(tmp_path):
+    """scripts/trace_stats.py (the busy time quoted in docs/benchmarks.md): overlapping
+    kernels on two streams count once, host-side events are ignored, gaps are ranked."""
+    import json
+
+    from scripts.trace_stats import gpu_busy, summary
+
+    ev = [
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 50, "dur": 100},  # overlaps a
+        {"ph": "X", "cat": "cpu_op", "name": "host", "ts": 150, "dur": 500},  # not GPU time
+        {"ph": "X", "cat": "gpu_memcpy", "name": "copy", "ts": 400, "dur": 50},
+        {"ph": "X", "cat": "kernel", "name": "c", "ts": 460, "dur": 40},
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    s = gpu_busy(path)
+    assert s["span_ms"] == 0.5 and s["busy_ms"] == 0.24
+    assert [g[1:] for g in s["gaps"]] == [("b", "copy"), ("copy", "c")]
+    assert s["gaps"][0][0] == 0.25
+    assert "busy 0.12 ms/step (48%)" in summary(path, steps=2)
