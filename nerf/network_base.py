@@ -206,6 +206,20 @@ class _MLPHead(torch.autograd.Function):
         return (g_feat, None, None, None, None, *grads)
 
 
+def _shade(
+    albedo: torch.Tensor, normal: torch.Tensor | None, l: torch.Tensor | None, ratio: float, shading: str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Colour [N,3] of a shading, and for lambertian/textureless also lam [N] (ambient plus
+    diffuse factor) and n.l [N]: ``lam = ratio + (1 - ratio) * max(0, n.l)``."""
+    if shading == "albedo":
+        return albedo, None, None
+    if shading == "normal":
+        return (normal + 1) / 2, None, None
+    dot = (normal * l).sum(-1)
+    lam = ratio + (1 - ratio) * dot.clamp(min=0)
+    return (lam[:, None].expand(-1, 3) if shading == "textureless" else albedo * lam[:, None]), lam, dot
+
+
 def _central_difference(s: torch.Tensor, eps: float) -> torch.Tensor:
     """[6*N] densities at the +x,+y,+z,-x,-y,-z offsets (offset-major) -> [N,3] gradient."""
     s = s.reshape(6, -1)
@@ -230,18 +244,9 @@ class _FDShade(torch.autograd.Function):
         den = torch.sqrt(torch.clamp(sq, min=1e-20))
         normal = v / den
         albedo = albedo_all[:n]
-        lam = None
-        if shading == "albedo":
-            color = albedo
-        elif shading == "normal":
-            color = (normal + 1) / 2
-        else:
-            dot = (normal * l).sum(-1)
-            lam = ratio + (1 - ratio) * dot.clamp(min=0)
-            color = lam[:, None].expand(-1, 3) if shading == "textureless" else albedo * lam[:, None]
-            ctx.save_for_backward(normal, den, sq >= 1e-20, torch.isfinite(d), albedo, lam, dot > 0, l)
-        if lam is None:
-            ctx.save_for_backward(normal, den, sq >= 1e-20, torch.isfinite(d))
+        color, lam, dot = _shade(albedo, normal, l, ratio, shading)
+        lit = () if lam is None else (albedo, lam, dot > 0, l)
+        ctx.save_for_backward(normal, den, sq >= 1e-20, torch.isfinite(d), *lit)
         ctx.shading, ctx.ratio, ctx.eps, ctx.n = shading, ratio, eps, n
         ctx.albedo_dtype = albedo_all.dtype
         return sigma_all[:n], color, normal
@@ -451,14 +456,7 @@ class FieldNetwork(NeRFRenderer):
             sigma, albedo = self.common_forward(x)
             if wants:
                 normal = self.normal(x)
-        if shading == "albedo":
-            color = albedo
-        elif shading == "normal":
-            color = (normal + 1) / 2
-        else:
-            lam = ratio + (1 - ratio) * (normal * l).sum(-1).clamp(min=0)
-            color = lam[:, None].expand(-1, 3) if shading == "textureless" else albedo * lam[:, None]
-        return sigma, color, normal
+        return sigma, _shade(albedo, normal, l, ratio, shading)[0], normal
 
     def background(self, d: torch.Tensor) -> torch.Tensor:
         """[N,3] ray directions -> [N,3] background colour in [0,1]."""

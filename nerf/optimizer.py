@@ -73,13 +73,13 @@ class Adan(torch.optim.Optimizer):
             raise ValueError("Adan.step(ok=...) needs dense float32 parameters and gradients")
         clip = self._clip_factor()
         for group in self.param_groups:
+            if ok is not None:
+                self._step_gated(group, [p for p in group["params"] if p.grad is not None], clip, ok)
+                continue
             fast, slow = [], []
             for p in group["params"]:
                 if p.grad is not None:
                     (fast if self.foreach is not False and _foreach_ok(p) else slow).append(p)
-            if ok is not None:
-                self._step_gated(group, fast + slow, clip, ok)
-                continue
             if fast:
                 self._step_foreach(group, fast, clip)
             if slow:
@@ -193,9 +193,9 @@ class Adan(torch.optim.Optimizer):
         refs = Counter(
             id(st["step"]) for st in self.state.values() if isinstance(st.get("step"), torch.Tensor)
         )
-        for key, ps in buckets.items():
+        for sid, ps in buckets.items():
             states = [self.state[p] for p in ps]
-            if refs[key] != len(ps):
+            if refs[sid] != len(ps):
                 own = states[0]["step"].clone()
                 for st in states:
                     st["step"] = own
@@ -207,17 +207,11 @@ class Adan(torch.optim.Optimizer):
             m, v, n, prev = ([st[key] for st in states] for key in ("m", "v", "n", "prev"))
             diff = torch._foreach_sub(g, prev)
             torch._foreach_mul_(diff, (k > 1).to(torch.float32))  # diff = 0 at the first applied step
-            for acc, target, w in ((m, g, 1 - b1), (v, diff, 1 - b2)):
-                t = torch._foreach_sub(target, acc)
-                torch._foreach_mul_(t, okf * w)
-                torch._foreach_add_(acc, t)
-            nest = torch._foreach_add(g, diff, alpha=b2)
-            del diff
-            t = torch._foreach_mul(nest, nest)
-            del nest
-            torch._foreach_sub_(t, n)
-            torch._foreach_mul_(t, okf * (1 - b3))
-            torch._foreach_add_(n, t)
+            nest2 = torch._foreach_add(g, diff, alpha=b2)
+            torch._foreach_mul_(nest2, nest2)  # squared in place: no second buffer
+            for acc, target, w in ((m, g, 1 - b1), (v, diff, 1 - b2), (n, nest2, 1 - b3)):
+                _move_toward_(acc, target, okf * w)
+            del diff, nest2
             for pv, gi in zip(prev, g):
                 torch.where(ok, gi, pv, out=pv)
             denom = torch._foreach_div(n, 1 - b3**kc)
@@ -231,6 +225,14 @@ class Adan(torch.optim.Optimizer):
             torch._foreach_add_(ps, num)
             if wd != 0:
                 torch._foreach_div_(ps, 1 + okf * (lr * wd))
+
+
+def _move_toward_(acc: list[torch.Tensor], target: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """acc += weight * (target - acc), in place, with ``weight`` a 0-d device tensor (no host
+    sync: the gated updates' lerp, whose weight is 0 on a skipped step)."""
+    t = torch._foreach_sub(target, acc)
+    torch._foreach_mul_(t, weight)
+    torch._foreach_add_(acc, t)
 
 
 def _new_state(like: torch.Tensor, prev: torch.Tensor | None) -> dict:
@@ -288,9 +290,7 @@ class EMA:
             if ok is None:
                 torch._foreach_lerp_(shadow, params, 1 - self.decay)
                 continue
-            t = torch._foreach_sub(params, shadow)
-            torch._foreach_mul_(t, ok.to(shadow[0].dtype) * (1 - self.decay))
-            torch._foreach_add_(shadow, t)
+            _move_toward_(shadow, params, ok.to(shadow[0].dtype) * (1 - self.decay))
 
     @torch.no_grad()
     def swap(self) -> None:

@@ -118,8 +118,8 @@ DFK_HD bool occupied(const Cell& c, const GridSpec& g) {
 
 // Empty space is skipped a block of kBlock^3 cells at a time when the whole block is empty
 // (a ray crossing empty parts of a 128^3 grid steps through tens of blocks instead of
-// hundreds of cells). An aligned block
-// is kBlock^3 consecutive Morton indices, so its bits are kBlock^3/8 consecutive bytes.
+// hundreds of cells). An aligned block is kBlock^3 consecutive Morton indices, so its bits
+// are kBlock^3/8 consecutive bytes.
 constexpr int kBlockLog2 = 3;
 constexpr int kBlock = 1 << kBlockLog2;
 
@@ -193,8 +193,9 @@ DFK_HD float step_size(float t, const StepSpec& s) {
 // points in occupied cells before `far`. Empty cells are skipped: from an empty lattice point
 // k the walk jumps to the last lattice point still in the same cell, or in the same block when
 // the whole block is empty (verified exactly), then continues after it. emit(p, t, dt)
-// returns false to stop early. Returns the index of the first lattice point not visited and, in *t_next, its position (t_{k_end} or the stop
-// point); with dt_gamma > 0 that position is accumulated exactly as the twin does.
+// returns false to stop early. Returns the index of the first lattice point not visited and,
+// in *t_next, its position (t_{k_end} or the stop point); with dt_gamma > 0 that position is
+// accumulated exactly as the twin does.
 struct WalkEnd {
   int k;
   float t;
