@@ -28,7 +28,9 @@ class Adan(torch.optim.Optimizer):
     parameters (fp16/bf16/fp64) take the per-parameter loop, which does the math in fp32.
     ``foreach=False`` uses that loop for every parameter: the reference implementation.
     Both keep the same state (``step`` int, ``m``, ``v``, ``n``, ``prev``), so their
-    checkpoints are interchangeable.
+    checkpoints are interchangeable. ``step(ok=...)`` (the gated update, see there) keeps the
+    count as a device tensor and, on CUDA, runs one fused kernel per parameter tensor
+    (``fused``: None uses it when our kernels build, False never) instead of the foreach passes.
 
     >>> p = torch.nn.Parameter(torch.ones(2)); opt = Adan([p], lr=0.1)
     >>> p.grad = torch.ones(2); opt.step(); p.detach().tolist()
@@ -44,18 +46,23 @@ class Adan(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float = 0.0,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError("invalid Adan hyper-parameters")
         super().__init__(
             params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         )
-        # An attribute, not a group key: checkpoints' param_groups stay as they were.
+        # Attributes, not group keys: checkpoints' param_groups stay as they were.
         self.foreach = foreach
+        self.fused = fused
+        self.fused_steps = 0  # gated updates done by the fused CUDA kernel (for tests, benchmarks)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("foreach", None)  # optimizers pickled before the flag existed
+        self.__dict__.setdefault("foreach", None)  # optimizers pickled before the flags existed
+        self.__dict__.setdefault("fused", None)
+        self.__dict__.setdefault("fused_steps", 0)
 
     @torch.no_grad()
     def step(self, closure=None, ok: torch.Tensor | None = None):
@@ -201,6 +208,30 @@ class Adan(torch.optim.Optimizer):
                     st["step"] = own
             k = states[0]["step"]
             k.add_(okf)
+            if self._fused_for(ps):
+                # One kernel per tensor (nerf/csrc/adan.cu): the same arithmetic, in one pass.
+                ext = _kernels()
+                c = clip.reshape(()).float() if isinstance(clip, torch.Tensor) else None
+                for p, st in zip(ps, states):
+                    ext.adan_step(
+                        p,
+                        p.grad.contiguous(),
+                        st["m"],
+                        st["v"],
+                        st["n"],
+                        st["prev"],
+                        c,
+                        ok,
+                        k,
+                        b1,
+                        b2,
+                        b3,
+                        lr,
+                        eps,
+                        wd,
+                    )
+                self.fused_steps += 1
+                continue
             kc = k.clamp(min=1)  # a count still at 0 only meets ok = 0 below
             # Sanitised, clipped gradients: a skipped step may carry inf/NaN, and 0 * inf = NaN.
             g = [torch.where(ok, p.grad * clip, 0.0) for p in ps]
@@ -225,6 +256,24 @@ class Adan(torch.optim.Optimizer):
             torch._foreach_add_(ps, num)
             if wd != 0:
                 torch._foreach_div_(ps, 1 + okf * (lr * wd))
+
+    def _fused_for(self, params: list[torch.Tensor]) -> bool:
+        """Whether the fused CUDA kernel takes these (dense fp32 CUDA) parameters: ``fused``
+        None uses it when the kernels build, True requires it, False never uses it."""
+        if self.fused is False or not all(p.is_cuda and p.is_contiguous() for p in params):
+            return False
+        if _kernels() is None:
+            if self.fused:
+                raise RuntimeError("Adan(fused=True) needs the CUDA kernels, which are not available")
+            return False
+        return True
+
+
+def _kernels():
+    """Our CUDA extension (with ``adan_step``), built on first use, or None."""
+    from raymarching import _build  # noqa: PLC0415 - only on GPUs
+
+    return _build.load_kernels()
 
 
 def _move_toward_(acc: list[torch.Tensor], target: list[torch.Tensor], weight: torch.Tensor) -> None:

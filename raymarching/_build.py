@@ -1,4 +1,5 @@
-"""Build-on-first-use of our CUDA kernels (ray marching and grid encoding), as ONE extension.
+"""Build-on-first-use of our CUDA kernels (ray marching, grid encoding, the fused Adan step), as
+ONE extension.
 
 One extension rather than one per package: the slow part of a build is the host files that
 include torch headers, and ninja compiles all files of one extension in parallel, so a
@@ -30,6 +31,8 @@ SOURCES = [
     _ROOT / "raymarching" / "csrc" / "raymarching.cu",
     _ROOT / "gridencoder" / "csrc" / "gridencoder_bindings.cpp",
     _ROOT / "gridencoder" / "csrc" / "gridencoder.cu",
+    _ROOT / "nerf" / "csrc" / "adan_bindings.cpp",
+    _ROOT / "nerf" / "csrc" / "adan.cu",
 ]
 # --fmad=false: the kernels must round like the PyTorch twins, which never fuse a multiply
 # and an add (an FMA could move a sample across a cell boundary). No --use_fast_math: it

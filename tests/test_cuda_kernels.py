@@ -124,7 +124,7 @@ def test_march_rays_train_matches_twin(case):
     assert torch.equal(gt, ts) and torch.equal(gx, xyzs) and torch.equal(gd, dirs)
 
 
-@pytest.mark.parametrize("channels", [3, 6])
+@pytest.mark.parametrize("channels", [3, 6, 20])  # 20: past the warp kernels' 16 registers
 def test_composite_rays_train_forward_backward(channels):
     (_, _, ts, rays), (xyzs, _, ts_c, rays_c) = march_both(2, 64, 2.0, 0.0, 1024, True)
     g = torch.Generator().manual_seed(1)

@@ -258,3 +258,38 @@ def test_gated_adan_counts_steps_per_parameter():
     assert [int(gated.state[p]["step"]) for p in ps] == [4, 3]
     for a, b in zip(ref, ps):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_cuda_adan_equals_the_foreach_gated_update():
+    """nerf/csrc/adan.cu against _step_gated's foreach arithmetic: two groups, global-norm
+    clipping, a late-starting parameter, skipped steps (NaN gradients, the very first step)."""
+    from raymarching import _build
+
+    if _build.load_kernels() is None:
+        pytest.skip("the CUDA kernels are not available")
+
+    def make(fused):
+        ps = [torch.nn.Parameter(p.detach().cuda()) for p in _params(6)]
+        ps.append(torch.nn.Parameter(torch.randn(1 << 18, device="cuda")))  # many blocks
+        groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}]
+        return ps, Adan(groups, lr=0.1, weight_decay=0.05, max_grad_norm=1.0, fused=fused)
+
+    (fp, fo), (rp, ro) = make(True), make(False)
+    g_big = torch.Generator().manual_seed(9)
+    for k in range(8):
+        grads = [None if g is None else g.cuda() for g in _grads(k)]
+        grads.append(torch.randn(1 << 18, generator=g_big).cuda() * 0.1)
+        bad = k in (0, 4)
+        for ps, opt in ((fp, fo), (rp, ro)):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone() * (float("nan") if bad else 1.0)
+            opt.step(ok=torch.tensor(not bad, device="cuda"))
+    assert fo.fused_steps > 0 and ro.fused_steps == 0
+    for a, b in zip(rp, fp):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+    for key in ("m", "v", "n", "prev"):
+        for a, b in zip(rp, fp):
+            torch.testing.assert_close(fo.state[b][key], ro.state[a][key], rtol=1e-5, atol=1e-6)
+    assert [int(fo.state[p]["step"]) for p in fp] == [int(ro.state[p]["step"]) for p in rp]

@@ -514,6 +514,145 @@ __global__ void composite_train_backward_kernel(const scalar_t* __restrict__ gw,
   composite_train_backward_one<scalar_t>(n, gw, gws, gdepth, gimage, sigmas, rgbs, ts, rays, N, Cc, T_thresh, gsig, grgb);
 }
 
+// Warp-per-ray compositing (training): one thread per ray leaves most of the GPU idle for a
+// 64x64 render's 4096 rays (about one warp per SM), each walking ~100 samples with dependent
+// loads. Here the 32 lanes of a warp take 32 consecutive samples of one ray at a time; the
+// optical depth before each sample is a warp scan (in double, as the sequential sum) plus the
+// carry of earlier chunks, and per-ray sums are warp reductions. Same masks and formulas as
+// the *_one functions above; only the order of the additions differs.
+constexpr int kWarpChannels = 16;  // colour channels held in registers (more: thread per ray)
+
+__device__ inline double warp_inclusive_sum(double x) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int s = 1; s < 32; s <<= 1) {
+    const double y = __shfl_up_sync(0xffffffffu, x, s);
+    if (lane >= s) x += y;
+  }
+  return x;
+}
+
+template <typename T>
+__device__ inline T warp_sum(T x) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) x += __shfl_xor_sync(0xffffffffu, x, s);
+  return x;
+}
+
+template <typename scalar_t>
+__global__ void composite_train_forward_warp_kernel(const scalar_t* __restrict__ sigmas,
+    const scalar_t* __restrict__ rgbs, const scalar_t* __restrict__ ts,
+    const int32_t* __restrict__ rays, int64_t N, int Cc, float T_thresh,
+    scalar_t* __restrict__ weights, scalar_t* __restrict__ weights_sum,
+    scalar_t* __restrict__ depth, scalar_t* __restrict__ image) {
+  const int64_t n = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (n >= N) return;  // warp-uniform: the whole warp has the same ray
+  const int64_t off = rays[2 * n], end = off + rays[2 * n + 1];
+  double carry = 0.0;  // optical depth before this chunk
+  scalar_t ws = 0, dep = 0, img[kWarpChannels];
+#pragma unroll
+  for (int c = 0; c < kWarpChannels; ++c) img[c] = 0;
+  for (int64_t base = off; base < end; base += 32) {
+    const int64_t i = base + lane;
+    const bool valid = i < end;
+    const scalar_t tau = valid ? sigmas[i] * ts[2 * i + 1] : scalar_t(0);
+    const double incl = warp_inclusive_sum(static_cast<double>(tau));
+    const scalar_t T = exp(-static_cast<scalar_t>(carry + incl - static_cast<double>(tau)));
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+    if (!valid || !(T >= static_cast<scalar_t>(T_thresh))) continue;
+    const scalar_t w = (scalar_t(1) - exp(-tau)) * T;
+    weights[i] = w;
+    ws += w;
+    dep += w * ts[2 * i];
+#pragma unroll
+    for (int c = 0; c < kWarpChannels; ++c) {
+      if (c < Cc) img[c] += w * rgbs[i * Cc + c];
+    }
+  }
+  ws = warp_sum(ws);
+  dep = warp_sum(dep);
+#pragma unroll
+  for (int c = 0; c < kWarpChannels; ++c) {
+    if (c < Cc) img[c] = warp_sum(img[c]);
+  }
+  if (lane == 0) {
+    weights_sum[n] = ws;
+    depth[n] = dep;
+    for (int c = 0; c < Cc; ++c) image[n * Cc + c] = img[c];
+  }
+}
+
+// The gradient g_i reaching w_i (its own, plus weights_sum's, depth's and image's through w_i).
+template <typename scalar_t>
+__device__ inline scalar_t weight_grad(int64_t i, const scalar_t* __restrict__ gw, scalar_t g_ws,
+                                       scalar_t g_d, const scalar_t* __restrict__ gimg,
+                                       const scalar_t* __restrict__ rgbs,
+                                       const scalar_t* __restrict__ ts, int Cc) {
+  scalar_t g = gw[i] + g_ws + g_d * ts[2 * i];
+  for (int c = 0; c < Cc; ++c) g += gimg[c] * rgbs[i * Cc + c];
+  return g;
+}
+
+template <typename scalar_t>
+__global__ void composite_train_backward_warp_kernel(const scalar_t* __restrict__ gw,
+    const scalar_t* __restrict__ gws, const scalar_t* __restrict__ gdepth,
+    const scalar_t* __restrict__ gimage, const scalar_t* __restrict__ sigmas,
+    const scalar_t* __restrict__ rgbs, const scalar_t* __restrict__ ts,
+    const int32_t* __restrict__ rays, int64_t N, int Cc, float T_thresh,
+    scalar_t* __restrict__ gsig, scalar_t* __restrict__ grgb) {
+  const int64_t n = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (n >= N) return;
+  const int64_t off = rays[2 * n], end = off + rays[2 * n + 1];
+  const scalar_t* gimg = gimage + n * Cc;
+  const scalar_t g_ws = gws[n], g_d = gdepth[n];
+  // Pass 1: S = sum_i g_i w_i (in double: the suffix sums below are differences of it).
+  double S = 0.0, carry = 0.0;
+  for (int64_t base = off; base < end; base += 32) {
+    const int64_t i = base + lane;
+    const bool valid = i < end;
+    const scalar_t tau = valid ? sigmas[i] * ts[2 * i + 1] : scalar_t(0);
+    const double incl = warp_inclusive_sum(static_cast<double>(tau));
+    const scalar_t T = exp(-static_cast<scalar_t>(carry + incl - static_cast<double>(tau)));
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+    if (valid && T >= static_cast<scalar_t>(T_thresh)) {
+      const scalar_t w = (scalar_t(1) - exp(-tau)) * T;
+      S += static_cast<double>(weight_grad(i, gw, g_ws, g_d, gimg, rgbs, ts, Cc)) *
+           static_cast<double>(w);
+    }
+  }
+  S = warp_sum(S);
+  // Pass 2: P_k = sum_{i<=k} g_i w_i (a warp scan plus the carry); d tau_k as in the
+  // thread-per-ray kernel.
+  double P = 0.0;
+  carry = 0.0;
+  for (int64_t base = off; base < end; base += 32) {
+    const int64_t i = base + lane;
+    const bool valid = i < end;
+    const scalar_t dt = valid ? ts[2 * i + 1] : scalar_t(0);
+    const scalar_t tau = valid ? sigmas[i] * dt : scalar_t(0);
+    const double incl = warp_inclusive_sum(static_cast<double>(tau));
+    const scalar_t T = exp(-static_cast<scalar_t>(carry + incl - static_cast<double>(tau)));
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+    const bool on = valid && T >= static_cast<scalar_t>(T_thresh);
+    scalar_t trans = 0, w = 0, g = 0;
+    if (on) {
+      trans = exp(-tau);
+      w = (scalar_t(1) - trans) * T;
+      g = weight_grad(i, gw, g_ws, g_d, gimg, rgbs, ts, Cc);
+      for (int c = 0; c < Cc; ++c) grgb[i * Cc + c] = w * gimg[c];
+    }
+    const double gw_incl = warp_inclusive_sum(static_cast<double>(g) * static_cast<double>(w));
+    const double Pk = P + gw_incl;
+    P += __shfl_sync(0xffffffffu, gw_incl, 31);
+    if (!valid) continue;
+    double dtau = on ? static_cast<double>(g) * static_cast<double>(T * trans) : 0.0;
+    dtau -= S - Pk;
+    gsig[i] = static_cast<scalar_t>(dtau * static_cast<double>(dt));
+  }
+}
+
 // Inference marching: the twin visits lattice points in windows of W = max(2*n_step, 16)
 // restarted from the window's first point, so positions are t_base + j*dt_min with t_base
 // advancing window by window; we reproduce that rounding exactly.
@@ -740,6 +879,11 @@ cudaError_t composite_train_forward(const scalar_t* sigmas, const scalar_t* rgbs
                                     float T_thresh, scalar_t* weights, scalar_t* weights_sum,
                                     scalar_t* depth, scalar_t* image, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
+  if (Cc <= kWarpChannels) {
+    composite_train_forward_warp_kernel<scalar_t><<<blocks_for(N * 32), kThreads, 0, stream>>>(
+        sigmas, rgbs, ts, rays, N, Cc, T_thresh, weights, weights_sum, depth, image);
+    return cudaGetLastError();
+  }
   composite_train_forward_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
       sigmas, rgbs, ts, rays, N, Cc, T_thresh, weights, weights_sum, depth, image);
   return cudaGetLastError();
@@ -754,6 +898,12 @@ cudaError_t composite_train_backward(const scalar_t* grad_weights,
                                      float T_thresh, scalar_t* grad_sigmas, scalar_t* grad_rgbs,
                                      cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
+  if (Cc <= kWarpChannels) {
+    composite_train_backward_warp_kernel<scalar_t><<<blocks_for(N * 32), kThreads, 0, stream>>>(
+        grad_weights, grad_weights_sum, grad_depth, grad_image, sigmas, rgbs, ts, rays, N, Cc,
+        T_thresh, grad_sigmas, grad_rgbs);
+    return cudaGetLastError();
+  }
   composite_train_backward_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
       grad_weights, grad_weights_sum, grad_depth, grad_image, sigmas, rgbs, ts, rays, N, Cc,
       T_thresh, grad_sigmas, grad_rgbs);
