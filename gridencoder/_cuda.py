@@ -4,8 +4,9 @@ Kernels live in ``gridencoder/csrc`` and are built (with the ray marcher's, as o
 extension) on first use by ``raymarching/_build.py``. Supported: D in {2, 3}, at most 8
 features per level, float32 inputs with float32/float16/bfloat16 tables, or float64 with
 float64 (for gradcheck); anything else goes to the twin. Gradients reach the embeddings
-(atomic adds, accumulated in float32) and the inputs (so autograd normals work); there is
-no double backward.
+(atomic adds, accumulated in float32) and the inputs (so autograd normals work). A backward
+that must itself be differentiable (``create_graph=True``: training with autograd normals)
+runs the twin's arithmetic instead, so second derivatives are exact, at the twin's speed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from raymarching._build import load_kernels
 
@@ -72,19 +72,24 @@ def _layout(
 class _GridEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, embeddings, offsets_t, points_t, scales, align_corners, smoothstep,
-                max_level, out_dtype):
+                max_level, out_dtype, twin_args):
         soa = bool(SOA)
         out = _ext().grid_encode_forward(inputs, embeddings, offsets_t, points_t, scales,
                                          align_corners, smoothstep, max_level, soa, out_dtype)
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
         ctx.cfg = (align_corners, smoothstep, max_level)
+        ctx.twin_args = twin_args
         return out.t() if soa else out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         inputs, embeddings, offsets_t, points_t, scales = ctx.saved_tensors
         need_inputs, need_emb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            # create_graph: the kernels have no backward of their own, so the twin recomputes
+            # the encoding and differentiates it with a graph (exact second derivatives).
+            return (*_twin_backward(grad_out, inputs, embeddings, ctx.twin_args, need_inputs,
+                                    need_emb), None, None, None, None, None, None, None, None)
         # The kernel reads the gradient in either layout, so no transposed copy is made (a
         # Linear's backward gives [N, L*F] row-major even when the forward wrote [L*F, N]).
         g = grad_out
@@ -97,7 +102,23 @@ class _GridEncode(torch.autograd.Function):
             int(AGG_MODE), int(AGG_MAX_POINTS), g_soa,
         )
         return (grad_in if need_inputs else None, grad_emb if need_emb else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
+
+
+def _twin_backward(
+    grad_out: torch.Tensor, inputs: torch.Tensor, embeddings: torch.Tensor, twin_args: tuple,
+    need_inputs: bool, need_emb: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d inputs, d embeddings) of <grad_out [N, L*F], features>, differentiable in grad_out,
+    inputs and embeddings: the twin's encoding of the saved tensors, differentiated with a
+    graph."""
+    with torch.enable_grad():
+        x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(need_inputs)
+        feats = _torch_impl.grid_encode(x, embeddings, *twin_args)
+        wrt = [t for t, need in ((x, need_inputs), (embeddings, need_emb)) if need]
+        grads = iter(torch.autograd.grad(feats, wrt, grad_out.to(feats.dtype), create_graph=True,
+                                         allow_unused=True))
+    return (next(grads) if need_inputs else None, next(grads) if need_emb else None)
 
 
 def grid_encode(
@@ -147,4 +168,5 @@ def grid_encode(
         out_dtype = embeddings.dtype
     return _GridEncode.apply(inputs.contiguous(), embeddings.contiguous(), offsets_t, points_t,
                              scales, bool(align_corners), interpolation == "smoothstep", levels,
-                             out_dtype)
+                             out_dtype, (offsets, points, per_level_scale, base_resolution,
+                                         align_corners, interpolation, max_level))

@@ -294,6 +294,19 @@ def test_grid_encode_gradcheck_float64():
             (emb, x), atol=1e-6)
 
 
+def test_grid_encode_double_backward_float64():
+    """A create_graph backward (training with autograd normals) is differentiable: second
+    derivatives in embeddings and inputs, through the twin's arithmetic."""
+    offsets, points = ge.level_layout(3, 3, 2.0, 2, 6)
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(offsets[-1], 2, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    x = (torch.rand(5, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1).to(DEV).requires_grad_()
+    for interp in ("linear", "smoothstep"):
+        assert torch.autograd.gradgradcheck(
+            lambda e, xx, i=interp: gc.grid_encode(xx, e, offsets, points, 2.0, 2, False, i),
+            (emb, x), atol=1e-6)
+
+
 def test_grid_encoder_module_normals_on_gpu():
     enc = GridEncoder(num_levels=8, base_resolution=8, log2_hashmap_size=14,
                       desired_resolution=256)
@@ -303,11 +316,15 @@ def test_grid_encoder_module_normals_on_gpu():
     outs = []
     for dev in ("cpu", DEV):
         enc = enc.to(dev)
+        enc.embeddings.grad = None
         xx = x.to(dev).requires_grad_()
         y = enc(xx, bound=1.0)
-        (n,) = torch.autograd.grad(y.pow(2).sum(), xx)  # a normal-like input gradient
-        outs.append((y.detach().cpu(), n.cpu()))
-    assert rel_err(outs[1][0], outs[0][0]) <= 1e-4 and rel_err(outs[1][1], outs[0][1]) <= 1e-4
+        # A normal-like input gradient, with a graph (as training with autograd normals).
+        (n,) = torch.autograd.grad(y.pow(2).sum(), xx, create_graph=True)
+        n.pow(2).sum().backward()
+        outs.append((y.detach().cpu(), n.detach().cpu(), enc.embeddings.grad.cpu()))
+    for got, ref in zip(outs[1], outs[0]):
+        assert rel_err(got, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("agg_mode,soa", [(0, False), (1, False), (0, True), (1, True)])

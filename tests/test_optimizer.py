@@ -272,7 +272,8 @@ def test_fused_cuda_adan_equals_the_foreach_gated_update():
 
     def make(fused):
         ps = [torch.nn.Parameter(p.detach().cuda()) for p in _params(6)]
-        ps.append(torch.nn.Parameter(torch.randn(1 << 18, device="cuda")))  # many blocks
+        big = torch.randn(1 << 18, generator=torch.Generator().manual_seed(8))
+        ps.append(torch.nn.Parameter(big.cuda()))  # many blocks (the same values in both)
         groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}]
         return ps, Adan(groups, lr=0.1, weight_decay=0.05, max_grad_norm=1.0, fused=fused)
 
