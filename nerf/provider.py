@@ -13,6 +13,7 @@ So the camera at azimuth 0, polar 90 sits at ``(0, 0, r)`` and sees the object's
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -180,15 +181,25 @@ class CameraRanges:
         )
 
 
-def _uniform(n: int, lo: float, hi: float, device) -> torch.Tensor:
+def _h2d(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU it goes pinned and asynchronous: a pageable copy
+    would wait for the stream (the previous training step) to drain."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _uniform(n: int, lo, hi, device) -> torch.Tensor:
+    """[n] uniform in [lo, hi): floats, or [n] tensors of per-camera bounds."""
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
 def rand_poses(
     size: int,
-    ranges: CameraRanges,
+    ranges: CameraRanges | Sequence[CameraRanges],
     *,
     uniform_sphere_rate: float = 0.0,
+    group: int = 1,
     jitter: bool = False,
     jitter_center: float = 0.2,
     jitter_target: float = 0.2,
@@ -197,10 +208,12 @@ def rand_poses(
 ) -> dict[str, torch.Tensor]:
     """Random training cameras looking at (about) the origin.
 
-    With probability ``uniform_sphere_rate`` a batch is drawn uniformly on the upper
-    hemisphere instead of uniformly in polar angle (which over-samples the pole).
-    Jitter moves the centre uniformly in +-jitter_center/2, the look-at target with
-    N(0, jitter_target) and the up vector with N(0, jitter_up).
+    The cameras come in groups of ``group`` (a batch each). ``ranges`` is one
+    ``CameraRanges`` for all, or one per group (``size // group`` of them). With probability
+    ``uniform_sphere_rate`` a group is drawn uniformly on the upper hemisphere instead of
+    uniformly in polar angle (which over-samples the pole). Jitter moves the centre uniformly
+    in +-jitter_center/2, the look-at target with N(0, jitter_target) and the up vector with
+    N(0, jitter_up).
 
     Returns a dict of [size] tensors ``radius``, ``theta``, ``phi`` (wrapped to [-180, 180)),
     ``fovy`` (degrees) and ``poses`` [size,4,4].
@@ -208,18 +221,44 @@ def rand_poses(
     >>> _ = torch.manual_seed(0); out = rand_poses(2, CameraRanges())
     >>> out["poses"].shape
     torch.Size([2, 4, 4])
+    >>> out = rand_poses(4, [CameraRanges(fovy=(10, 10)), CameraRanges(fovy=(30, 30))], group=2)
+    >>> out["fovy"].tolist()
+    [10.0, 10.0, 30.0, 30.0]
     """
-    radius = _uniform(size, *ranges.radius, device)
-    if uniform_sphere_rate > 0 and torch.rand(()).item() < uniform_sphere_rate:
+    if size % group:
+        raise ValueError(f"size {size} is not a multiple of group {group}")
+    n_groups = size // group
+    if isinstance(ranges, CameraRanges):
+        lo = [ranges.radius[0], ranges.theta[0], ranges.phi[0], ranges.fovy[0]]
+        hi = [ranges.radius[1], ranges.theta[1], ranges.phi[1], ranges.fovy[1]]
+    else:
+        if len(ranges) != n_groups:
+            raise ValueError(f"{len(ranges)} ranges for {n_groups} groups")
+        # [size, 4] bounds per camera (radius, theta, phi, fovy), one copy to the device.
+        bounds = torch.tensor(
+            [[r.radius[k], r.theta[k], r.phi[k], r.fovy[k]] for k in (0, 1) for r in ranges]
+        ).reshape(2, n_groups, 4)
+        bounds = _h2d(bounds.repeat_interleave(group, 1), device)
+        lo, hi = bounds[0].unbind(-1), bounds[1].unbind(-1)
+    radius = _uniform(size, lo[0], hi[0], device)
+    # Which groups are drawn on the sphere: host RNG, so known without a sync.
+    coins = torch.rand(n_groups) < uniform_sphere_rate if uniform_sphere_rate > 0 else None
+    if coins is not None and bool(coins.any()):
         v = safe_normalize(torch.randn(size, 3, device=device))
         v[:, 1] = v[:, 1].abs()  # upper hemisphere
-        thetas = torch.rad2deg(torch.acos(v[:, 1].clamp(-1, 1)))
-        phis = torch.rad2deg(torch.atan2(v[:, 0], v[:, 2]))
+        s_thetas = torch.rad2deg(torch.acos(v[:, 1].clamp(-1, 1)))
+        s_phis = torch.rad2deg(torch.atan2(v[:, 0], v[:, 2]))
+    if coins is not None and bool(coins.all()):
+        thetas, phis = s_thetas, s_phis
     else:
-        thetas = _uniform(size, *ranges.theta, device)
-        phis = _uniform(size, *ranges.phi, device)
+        thetas = _uniform(size, lo[1], hi[1], device)
+        phis = _uniform(size, lo[2], hi[2], device)
+        if coins is not None and bool(coins.any()):
+            on_sphere = _h2d(coins.repeat_interleave(group), device)
+            thetas = torch.where(on_sphere, s_thetas, thetas)
+            phis = torch.where(on_sphere, s_phis, phis)
     phis = wrap_azimuth(phis)
-    fovy = _uniform(size, *ranges.fovy, device)
+    fovy = _uniform(size, lo[3], hi[3], device)
 
     centers = spherical_to_cartesian(radius, thetas, phis)
     targets = torch.zeros_like(centers)
@@ -227,9 +266,7 @@ def rand_poses(
     if jitter:
         centers = centers + (torch.rand_like(centers) - 0.5) * jitter_center
         targets = targets + torch.randn_like(centers) * jitter_target
-        up = safe_normalize(
-            torch.eye(3, device=device)[1] + torch.randn_like(centers) * jitter_up
-        )
+        up = safe_normalize(torch.eye(3, device=device)[1] + torch.randn_like(centers) * jitter_up)
     poses = look_at_poses(centers, targets, up)
     return {"radius": radius, "theta": thetas, "phi": phis, "fovy": fovy, "poses": poses}
 
@@ -336,19 +373,50 @@ class NeRFDataset:
             "radius": cams["radius"],
             "fovy": cams["fovy"],
             "dir": get_view_direction(cams["theta"], cams["phi"], self.angle_overhead, self.angle_front),
+            "view_weights": interp_view_weights(
+                cams["theta"], cams["phi"], self.angle_overhead, self.angle_front
+            ),
         }
 
     def train_batch(self, progress: float | None = None) -> dict:
         """A batch of random cameras. ``progress`` in [0,1] enables progressive view."""
-        ranges = self.ranges if progress is None else self.ranges.towards(self.default, progress)
+        return self.train_batches([progress])[0]
+
+    def train_batches(self, progress: Sequence[float | None]) -> list[dict]:
+        """``len(progress)`` batches of random cameras, drawn in one vectorised call (a hundred
+        small tensor ops, each a kernel launch on a GPU: per step they cost about 2.4 ms of
+        host time on the H100 machine, as much as a tenth of an SDS step). ``progress``: each
+        batch's progressive-view ratio in [0,1], or None for the full ranges.
+
+        >>> ds = NeRFDataset(type="train", H=4, W=4, size=10)
+        >>> [b["rays_o"].shape[0] for b in ds.train_batches([None, None, None])]
+        [1, 1, 1]
+        """
+        if not progress:
+            return []
+        B = self.batch_size
+        progressive = any(p is not None for p in progress)
+        ranges = [self.ranges if p is None else self.ranges.towards(self.default, p) for p in progress]
         cams = rand_poses(
-            self.batch_size,
-            ranges,
-            uniform_sphere_rate=0.0 if progress is not None else self.uniform_sphere_rate,
+            len(progress) * B,
+            ranges[0] if len(set(ranges)) == 1 else ranges,
+            uniform_sphere_rate=0.0 if progressive else self.uniform_sphere_rate,
+            group=B,
             device=self.device,
             **self.jitter,
         )
-        return self._pack(cams)
+        packed = self._pack(cams)
+        return [
+            {k: v[i * B : (i + 1) * B] if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
+            for i in range(len(progress))
+        ]
+
+    def iter_train_batches(self, progress: Sequence[float | None], max_rays: int = 2**20) -> Iterator[dict]:
+        """``train_batches`` drawn a block at a time: at most ``max_rays`` rays (about 24 MiB
+        of ray origins and directions) held at once."""
+        block = max(1, max_rays // (self.batch_size * self.H * self.W))
+        for s in range(0, len(progress), block):
+            yield from self.train_batches(progress[s : s + block])
 
     def circle_batch(self, index: int) -> dict:
         """Camera ``index`` of ``size`` evenly spaced around the default polar angle."""

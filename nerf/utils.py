@@ -31,7 +31,6 @@ from .provider import (
     SIDE,
     SIDE_OTHER,
     NeRFDataset,
-    interp_view_weights,
     safe_normalize,
     view_prompt,
 )
@@ -232,7 +231,7 @@ class Trainer:
         opt, E = self.opt, self.embeddings
         B = data["polar"].shape[0]
         if opt.view_prompt == "interp":
-            w = interp_view_weights(data["polar"], data["azimuth"], opt.angle_overhead, opt.angle_front)
+            w = data["view_weights"]  # interp_view_weights, computed with the cameras
             stack = torch.cat([E[v] for v in INTERP_VIEWS])  # [5,77,D]
             cond = torch.einsum("bk,kld->bld", w.to(stack.dtype), stack)
         elif opt.view_prompt == "discrete":
@@ -250,12 +249,14 @@ class Trainer:
         return torch.cat([E["uncond"].expand(B, -1, -1), cond])
 
     # --- one iteration ----------------------------------------------------------------------
-    def progress(self) -> float:
-        """Fraction of the run done, for schedules (``--exp_start_iter``/``--exp_end_iter``)."""
+    def progress(self, step: int | None = None) -> float:
+        """Fraction of the run done at ``step`` (default: now), for schedules
+        (``--exp_start_iter``/``--exp_end_iter``)."""
         opt = self.opt
         start = opt.exp_start_iter or 0
         end = opt.exp_end_iter or opt.iters
-        return min(max((self.global_step - start) / max(end - start, 1), 0.0), 1.0)
+        step = self.global_step if step is None else step
+        return min(max((step - start) / max(end - start, 1), 0.0), 1.0)
 
     def shading_for_step(self, ratio: float) -> tuple[str, float, bool]:
         """(shading, ambient ratio, as_latent) of this step: the latent warm-up renders normals
@@ -506,8 +507,11 @@ class Trainer:
                 disable=opt.quiet,
             )
             t0, losses = time.time(), []
-            for _ in range(steps):
-                data = train_set.train_batch(self.progress() if opt.progressive_view else None)
+            # The epoch's cameras are drawn a block at a time (one vectorised draw instead of
+            # a hundred small ops per step); a resumed run redraws the same ones.
+            g0 = self.global_step
+            progress = [self.progress(g0 + i) if opt.progressive_view else None for i in range(steps)]
+            for data in train_set.iter_train_batches(progress):
                 parts = self.train_one_step(data)
                 if parts is not None:
                     self._log_step(parts, bar, losses)

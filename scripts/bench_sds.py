@@ -278,13 +278,20 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         train_alloc = torch.cuda.max_memory_allocated(device) / 2**30
         train_reserved = torch.cuda.max_memory_reserved(device) / 2**30
     t = time.perf_counter()
-    for _ in range(args.iters):  # as in training: no syncs beyond the loop's own
-        trainer.train_one_step(train_set.train_batch())
+    # As in training: cameras drawn a block at a time, no syncs beyond the loop's own.
+    for data in train_set.iter_train_batches([None] * args.iters):
+        trainer.train_one_step(data)
     sync(device)
     its = args.iters / (time.perf_counter() - t)
-    # The same loop on batches drawn beforehand, and the batch drawing alone: where the gap
-    # between the median step and the loop's pace comes from.
-    batches = [train_set.train_batch() for _ in range(args.iters)]
+    # The same loop drawing each step's cameras on their own (before blocks), on batches drawn
+    # beforehand, and the drawing alone: where the gap between the median step and the loop's
+    # pace comes from.
+    t = time.perf_counter()
+    for _ in range(args.iters):
+        trainer.train_one_step(train_set.train_batch())
+    sync(device)
+    its_step_draw = args.iters / (time.perf_counter() - t)
+    batches = train_set.train_batches([None] * args.iters)
     sync(device)
     t = time.perf_counter()
     for b in batches:
@@ -296,13 +303,19 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         train_set.train_batch()
     sync(device)
     batch_ms = (time.perf_counter() - t) / args.iters * 1e3
+    t = time.perf_counter()
+    train_set.train_batches([None] * args.iters)
+    sync(device)
+    block_batch_ms = (time.perf_counter() - t) / args.iters * 1e3
     res = {
         "name": name,
         "options": " ".join(extra),
         "ms": statistics.median(times),
         "its": its,
+        "its_step_draw": its_step_draw,
         "its_predrawn": its_predrawn,
         "batch_ms": batch_ms,
+        "block_batch_ms": block_batch_ms,
         "step_ms_all": sorted(round(x, 1) for x in times),
         "warmup_s": warm_s,
     }
@@ -438,7 +451,8 @@ def main() -> None:
             print(
                 f"{n}: {r['ms']:.1f} ms/iter, {r['its']:.2f} it/s, warm-up {r['warmup_s']:.1f} s, "
                 f"alloc {r.get('alloc_gib', 0):.2f} GiB, reserved {r.get('reserved_gib', 0):.2f} GiB; "
-                f"predrawn batches {r['its_predrawn']:.2f} it/s, one batch {r['batch_ms']:.2f} ms; "
+                f"cameras drawn per step {r['its_step_draw']:.2f} it/s, predrawn {r['its_predrawn']:.2f} it/s; "
+                f"one batch {r['batch_ms']:.2f} ms, in a block {r['block_batch_ms']:.3f} ms per batch; "
                 f"step times {r['step_ms_all']}",
                 flush=True,
             )

@@ -94,3 +94,66 @@ def test_circle_dataset_walks_around(kind):
     ds = NeRFDataset(type=kind, H=4, W=4, size=4)
     az = [ds.circle_batch(i)["azimuth"].item() for i in range(4)]
     assert az == [0.0, 90.0, -180.0, -90.0]
+
+
+def _dataset(**kw) -> NeRFDataset:
+    args = dict(type="train", H=4, W=4, size=10, batch_size=2, ranges=CameraRanges(theta=(60.0, 120.0)))
+    return NeRFDataset(**{**args, **kw})
+
+
+def test_a_block_of_batches_follows_each_batchs_progress():
+    """train_batches draws many batches in one call; each batch keeps its own progressive-view
+    ranges (progress 0: the default view exactly) and its own view-prompt weights."""
+    ds = _dataset()
+    torch.manual_seed(0)
+    batches = ds.train_batches([0.0, 1.0, 0.0, 0.5])
+    assert len(batches) == 4
+    for b in batches:
+        assert b["rays_o"].shape == (2, 16, 3) and b["poses"].shape == (2, 4, 4)
+        assert torch.equal(b["view_weights"], interp_view_weights(b["polar"], b["azimuth"], 30.0, 60.0))
+    for b in (batches[0], batches[2]):
+        assert torch.allclose(b["polar"], torch.tensor([90.0, 90.0]))
+        assert torch.allclose(b["radius"], torch.tensor([3.2, 3.2]))
+    assert ((batches[1]["polar"] >= 60) & (batches[1]["polar"] <= 120)).all()
+    assert ((batches[3]["polar"] >= 75) & (batches[3]["polar"] <= 105)).all()  # halfway
+    # A batch drawn alone comes from the same code: one batch per call.
+    torch.manual_seed(1)
+    one = ds.train_batch()
+    torch.manual_seed(1)
+    assert torch.equal(ds.train_batches([None])[0]["poses"], one["poses"])
+
+
+def test_sphere_draws_are_chosen_per_batch():
+    """uniform_sphere_rate picks whole batches (groups of batch_size cameras): with rate 1
+    every camera is on the sphere (polar angles beyond the range occur), with rate 0 none."""
+    torch.manual_seed(0)
+    on = _dataset(uniform_sphere_rate=1.0, batch_size=64).train_batches([None] * 4)
+    off = _dataset(uniform_sphere_rate=0.0, batch_size=64).train_batches([None] * 4)
+    polar_on = torch.cat([b["polar"] for b in on])
+    polar_off = torch.cat([b["polar"] for b in off])
+    assert (polar_on < 60).any() and (polar_on <= 90).all()  # the upper hemisphere
+    assert ((polar_off >= 60) & (polar_off <= 120)).all()
+    # Mixed: a batch is entirely on the sphere or entirely in the ranges.
+    torch.manual_seed(3)
+    mixed = _dataset(uniform_sphere_rate=0.5, batch_size=256).train_batches([None] * 8)
+    kinds = []
+    for b in mixed:
+        inside = ((b["polar"] >= 60) & (b["polar"] <= 120)).float().mean()
+        assert inside == 1 or inside < 0.9  # 256 sphere draws fall outside [60, 120] often
+        kinds.append(bool(inside == 1))
+    assert any(kinds) and not all(kinds)
+
+
+def test_iter_train_batches_draws_blocks_within_the_ray_budget(monkeypatch):
+    """A block holds at most max_rays rays; every batch is yielded, in order."""
+    from nerf import provider
+
+    calls = []
+    real = provider.rand_poses
+    monkeypatch.setattr(
+        provider, "rand_poses", lambda size, *a, **k: calls.append(size) or real(size, *a, **k)
+    )
+    ds = _dataset(batch_size=1)
+    out = list(ds.iter_train_batches([0.0, 0.0, 0.0, 0.0, 1.0], max_rays=32))  # 2 batches of 16 rays
+    assert calls == [2, 2, 1] and len(out) == 5
+    assert torch.allclose(out[0]["polar"], torch.tensor([90.0]))
