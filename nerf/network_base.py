@@ -382,15 +382,21 @@ class FieldNetwork(NeRFRenderer):
         return safe_normalize(-torch.nan_to_num(grad))
 
     def _stencil_offsets(self, device) -> torch.Tensor:
-        """[K,3] offsets of the "fd" (K=6: +x,+y,+z,-x,-y,-z) or "tetra" (K=4) stencil."""
-        e = self.normal_eps
-        eye = torch.eye(3, device=device)
-        if self.normal_method == "fd":
-            return torch.cat([eye, -eye]) * e
-        # Tetrahedron vertices (1,-1,-1), (-1,-1,1), (-1,1,-1), (1,1,1) as 1 - 2 * (where -1),
-        # built from eye: a tensor from a list would be a host->device copy (a stream sync).
-        minus = torch.cat([1 - eye[[0, 2, 1]], torch.zeros_like(eye[:1])])
-        return (1 - 2 * minus) * e
+        """[K,3] offsets of the "fd" (K=6: +x,+y,+z,-x,-y,-z) or "tetra" (K=4) stencil, built
+        once per device, method and eps (four tensor ops saved per training step)."""
+        key = (torch.device(device), self.normal_method, self.normal_eps)
+        cache = self.__dict__.setdefault("_stencil_cache", {})
+        if key not in cache:
+            e = self.normal_eps
+            eye = torch.eye(3, device=device)
+            if self.normal_method == "fd":
+                cache[key] = torch.cat([eye, -eye]) * e
+            else:
+                # Tetrahedron vertices (1,-1,-1), (-1,-1,1), (-1,1,-1), (1,1,1) as 1 - 2 * (where
+                # -1), built from eye: a tensor from a list would be a host->device copy (a sync).
+                minus = torch.cat([1 - eye[[0, 2, 1]], torch.zeros_like(eye[:1])])
+                cache[key] = (1 - 2 * minus) * e
+        return cache[key]
 
     def _stencil_points(self, x: torch.Tensor) -> torch.Tensor:
         """[N,3] -> [K*N,3] stencil points (offset-major), in fp32 and clamped to the box.

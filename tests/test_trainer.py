@@ -60,3 +60,18 @@ def test_deferred_readback_gives_the_same_run(tmp_path, monkeypatch, device):
     # The skipped steps changed nothing: Adan counted only the 4 applied ones.
     emb = t_def.model.encoder.embeddings
     assert int(t_def.optimizer.state[emb]["step"]) == 4
+
+
+def test_gradient_finiteness_flag(tmp_path, monkeypatch):
+    """One device flag for all gradients: NaN or inf anywhere clears it; huge finite values
+    (whose sum of squares would overflow) and parameters without a gradient do not."""
+    trainer, _ = _trainer(tmp_path, "cpu", False, set(), monkeypatch)
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.full_like(p, 3e38)
+    params[0].grad = None
+    assert bool(trainer._grads_finite_flag())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        params[-1].grad = torch.zeros_like(params[-1])
+        params[-1].grad.view(-1)[-1] = bad
+        assert not bool(trainer._grads_finite_flag())
