@@ -342,8 +342,8 @@ def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        for _ in range(5):
-            trainer.train_one_step(train_set.train_batch())
+        for data in train_set.iter_train_batches([None] * 5):  # as the trainer draws cameras
+            trainer.train_one_step(data)
         sync(device)
     trace = out.with_suffix(".trace.json")
     prof.export_chrome_trace(str(trace))  # for perfetto / chrome://tracing
@@ -387,8 +387,8 @@ def sync_sites(trainer: Trainer, train_set: NeRFDataset, device: torch.device) -
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in range(3):
-                trainer.train_one_step(train_set.train_batch())
+            for data in train_set.iter_train_batches([None] * 3):
+                trainer.train_one_step(data)
         finally:
             torch.cuda.set_sync_debug_mode("default")
             warnings.showwarning = old
