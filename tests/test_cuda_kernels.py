@@ -283,26 +283,16 @@ def test_grid_encode_half_features_from_a_float32_table(out_dtype):
     assert rel_err(e_got.grad, e_ref.grad) <= 1e-6
 
 
-def test_grid_encode_gradcheck_float64():
+@pytest.mark.parametrize("check", ["gradcheck", "gradgradcheck"])
+def test_grid_encode_gradcheck_float64(check):
+    """First derivatives in embeddings and inputs; second ones too (a create_graph backward, as
+    training with autograd normals runs, goes through the twin's arithmetic)."""
     offsets, points = ge.level_layout(3, 3, 2.0, 2, 6)
     g = torch.Generator().manual_seed(4)
     emb = torch.randn(offsets[-1], 2, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
     x = (torch.rand(5, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1).to(DEV).requires_grad_()
     for interp in ("linear", "smoothstep"):
-        assert torch.autograd.gradcheck(
-            lambda e, xx, i=interp: gc.grid_encode(xx, e, offsets, points, 2.0, 2, False, i),
-            (emb, x), atol=1e-6)
-
-
-def test_grid_encode_double_backward_float64():
-    """A create_graph backward (training with autograd normals) is differentiable: second
-    derivatives in embeddings and inputs, through the twin's arithmetic."""
-    offsets, points = ge.level_layout(3, 3, 2.0, 2, 6)
-    g = torch.Generator().manual_seed(5)
-    emb = torch.randn(offsets[-1], 2, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
-    x = (torch.rand(5, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1).to(DEV).requires_grad_()
-    for interp in ("linear", "smoothstep"):
-        assert torch.autograd.gradgradcheck(
+        assert getattr(torch.autograd, check)(
             lambda e, xx, i=interp: gc.grid_encode(xx, e, offsets, points, 2.0, 2, False, i),
             (emb, x), atol=1e-6)
 

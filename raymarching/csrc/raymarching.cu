@@ -539,6 +539,20 @@ __device__ inline T warp_sum(T x) {
   return x;
 }
 
+// One chunk of 32 samples of a ray (lane k: sample i = chunk start + k, valid if i < end): the
+// sample's optical depth tau (0 past the end) and the transmittance before it; ``carry`` (the
+// optical depth before the chunk) moves past the chunk.
+template <typename scalar_t>
+__device__ inline scalar_t chunk_transmittance(const scalar_t* __restrict__ sigmas,
+                                               const scalar_t* __restrict__ ts, int64_t i,
+                                               bool valid, double& carry, scalar_t& tau) {
+  tau = valid ? sigmas[i] * ts[2 * i + 1] : scalar_t(0);
+  const double incl = warp_inclusive_sum(static_cast<double>(tau));
+  const scalar_t T = exp(-static_cast<scalar_t>(carry + incl - static_cast<double>(tau)));
+  carry += __shfl_sync(0xffffffffu, incl, 31);
+  return T;
+}
+
 template <typename scalar_t>
 __global__ void composite_train_forward_warp_kernel(const scalar_t* __restrict__ sigmas,
     const scalar_t* __restrict__ rgbs, const scalar_t* __restrict__ ts,
@@ -556,10 +570,8 @@ __global__ void composite_train_forward_warp_kernel(const scalar_t* __restrict__
   for (int64_t base = off; base < end; base += 32) {
     const int64_t i = base + lane;
     const bool valid = i < end;
-    const scalar_t tau = valid ? sigmas[i] * ts[2 * i + 1] : scalar_t(0);
-    const double incl = warp_inclusive_sum(static_cast<double>(tau));
-    const scalar_t T = exp(-static_cast<scalar_t>(carry + incl - static_cast<double>(tau)));
-    carry += __shfl_sync(0xffffffffu, incl, 31);
+    scalar_t tau;
+    const scalar_t T = chunk_transmittance(sigmas, ts, i, valid, carry, tau);
     if (!valid || !(T >= static_cast<scalar_t>(T_thresh))) continue;
     const scalar_t w = (scalar_t(1) - exp(-tau)) * T;
     weights[i] = w;
@@ -612,10 +624,8 @@ __global__ void composite_train_backward_warp_kernel(const scalar_t* __restrict_
   for (int64_t base = off; base < end; base += 32) {
     const int64_t i = base + lane;
     const bool valid = i < end;
-    const scalar_t tau = valid ? sigmas[i] * ts[2 * i + 1] : scalar_t(0);
-    const double incl = warp_inclusive_sum(static_cast<double>(tau));
-    const scalar_t T = exp(-static_cast<scalar_t>(carry + incl - static_cast<double>(tau)));
-    carry += __shfl_sync(0xffffffffu, incl, 31);
+    scalar_t tau;
+    const scalar_t T = chunk_transmittance(sigmas, ts, i, valid, carry, tau);
     if (valid && T >= static_cast<scalar_t>(T_thresh)) {
       const scalar_t w = (scalar_t(1) - exp(-tau)) * T;
       S += static_cast<double>(weight_grad(i, gw, g_ws, g_d, gimg, rgbs, ts, Cc)) *
@@ -631,10 +641,8 @@ __global__ void composite_train_backward_warp_kernel(const scalar_t* __restrict_
     const int64_t i = base + lane;
     const bool valid = i < end;
     const scalar_t dt = valid ? ts[2 * i + 1] : scalar_t(0);
-    const scalar_t tau = valid ? sigmas[i] * dt : scalar_t(0);
-    const double incl = warp_inclusive_sum(static_cast<double>(tau));
-    const scalar_t T = exp(-static_cast<scalar_t>(carry + incl - static_cast<double>(tau)));
-    carry += __shfl_sync(0xffffffffu, incl, 31);
+    scalar_t tau;
+    const scalar_t T = chunk_transmittance(sigmas, ts, i, valid, carry, tau);
     const bool on = valid && T >= static_cast<scalar_t>(T_thresh);
     scalar_t trans = 0, w = 0, g = 0;
     if (on) {
