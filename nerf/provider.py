@@ -384,7 +384,7 @@ class NeRFDataset:
 
     def train_batches(self, progress: Sequence[float | None]) -> list[dict]:
         """``len(progress)`` batches of random cameras, drawn in one vectorised call (a hundred
-        small tensor ops, each a kernel launch on a GPU: per step they cost about 2.4 ms of
+        small tensor ops, each a kernel launch on a GPU: per step they cost 2.4 to 3.1 ms of
         host time on the H100 machine, as much as a tenth of an SDS step). ``progress``: each
         batch's progressive-view ratio in [0,1], or None for the full ranges.
 
