@@ -113,9 +113,9 @@ def _twin_backward(
     inputs and embeddings: the twin's encoding of the saved tensors, differentiated with a
     graph."""
     with torch.enable_grad():
-        x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(need_inputs)
-        feats = _torch_impl.grid_encode(x, embeddings, *twin_args)
-        wrt = [t for t, need in ((x, need_inputs), (embeddings, need_emb)) if need]
+        # need_inputs is inputs.requires_grad (autograd's needs_input_grad): no detached copy.
+        feats = _torch_impl.grid_encode(inputs, embeddings, *twin_args)
+        wrt = [t for t, need in ((inputs, need_inputs), (embeddings, need_emb)) if need]
         grads = iter(torch.autograd.grad(feats, wrt, grad_out.to(feats.dtype), create_graph=True,
                                          allow_unused=True))
     return (next(grads) if need_inputs else None, next(grads) if need_emb else None)

@@ -457,6 +457,16 @@ __global__ void composite_train_forward_kernel(const scalar_t* __restrict__ sigm
 // d loss / d tau_k = m_k g_k T_k (1 - alpha_k) - sum_{i>k} g_i w_i, where g_i is the
 // gradient reaching w_i (its own, plus weights_sum's, depth's and image's through w_i) and
 // m_k the (constant) T >= T_thresh mask; d loss / d rgb_kc = w_k grad_image_c.
+// The gradient g_i reaching w_i (its own, plus weights_sum's, depth's and image's through w_i).
+template <typename scalar_t>
+DFK_HD scalar_t weight_grad(int64_t i, const scalar_t* __restrict__ gw, scalar_t g_ws, scalar_t g_d,
+                            const scalar_t* __restrict__ gimg, const scalar_t* __restrict__ rgbs,
+                            const scalar_t* __restrict__ ts, int Cc) {
+  scalar_t g = gw[i] + g_ws + g_d * ts[2 * i];
+  for (int c = 0; c < Cc; ++c) g += gimg[c] * rgbs[i * Cc + c];
+  return g;
+}
+
 template <typename scalar_t>
 DFK_HD void composite_train_backward_one(int64_t n, const scalar_t* __restrict__ gw, const scalar_t* __restrict__ gws,
     const scalar_t* __restrict__ gdepth, const scalar_t* __restrict__ gimage,
@@ -474,8 +484,7 @@ DFK_HD void composite_train_backward_one(int64_t n, const scalar_t* __restrict__
     excl += static_cast<double>(tau);
     if (!(T >= static_cast<scalar_t>(T_thresh))) continue;
     const scalar_t w = (scalar_t(1) - exp(-tau)) * T;
-    scalar_t g = gw[i] + g_ws + g_d * ts[2 * i];
-    for (int c = 0; c < Cc; ++c) g += gimg[c] * rgbs[i * Cc + c];
+    const scalar_t g = weight_grad(i, gw, g_ws, g_d, gimg, rgbs, ts, Cc);
     S += static_cast<double>(g) * static_cast<double>(w);
   }
   // Pass 2: prefix P_k = sum_{i<=k} g_i w_i, so the suffix is S - P_k.
@@ -490,11 +499,8 @@ DFK_HD void composite_train_backward_one(int64_t n, const scalar_t* __restrict__
     if (T >= static_cast<scalar_t>(T_thresh)) {
       const scalar_t trans = exp(-tau);
       const scalar_t w = (scalar_t(1) - trans) * T;
-      scalar_t g = gw[i] + g_ws + g_d * ts[2 * i];
-      for (int c = 0; c < Cc; ++c) {
-        g += gimg[c] * rgbs[i * Cc + c];
-        grgb[i * Cc + c] = w * gimg[c];
-      }
+      const scalar_t g = weight_grad(i, gw, g_ws, g_d, gimg, rgbs, ts, Cc);
+      for (int c = 0; c < Cc; ++c) grgb[i * Cc + c] = w * gimg[c];
       P += static_cast<double>(g) * static_cast<double>(w);
       dtau = static_cast<double>(g) * static_cast<double>(T * trans);
     }
@@ -593,17 +599,6 @@ __global__ void composite_train_forward_warp_kernel(const scalar_t* __restrict__
     depth[n] = dep;
     for (int c = 0; c < Cc; ++c) image[n * Cc + c] = img[c];
   }
-}
-
-// The gradient g_i reaching w_i (its own, plus weights_sum's, depth's and image's through w_i).
-template <typename scalar_t>
-__device__ inline scalar_t weight_grad(int64_t i, const scalar_t* __restrict__ gw, scalar_t g_ws,
-                                       scalar_t g_d, const scalar_t* __restrict__ gimg,
-                                       const scalar_t* __restrict__ rgbs,
-                                       const scalar_t* __restrict__ ts, int Cc) {
-  scalar_t g = gw[i] + g_ws + g_d * ts[2 * i];
-  for (int c = 0; c < Cc; ++c) g += gimg[c] * rgbs[i * Cc + c];
-  return g;
 }
 
 template <typename scalar_t>
