@@ -208,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
         "refresh after the first 16 (plus as many occupied ones); 1 = every cell, as the reference",
     )
     g.add_argument(
+        "--graph_pass",
+        action="store_true",
+        help="--cuda_ray training on a GPU: replay the network pass (field, shading, compositing; "
+        "forward and backward) from CUDA graphs captured per shading and per sample-count bucket "
+        "(padding rows get zero gradient; up to 4 graphs, sharing one memory pool, each with its own "
+        "saved activations). Fewer host launches when sample counts repeat (fixed views); in a run "
+        "where they rarely do, more than 8 captures in 64 passes turn it off with one line",
+    )
+    g.add_argument(
+        "--graph_buckets",
+        type=int,
+        default=8,
+        help="--graph_pass: sample-count buckets per octave (8: at most 9%% padding; fewer buckets "
+        "mean more padding and fewer captures)",
+    )
+    g.add_argument(
         "--prune_samples",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -503,6 +519,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "grid_levels",
         "grid_base",
         "grid_finest",
+        "graph_buckets",
     ):
         if getattr(opt, name) <= 0:
             err(f"--{name} must be positive, got {getattr(opt, name)}")

@@ -17,6 +17,8 @@ from torch import nn
 import raymarching
 from raymarching._torch_impl import _ray_ids
 
+from .graphed import GraphedPasses
+
 
 def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n_samples: int, det: bool = False) -> torch.Tensor:
     """Inverse-CDF sampling of ``n_samples`` per ray from piecewise-constant weights.
@@ -94,6 +96,9 @@ class NeRFRenderer(nn.Module):
         self.density_thresh = float(opt.density_thresh) * (25 if opt.density_activation == "softplus" else 1)
         self.min_near = float(opt.min_near)
         self.cuda_ray = bool(opt.cuda_ray)
+        # --graph_pass: the training network pass replayed from CUDA graphs (nerf/graphed.py).
+        self.graph_pass = bool(getattr(opt, "graph_pass", False))
+        self.graphs = GraphedPasses(per_octave=int(getattr(opt, "graph_buckets", 8)))
         b = self.bound
         self.register_buffer("aabb", torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32))
         if self.cuda_ray:
@@ -180,6 +185,39 @@ class NeRFRenderer(nn.Module):
             out["loss_orient"] = (weights.detach() * nd**2).sum() / N
         return out
 
+    def network_pass(
+        self,
+        xyzs: torch.Tensor,
+        dirs: torch.Tensor,
+        ts: torch.Tensor,
+        rays: torch.Tensor,
+        light_d: torch.Tensor | None,
+        ambient_ratio: float | torch.Tensor,
+        shading: str,
+        need: bool,
+        T_thresh: float,
+        N: int,
+    ) -> dict:
+        """The field on packed training samples and their composite (``run_cuda``'s training
+        step after marching): xyzs, dirs [M,3], ts [M,2], rays [N,2] (offset, count; rows in no
+        ray, such as padding, get weight 0 and zero gradient); light_d [1,3] or [N,3]."""
+        M = xyzs.shape[0]
+        light = light_d
+        if light_d is not None and light_d.shape[0] > 1:
+            light = light_d[_ray_ids(rays, M).clamp(min=0)]
+        sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
+        weights, weights_sum, depth, image = raymarching.composite_rays_train(
+            sigma.float(), color.float(), ts, rays, T_thresh
+        )
+        out = {"image": image, "depth": depth, "weights_sum": weights_sum, "weights": weights}
+        if normal is not None:
+            out["normal_image"] = raymarching.composite_rays_train(
+                sigma.detach().float(), normal.float(), ts, rays, T_thresh
+            )[3]
+            nd = (normal * dirs).sum(-1).clamp(min=0)
+            out["loss_orient"] = (weights.detach() * nd**2).sum() / N
+        return out
+
     def run_cuda(
         self,
         rays_o,
@@ -228,22 +266,12 @@ class NeRFRenderer(nn.Module):
                 keep, rays = raymarching.prune_rays_train(sigma_pre, ts, rays, 0.1 * T_thresh)
                 n_pruned = xyzs.shape[0] - keep.numel()
                 xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
-            M = xyzs.shape[0]
-            light = light_d
-            if light_d is not None and light_d.shape[0] > 1:
-                light = light_d[_ray_ids(rays, M).clamp(min=0)]
-            sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
-            weights, weights_sum, depth, image = raymarching.composite_rays_train(
-                sigma.float(), color.float(), ts, rays, T_thresh
-            )
-            out = {"image": image, "depth": depth, "weights_sum": weights_sum, "weights": weights}
+            args = (xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N)
+            if self.graph_pass and xyzs.is_cuda and torch.is_grad_enabled():
+                out = self.graphs.run(self, *args)
+            else:
+                out = self.network_pass(*args)
             out["n_pruned"] = n_pruned  # samples dropped with weight 0 (for per-sample means)
-            if normal is not None:
-                out["normal_image"] = raymarching.composite_rays_train(
-                    sigma.detach().float(), normal.float(), ts, rays, T_thresh
-                )[3]
-                nd = (normal * dirs).sum(-1).clamp(min=0)
-                out["loss_orient"] = (weights.detach() * nd**2).sum() / N
             return out
 
         # Inference: march a few samples per alive ray at a time, drop finished rays.

@@ -362,24 +362,27 @@ def main() -> None:
     grid_full = model.density_grid.clone()
 
     rows = []
-    # (name, backend, cuda_ray, prune, grid-encoder kernel layout {AGG_MODE, SOA} or None)
+    # (name, backend, cuda_ray, prune, grid-encoder kernel layout {AGG_MODE, SOA} or None,
+    # --graph_pass)
     variants = [
-        ("run_cuda, CUDA kernels", "auto", True, True, None),
-        ("run_cuda, CUDA kernels, no sample pruning", "auto", True, False, None),
-        ("run_cuda, PyTorch twin", "torch", True, True, None),
-        ("run (PyTorch sampling)", "torch", False, True, None),
+        ("run_cuda, CUDA kernels", "auto", True, True, None, False),
+        ("run_cuda, CUDA kernels, graphed network pass (--graph_pass)", "auto", True, True, None, True),
+        ("run_cuda, CUDA kernels, no sample pruning", "auto", True, False, None, False),
+        ("run_cuda, PyTorch twin", "torch", True, True, None, False),
+        ("run (PyTorch sampling)", "torch", False, True, None, False),
     ]
     if device.type != "cuda":
-        variants = variants[2:]
+        variants = variants[3:]
     elif args.kernel_variants:
         default = (gc.AGG_MODE, gc.SOA)
         for agg, soa in GRID_LAYOUTS:
             if (agg, soa) != default:
                 name = f"run_cuda, CUDA kernels, grid AGG_MODE {agg}" + (" SOA" if soa else "")
-                variants.insert(1, (name, "auto", True, True, (agg, soa)))
+                variants.insert(1, (name, "auto", True, True, (agg, soa), False))
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device=device), dim=-1)
-    for name, backend, cuda_ray, prune, layout in variants:
+    for name, backend, cuda_ray, prune, layout, graph in variants:
         saved = (gc.AGG_MODE, gc.SOA)
+        model.graph_pass = graph
         if layout is not None:
             gc.AGG_MODE, gc.SOA = layout
         model.opt.prune_samples = prune
@@ -409,6 +412,7 @@ def main() -> None:
     gridencoder.set_backend("auto")
     model.cuda_ray = True
     model.opt.prune_samples = True
+    model.graph_pass = False
     if args.profile:
         profile(model, device, light, args.test_size, Path(args.profile))
     thresh_lines = infer_thresholds(model, device, args.test_size) if device.type == "cuda" else []

@@ -72,6 +72,28 @@ VARIANTS: dict[str, list[str]] = {
         "--vae_graph",
         "--compile_vae",
     ],
+    "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [
+        "--fp16",
+        *OFF,
+        "--unet_graph",
+        "--compile_unet",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+        "--graph_pass",
+    ],
+    "compiled UNet graph + CL + compiled VAE graph + graphed network pass (2 buckets per octave)": [
+        "--fp16",
+        *OFF,
+        "--unet_graph",
+        "--compile_unet",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+        "--graph_pass",
+        "--graph_buckets",
+        "2",
+    ],
     "-O default without sample pruning": [
         "--fp16",
         *OFF,
@@ -316,6 +338,7 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         "its_predrawn": its_predrawn,
         "batch_ms": batch_ms,
         "block_batch_ms": block_batch_ms,
+        "graph_captures": model.graphs.captures,  # --graph_pass: network-pass graphs captured
         "step_ms_all": sorted(round(x, 1) for x in times),
         "warmup_s": warm_s,
     }
@@ -453,7 +476,7 @@ def main() -> None:
                 f"alloc {r.get('alloc_gib', 0):.2f} GiB, reserved {r.get('reserved_gib', 0):.2f} GiB; "
                 f"cameras drawn per step {r['its_step_draw']:.2f} it/s, predrawn {r['its_predrawn']:.2f} it/s; "
                 f"one batch {r['batch_ms']:.2f} ms, in a block {r['block_batch_ms']:.3f} ms per batch; "
-                f"step times {r['step_ms_all']}",
+                f"network-pass graphs captured {r['graph_captures']}; step times {r['step_ms_all']}",
                 flush=True,
             )
             results.append(r)

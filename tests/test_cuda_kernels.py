@@ -99,11 +99,21 @@ def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0
     aabb = torch.tensor([-bound] * 3 + [bound] * 3)
     nears, fars = rm.near_far_from_aabb(o, d, aabb, 0.05)
     noise = torch.rand(N, generator=torch.Generator().manual_seed(seed)) if perturb else None
-    ref = rm.march_rays_train(o, d, bound, bits, C, G, nears, fars, perturb, dt_gamma,
-                              max_steps, noise)
-    got = rc.march_rays_train(o.to(DEV), d.to(DEV), bound, bits.to(DEV), C, G, nears.to(DEV),
-                              fars.to(DEV), perturb, dt_gamma, max_steps,
-                              None if noise is None else noise.to(DEV))
+    ref = rm.march_rays_train(o, d, bound, bits, C, G, nears, fars, perturb, dt_gamma, max_steps, noise)
+    got = rc.march_rays_train(
+        o.to(DEV),
+        d.to(DEV),
+        bound,
+        bits.to(DEV),
+        C,
+        G,
+        nears.to(DEV),
+        fars.to(DEV),
+        perturb,
+        dt_gamma,
+        max_steps,
+        None if noise is None else noise.to(DEV),
+    )
     return ref, got
 
 
@@ -131,8 +141,12 @@ def test_composite_rays_train_forward_backward(channels):
     M, N = xyzs.shape[0], rays_c.shape[0]
     sig = torch.nn.functional.softplus(torch.randn(M, generator=g) * 3 + 2) * 10
     rgb = torch.rand(M, channels, generator=g)
-    ups = [torch.randn(M, generator=g), torch.randn(N, generator=g), torch.randn(N, generator=g),
-           torch.randn(N, channels, generator=g)]
+    ups = [
+        torch.randn(M, generator=g),
+        torch.randn(N, generator=g),
+        torch.randn(N, generator=g),
+        torch.randn(N, channels, generator=g),
+    ]
     # Both on the CUDA packing (the twin takes any ray order).
     s_ref, c_ref = sig.clone().requires_grad_(), rgb.clone().requires_grad_()
     ref = rm.composite_rays_train(s_ref, c_ref, ts_c.cpu(), rays_c.cpu())
@@ -140,8 +154,7 @@ def test_composite_rays_train_forward_backward(channels):
     s_got, c_got = sig.to(DEV).requires_grad_(), rgb.to(DEV).requires_grad_()
     got = rc.composite_rays_train(s_got, c_got, ts_c, rays_c)
     torch.autograd.backward(got, [u.to(DEV) for u in ups])
-    errs = {name: rel_err(a, b) for name, a, b in zip(
-        ("weights", "weights_sum", "depth", "image"), got, ref)}
+    errs = {name: rel_err(a, b) for name, a, b in zip(("weights", "weights_sum", "depth", "image"), got, ref)}
     errs["grad_sigmas"] = rel_err(s_got.grad, s_ref.grad)
     errs["grad_rgbs"] = rel_err(c_got.grad, c_ref.grad)
     print(f"\n[composite C={channels}] " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
@@ -169,11 +182,13 @@ def test_composite_rays_train_gradcheck_float64():
     g = torch.Generator().manual_seed(2)
     sig = (torch.rand(7, generator=g, dtype=torch.float64) * 5).to(DEV).requires_grad_()
     rgb = torch.rand(7, 3, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
-    ts = torch.tensor([[1.0, 0.1], [1.1, 0.2], [1.3, 0.3], [2.0, 0.2], [2.2, 0.4], [3.0, 0.1],
-                       [3.1, 0.1]], dtype=torch.float64, device=DEV)
+    ts = torch.tensor(
+        [[1.0, 0.1], [1.1, 0.2], [1.3, 0.3], [2.0, 0.2], [2.2, 0.4], [3.0, 0.1], [3.1, 0.1]],
+        dtype=torch.float64,
+        device=DEV,
+    )
     rays = torch.tensor([[4, 3], [0, 2], [2, 2]], dtype=torch.int32, device=DEV)
-    assert torch.autograd.gradcheck(lambda s, c: rc.composite_rays_train(s, c, ts, rays),
-                                    (sig, rgb))
+    assert torch.autograd.gradcheck(lambda s, c: rc.composite_rays_train(s, c, ts, rays), (sig, rgb))
 
 
 @pytest.mark.parametrize(
@@ -192,9 +207,19 @@ def test_inference_matches_twin(case):
     if p < 1e-3:
         assert empty_block_fraction(bits) > 0.3
     ref = render_inference(o, d, bits, C, G, bound, 1e-3, dt_gamma=gamma, max_step=cap)
-    got = render_inference(o.to(DEV), d.to(DEV), bits.to(DEV), C, G, bound, 1e-3,
-                           march=rc.march_rays, composite=rc.composite_rays, dt_gamma=gamma,
-                           max_step=cap)
+    got = render_inference(
+        o.to(DEV),
+        d.to(DEV),
+        bits.to(DEV),
+        C,
+        G,
+        bound,
+        1e-3,
+        march=rc.march_rays,
+        composite=rc.composite_rays,
+        dt_gamma=gamma,
+        max_step=cap,
+    )
     assert len(got[3]) == len(ref[3])
     for (x1, t1, r1), (x2, t2, r2) in zip(got[3], ref[3]):
         assert torch.equal(x1.cpu(), x2) and torch.equal(t1.cpu(), t2) and torch.equal(r1.cpu(), r2)
@@ -207,13 +232,13 @@ def test_inference_equals_training_on_gpu():
     C, G, bound = 1, 64, 1.0
     o, d, bits = random_scene(2048, C, G, bound, seed=9)
     o, d, bits = o.to(DEV), d.to(DEV), bits.to(DEV)
-    nears, fars = rc.near_far_from_aabb(o, d, torch.tensor([-1.0] * 3 + [1.0] * 3, device=DEV),
-                                        0.05)
+    nears, fars = rc.near_far_from_aabb(o, d, torch.tensor([-1.0] * 3 + [1.0] * 3, device=DEV), 0.05)
     xyzs, _, ts, rays = rc.march_rays_train(o, d, bound, bits, C, G, nears, fars)
     sig, rgb = _field(xyzs)
     _, ws, depth, image = rc.composite_rays_train(sig, rgb, ts, rays, 1e-4)
-    inference = render_inference(o, d, bits, C, G, bound, 1e-4, march=rc.march_rays,
-                                 composite=rc.composite_rays)
+    inference = render_inference(
+        o, d, bits, C, G, bound, 1e-4, march=rc.march_rays, composite=rc.composite_rays
+    )
     assert_mostly_equal(inference[:3], (ws, depth, image), "GPU")
 
 
@@ -245,8 +270,11 @@ def test_grid_encode_matches_twin(case):
     e_got, x_got = emb.to(DEV).requires_grad_(), x.to(DEV).requires_grad_()
     got = gc.grid_encode(x_got, e_got, offsets, points, scale, base, align, interp, max_level)
     got.backward(up.to(DEV))
-    errs = {"out": rel_err(got, ref), "grad_emb": rel_err(e_got.grad, e_ref.grad),
-            "grad_x": rel_err(x_got.grad, x_ref.grad)}
+    errs = {
+        "out": rel_err(got, ref),
+        "grad_emb": rel_err(e_got.grad, e_ref.grad),
+        "grad_x": rel_err(x_got.grad, x_ref.grad),
+    }
     print(f"\n[grid {case}] " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert max(errs.values()) <= 1e-4
@@ -294,12 +322,13 @@ def test_grid_encode_gradcheck_float64(check):
     for interp in ("linear", "smoothstep"):
         assert getattr(torch.autograd, check)(
             lambda e, xx, i=interp: gc.grid_encode(xx, e, offsets, points, 2.0, 2, False, i),
-            (emb, x), atol=1e-6)
+            (emb, x),
+            atol=1e-6,
+        )
 
 
 def test_grid_encoder_module_normals_on_gpu():
-    enc = GridEncoder(num_levels=8, base_resolution=8, log2_hashmap_size=14,
-                      desired_resolution=256)
+    enc = GridEncoder(num_levels=8, base_resolution=8, log2_hashmap_size=14, desired_resolution=256)
     with torch.no_grad():
         enc.embeddings.uniform_(-1, 1)
     x = torch.rand(1000, 3) * 2 - 1
@@ -354,7 +383,9 @@ def test_grid_encode_backward_with_warp_groups_matches_twin(monkeypatch, agg_mod
 
 
 def test_fp16_inference_table_is_close_and_follows_updates():
-    enc = GridEncoder(num_levels=16, base_resolution=16, log2_hashmap_size=19, desired_resolution=2048).to(DEV)
+    enc = GridEncoder(num_levels=16, base_resolution=16, log2_hashmap_size=19, desired_resolution=2048).to(
+        DEV
+    )
     with torch.no_grad():
         enc.embeddings.uniform_(-0.1, 0.1)
     x = torch.rand(4096, 3, device=DEV) * 2 - 1
@@ -393,12 +424,86 @@ def test_pruned_training_render_on_gpu_equals_full():
         torch.manual_seed(1)
         out = model.render(o, d, light_d=light, ambient_ratio=0.2, shading="lambertian", perturb=True)
         (out["image"].mean() + out["loss_orient"]).backward()
-        res[prune] = (out, model.encoder.embeddings.grad.clone(), model.sigma_net.layers[0].weight.grad.clone())
+        res[prune] = (
+            out,
+            model.encoder.embeddings.grad.clone(),
+            model.sigma_net.layers[0].weight.grad.clone(),
+        )
     (full, ge_f, gw_f), (pr, ge_p, gw_p) = res[False], res[True]
     print(f"\n[prune] {full['weights'].numel()} -> {pr['weights'].numel()} samples")
     assert pr["n_pruned"] > 0.3 * full["weights"].numel()
     assert rel_err(pr["image"], full["image"]) <= 1e-5
     assert rel_err(ge_p, ge_f) <= 1e-4 and rel_err(gw_p, gw_f) <= 1e-4
+
+
+@pytest.mark.parametrize("shading", ["albedo", "lambertian", "textureless"])
+def test_graphed_network_pass_equals_eager(shading):
+    """--graph_pass: the training network pass replayed from CUDA graphs gives the eager pass's
+    outputs and parameter gradients on the same packed samples, step after step (new samples,
+    new weights, a new light and ambient ratio each time), under fp16 autocast as in training.
+
+    The graph runs on rows padded to a bucket, so it is compared with the eager pass on the
+    same padded rows. Gradient sums come out in any order (atomics); through the fd normals
+    (differences of densities over 2 eps) that order moves a gradient by up to about 1% of its
+    largest entry, so the gradients are held to twice what two eager passes differ by."""
+    import torch.nn.functional as F
+
+    from main import parse_args
+    from nerf.graphed import GraphedPasses, sample_bucket
+    from nerf.network_grid import NeRFNetwork
+    from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
+
+    torch.manual_seed(0)
+    opt, _ = parse_args(["--text", "x", "-O", "--blob_density", "12", "--blob_radius", "0.3"])
+    model = NeRFNetwork(opt).to(DEV)
+    model.graphs = GraphedPasses(min_uses=1)  # capture at first use
+    for _ in range(4):
+        model.update_extra_state()
+    model.train()
+    intr = intrinsics_from_fovy(torch.tensor([20.0], device=DEV), 32, 32)
+    eager_pass = model.network_pass
+    seen = []  # the network pass's arguments in a render
+
+    def run(fn, a, M):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = fn(*a)
+        loss = out["image"].float().mean() + out["weights"][:M].float().square().mean()
+        if "loss_orient" in out:
+            loss = loss + out["loss_orient"] + out["normal_image"].float().mean()
+        loss.backward()
+        outs = {k: v.detach()[:M].clone() if k == "weights" else v.detach().clone() for k, v in out.items()}
+        return outs, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for step in range(3):
+        poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0 + step]), DEV)
+        o, d = get_rays(poses, intr, 32, 32)
+        light = F.normalize(torch.tensor([[0.3, 0.5 + step, 1.0]], device=DEV), dim=-1)
+        seen.clear()
+        model.network_pass = lambda *a: seen.append(a) or eager_pass(*a)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            model.render(o, d, light_d=light, ambient_ratio=0.1 + 0.2 * step, shading=shading, perturb=True)
+        del model.network_pass
+        args = seen[0]
+        M = args[0].shape[0]
+        pad = sample_bucket(M) - M
+        padded = tuple(F.pad(t, (0, 0, 0, pad)) for t in args[:3]) + args[3:]
+
+        e1, e1_grads = run(eager_pass, padded, M)
+        _, e2_grads = run(eager_pass, padded, M)
+        g, g_grads = run(lambda *a: model.graphs.run(model, *a), args, M)
+        u, _ = run(eager_pass, args, M)  # unpadded: the padding rows change no output
+        assert e1.keys() == g.keys() == u.keys() and len(e1_grads) == len(g_grads)
+        for k in e1:
+            assert g[k].shape == e1[k].shape, k
+            assert rel_err(g[k].float(), e1[k].float()) <= 1e-3, k
+            assert rel_err(u[k].float(), e1[k].float()) <= 1e-3, k
+        for a, b, c in zip(e1_grads, e2_grads, g_grads):
+            assert rel_err(c, a) <= max(1e-3, 2 * rel_err(b, a))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)  # the graph reads the live weights
+    assert 1 <= model.graphs.captures <= 3 and not model.graphs.disabled
 
 
 def _time_ms(fn, reps=20) -> float:
@@ -436,9 +541,11 @@ def test_timing_report():
     def encode():
         enc(pts).sum().backward()
 
-    rows = [("march_rays_train 4096 rays G=128", march),
-            ("composite_rays_train fwd+bwd", composite),
-            ("grid encode fwd+bwd 2^18 pts L=16", encode)]
+    rows = [
+        ("march_rays_train 4096 rays G=128", march),
+        ("composite_rays_train fwd+bwd", composite),
+        ("grid encode fwd+bwd 2^18 pts L=16", encode),
+    ]
     print(f"\n[timing] M={xyzs.shape[0]} samples")
     for name, fn in rows:
         print(f"[timing] {name}: {_time_ms(fn):.3f} ms")

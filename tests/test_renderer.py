@@ -320,3 +320,91 @@ def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, shadin
     for a, b in zip(g1, g0):
         scale = b.abs().max().clamp(min=1e-12)
         assert ((a - b).abs().max() / scale).item() < (3e-2 if autocast else 1e-4)
+
+
+def test_graph_pass_pads_buckets_and_captures_on_reuse(monkeypatch, capsys):
+    """nerf/graphed.py on the CPU, with the capture replaced by the module itself: the padded
+    pass (rows in no ray) gives the eager pass's outputs and gradients; a bucket is captured on
+    its second use, the least recently used graph is dropped, and a failed capture falls back
+    to the eager pass for good, in one line."""
+    import raymarching
+    from nerf.graphed import GraphedPasses, sample_bucket
+
+    torch.manual_seed(0)
+    opt = _opt(cuda_ray=True, blob_density=12.0, blob_radius=0.3, max_steps=256)
+    field = _mlp_field(opt)
+    for _ in range(4):
+        field.update_extra_state()
+    field.train()
+    poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0]))
+    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([40.0]), 16, 16), 16, 16)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    nears, fars = raymarching.near_far_from_aabb(o, d, field.aabb, field.min_near)
+    xyzs, dirs, ts, rays = raymarching.march_rays_train(
+        o, d, field.bound, field.density_bitfield, field.cascade, field.grid_size, nears, fars, True, 0.0, 256
+    )
+    assert sample_bucket(xyzs.shape[0]) > xyzs.shape[0]  # padding rows are exercised
+    light = torch.tensor([[0.3, 0.5, 1.0]])
+
+    def run(fn, shading):
+        field.zero_grad(set_to_none=True)
+        out = fn(field, xyzs, dirs, ts, rays, light, 0.2, shading, shading != "albedo", 1e-4, o.shape[0])
+        loss = out["image"].mean() + out["weights"].square().sum()
+        if "loss_orient" in out:
+            loss = loss + out["loss_orient"] + out["normal_image"].mean()
+        loss.backward()
+        return out, [p.grad.clone() for p in field.sigma_net.parameters()]
+
+    params = [p for p in field.parameters() if p.requires_grad]
+
+    def capture(self, fn, args):
+        # The capture sees fresh leaves on the parameters' storage, not the parameters.
+        aliases = args[-len(params) :]
+        assert all(a is not p and a.is_leaf and a.data_ptr() == p.data_ptr() for a, p in zip(aliases, params))
+        return fn
+
+    graphs = GraphedPasses(max_graphs=1, min_uses=2)
+    monkeypatch.setattr(GraphedPasses, "_capture", capture)
+    eager = {s: run(type(field).network_pass, s) for s in ("lambertian", "albedo")}
+    for shading, captures in (
+        ("lambertian", 0),
+        ("lambertian", 1),
+        ("lambertian", 1),
+        ("albedo", 1),
+        ("albedo", 2),
+    ):
+        out, grads = run(graphs.run, shading)
+        ref, ref_grads = eager[shading]
+        assert graphs.captures == captures and len(graphs.graphs) == min(captures, 1)
+        assert out.keys() == ref.keys()
+        for k in ref:
+            assert torch.allclose(out[k], ref[k], atol=1e-6, rtol=1e-5), k
+        for a, b in zip(grads, ref_grads):
+            assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
+    assert graphs.eager_runs == 2  # the first use of each bucket
+
+    def broken(self, module, args):
+        raise RuntimeError("capture broke")
+
+    monkeypatch.setattr(GraphedPasses, "_capture", broken)
+    graphs = GraphedPasses(min_uses=1)
+    out, _ = run(graphs.run, "lambertian")
+    assert graphs.disabled and torch.allclose(out["image"], eager["lambertian"][0]["image"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "capture broke" in err[0] and "runs eagerly" in err[0]
+
+    # Churn guard: sample counts in a new bucket at every pass turn graphs off after
+    # max_captures captures in the window, in one line, and the passes stay correct.
+    monkeypatch.setattr(GraphedPasses, "_capture", capture)
+    graphs = GraphedPasses(min_uses=1, window=8, max_captures=2)
+    M, ref = xyzs.shape[0], eager["albedo"][0]
+    extras = [0, M // 4, M // 2, M]  # rows in no ray appended: a new bucket each time
+    assert len({sample_bucket(M + e) for e in extras}) == len(extras)
+    for i, e in enumerate(extras):
+        pad = [torch.nn.functional.pad(t, (0, 0, 0, e)) for t in (xyzs, dirs, ts)]
+        out = graphs.run(field, *pad, rays, light, 0.2, "albedo", False, 1e-4, o.shape[0])
+        assert torch.allclose(out["image"], ref["image"], atol=1e-6, rtol=1e-5)
+        assert graphs.disabled == (i >= 2) and graphs.captures == min(i + 1, 3)
+    assert not graphs.graphs
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 captures in the last 3 passes" in err[0]
