@@ -72,6 +72,17 @@ VARIANTS: dict[str, list[str]] = {
         "--vae_graph",
         "--compile_vae",
     ],
+    "compiled UNet graph + CL + compiled VAE graph + tetra normals": [
+        "--fp16",
+        *OFF,
+        "--unet_graph",
+        "--compile_unet",
+        "--channels_last",
+        "--vae_graph",
+        "--compile_vae",
+        "--normal_method",
+        "tetra",
+    ],
     "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [
         "--fp16",
         *OFF,
