@@ -40,6 +40,16 @@ from nerf.utils import Trainer  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
 
 OFF = ["--no-unet_graph", "--no-vae_graph", "--no-compile_vae", "--no-channels_last", "--unet_traced", "off"]
+# The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
+O_DEFAULT = [
+    "--fp16",
+    *OFF,
+    "--unet_graph",
+    "--compile_unet",
+    "--channels_last",
+    "--vae_graph",
+    "--compile_vae",
+]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
@@ -63,44 +73,11 @@ VARIANTS: dict[str, list[str]] = {
         "--compile_vae",
         "--vae_channels_last",
     ],
-    "compiled UNet graph + CL + compiled VAE graph": [
-        "--fp16",
-        *OFF,
-        "--unet_graph",
-        "--compile_unet",
-        "--channels_last",
-        "--vae_graph",
-        "--compile_vae",
-    ],
-    "compiled UNet graph + CL + compiled VAE graph + tetra normals": [
-        "--fp16",
-        *OFF,
-        "--unet_graph",
-        "--compile_unet",
-        "--channels_last",
-        "--vae_graph",
-        "--compile_vae",
-        "--normal_method",
-        "tetra",
-    ],
-    "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [
-        "--fp16",
-        *OFF,
-        "--unet_graph",
-        "--compile_unet",
-        "--channels_last",
-        "--vae_graph",
-        "--compile_vae",
-        "--graph_pass",
-    ],
+    "compiled UNet graph + CL + compiled VAE graph": O_DEFAULT,
+    "compiled UNet graph + CL + compiled VAE graph + tetra normals": [*O_DEFAULT, "--normal_method", "tetra"],
+    "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [*O_DEFAULT, "--graph_pass"],
     "compiled UNet graph + CL + compiled VAE graph + graphed network pass (2 buckets per octave)": [
-        "--fp16",
-        *OFF,
-        "--unet_graph",
-        "--compile_unet",
-        "--channels_last",
-        "--vae_graph",
-        "--compile_vae",
+        *O_DEFAULT,
         "--graph_pass",
         "--graph_buckets",
         "2",

@@ -77,6 +77,20 @@ class Ball(NeRFRenderer):
         return out["sigma"], out["albedo"], normal
 
 
+def _blob_scene(**kw) -> tuple[FieldNetwork, torch.Tensor, torch.Tensor]:
+    """A --cuda_ray MLP field with a strong blob (an opaque core, so rays stop early and pruning
+    has something to drop), its occupancy grid refreshed, in training mode; and one 16x16
+    view's rays o, d [1,256,3]. Seeds the generator with 0 first."""
+    torch.manual_seed(0)
+    field = _mlp_field(_opt(cuda_ray=True, blob_density=12.0, blob_radius=0.3, max_steps=256, **kw))
+    for _ in range(4):
+        field.update_extra_state()
+    field.train()
+    poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0]))
+    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([40.0]), 16, 16), 16, 16)
+    return field, o, d
+
+
 def _render(model, H=24):
     poses = circle_poses(torch.tensor([3.2]), torch.tensor([90.0]), torch.tensor([0.0]))
     o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([40.0]), H, H), H, H)
@@ -189,15 +203,7 @@ def test_pruned_training_render_equals_the_full_one():
     """--prune_samples: same image, normals, orientation loss, entropy and parameter gradients."""
     from nerf.utils import weight_entropy
 
-    torch.manual_seed(0)
-    # A strong blob: an opaque core, so rays stop early and pruning has something to drop.
-    opt = _opt(cuda_ray=True, blob_density=12.0, blob_radius=0.3, max_steps=256, prune_samples=False)
-    field = _mlp_field(opt)
-    for _ in range(4):
-        field.update_extra_state()
-    field.train()
-    poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0]))
-    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([40.0]), 16, 16), 16, 16)
+    field, o, d = _blob_scene(prune_samples=False)
     light = torch.tensor([[0.3, 0.5, 1.0]])
     results = {}
     for prune in (False, True):
@@ -330,14 +336,7 @@ def test_graph_pass_pads_buckets_and_captures_on_reuse(monkeypatch, capsys):
     import raymarching
     from nerf.graphed import GraphedPasses, sample_bucket
 
-    torch.manual_seed(0)
-    opt = _opt(cuda_ray=True, blob_density=12.0, blob_radius=0.3, max_steps=256)
-    field = _mlp_field(opt)
-    for _ in range(4):
-        field.update_extra_state()
-    field.train()
-    poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0]))
-    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([40.0]), 16, 16), 16, 16)
+    field, o, d = _blob_scene()
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     nears, fars = raymarching.near_far_from_aabb(o, d, field.aabb, field.min_near)
     xyzs, dirs, ts, rays = raymarching.march_rays_train(
