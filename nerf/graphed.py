@@ -7,10 +7,9 @@ shapes, and the sample count changes at every step: the samples are padded to a 
 of 2^(1/8), so at most 9% more rows) whose extra rows belong to no ray (weight 0, zero
 gradient), and one graph is kept per shading and bucket, the least recently used dropped
 first. The graphs share one memory pool, but each keeps its own saved activations, so memory
-grows with ``max_graphs``; a bucket is
-captured only once it has been asked for ``min_uses`` times (counts that change at every step
-run eagerly instead of paying a capture each), and a failed capture turns graphs off with one
-line.
+grows with ``max_graphs``. A bucket is captured only once it has been asked for ``min_uses``
+times; a failed capture, or captures at too many passes (counts that rarely repeat, as in
+text-to-3D training with a new camera each step), turn graphs off with one line.
 """
 
 from __future__ import annotations
@@ -106,7 +105,10 @@ def functional_pass(module: _Pass) -> tuple[Callable[..., tuple], tuple[torch.Te
 
 class GraphedPasses:
     """One CUDA graph (forward and backward) of the training network pass per shading, sample
-    bucket and shape of the inputs; ``run`` has ``network_pass``'s signature and result."""
+    bucket and shape of the inputs; ``run`` has ``network_pass``'s signature and result.
+
+    A replay's outputs live in the graph's memory: they hold until the next pass, so a training
+    step reads them (loss, backward) before it renders again, as the Trainer does."""
 
     def __init__(
         self,
