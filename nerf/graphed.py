@@ -4,11 +4,11 @@ A 64x64 training render launches a few hundred small kernels for the field, the 
 the composite, forward and backward; the host takes longer to launch them than the GPU to run
 them. Replayed from a CUDA graph the same pass costs one launch each way. Graphs need fixed
 shapes, and the sample count changes at every step: the samples are padded to a bucket (steps
-of 2^(1/8), so at most 9% more rows) whose extra rows belong to no ray (weight 0, zero
-gradient), and one graph is kept per shading and bucket, the least recently used dropped
-first. The graphs share one memory pool, but each keeps its own saved activations, so memory
-grows with ``max_graphs``. A bucket is captured only once it has been asked for ``min_uses``
-times; a failed capture, or captures at too many passes (counts that rarely repeat, as in
+of 2^(1/k) for k = ``--graph_buckets``, 8 by default: at most 9% more rows) whose extra rows
+belong to no ray (weight 0, zero gradient), and one graph is kept per shading and bucket, the
+least recently used dropped first. The graphs share one memory pool, but each keeps its own
+saved activations, so memory grows with ``max_graphs``. A bucket is captured only once it has
+been asked for ``min_uses`` times; a failed capture, or captures at too many passes (counts that rarely repeat, as in
 text-to-3D training with a new camera each step), turn graphs off with one line.
 """
 
