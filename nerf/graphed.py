@@ -8,8 +8,9 @@ of 2^(1/k) for k = ``--graph_buckets``, 8 by default: at most 9% more rows) whos
 belong to no ray (weight 0, zero gradient), and one graph is kept per shading and bucket, the
 least recently used dropped first. The graphs share one memory pool, but each keeps its own
 saved activations, so memory grows with ``max_graphs``. A bucket is captured only once it has
-been asked for ``min_uses`` times; a failed capture, or captures at too many passes (counts that rarely repeat, as in
-text-to-3D training with a new camera each step), turn graphs off with one line.
+been asked for ``min_uses`` times; a failed capture, or captures at too many passes (counts
+that rarely repeat, as in text-to-3D training with a new camera each step), turn graphs off
+with one line.
 """
 
 from __future__ import annotations
