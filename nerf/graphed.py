@@ -64,7 +64,7 @@ class _Pass(nn.Module):
             dtype,
         )
 
-    def forward(self, xyzs, dirs, ts, rays, light, ratio):
+    def forward(self, xyzs, dirs, ts, rays, light, ratio) -> tuple[torch.Tensor, ...]:
         # Autocast's weight cache cannot live across graph replays: off inside the capture.
         with torch.autocast(
             "cuda", dtype=self.dtype or torch.float32, enabled=self.dtype is not None, cache_enabled=False
@@ -145,7 +145,22 @@ class GraphedPasses:
             torch.cuda.empty_cache()
         print(f"[speed] --graph_pass: {why}; the network pass runs eagerly", file=sys.stderr, flush=True)
 
-    def run(self, renderer, xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N) -> dict:
+    def run(
+        self,
+        renderer: nn.Module,
+        xyzs: torch.Tensor,
+        dirs: torch.Tensor,
+        ts: torch.Tensor,
+        rays: torch.Tensor,
+        light_d: torch.Tensor | None,
+        ambient_ratio: float,
+        shading: str,
+        need: bool,
+        T_thresh: float,
+        N: int,
+    ) -> dict:
+        """``renderer.network_pass`` (same arguments and shapes: xyzs, dirs [M,3], ts [M,2],
+        rays [N,2]), from a graph when its bucket has one; weights [M] as there."""
         eager = (xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N)
         if self.disabled:
             return renderer.network_pass(*eager)
