@@ -454,9 +454,6 @@ __global__ void composite_train_forward_kernel(const scalar_t* __restrict__ sigm
   composite_train_forward_one<scalar_t>(n, sigmas, rgbs, ts, rays, N, Cc, T_thresh, weights, weights_sum, depth, image);
 }
 
-// d loss / d tau_k = m_k g_k T_k (1 - alpha_k) - sum_{i>k} g_i w_i, where g_i is the
-// gradient reaching w_i (its own, plus weights_sum's, depth's and image's through w_i) and
-// m_k the (constant) T >= T_thresh mask; d loss / d rgb_kc = w_k grad_image_c.
 // The gradient g_i reaching w_i (its own, plus weights_sum's, depth's and image's through w_i).
 template <typename scalar_t>
 DFK_HD scalar_t weight_grad(int64_t i, const scalar_t* __restrict__ gw, scalar_t g_ws, scalar_t g_d,
@@ -467,6 +464,9 @@ DFK_HD scalar_t weight_grad(int64_t i, const scalar_t* __restrict__ gw, scalar_t
   return g;
 }
 
+// d loss / d tau_k = m_k g_k T_k (1 - alpha_k) - sum_{i>k} g_i w_i, where g_i is the
+// gradient reaching w_i (its own, plus weights_sum's, depth's and image's through w_i) and
+// m_k the (constant) T >= T_thresh mask; d loss / d rgb_kc = w_k grad_image_c.
 template <typename scalar_t>
 DFK_HD void composite_train_backward_one(int64_t n, const scalar_t* __restrict__ gw, const scalar_t* __restrict__ gws,
     const scalar_t* __restrict__ gdepth, const scalar_t* __restrict__ gimage,
