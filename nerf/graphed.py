@@ -211,10 +211,10 @@ class GraphedPasses:
                 self._disable(f"capture failed ({str(e).strip().splitlines()[0]})")
                 return renderer.network_pass(*eager)
             self.recent.append(True)
-            if sum(self.recent) > self.max_captures:
+            n_captures = sum(self.recent)
+            if n_captures > self.max_captures:
                 self._disable(
-                    f"{sum(self.recent)} captures in the last {len(self.recent)} passes (the sample "
-                    "counts rarely repeat)"
+                    f"{n_captures} captures in the last {len(self.recent)} passes (the sample counts rarely repeat)"
                 )
                 return renderer.network_pass(*eager)
         else:

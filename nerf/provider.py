@@ -243,17 +243,18 @@ def rand_poses(
     radius = _uniform(size, lo[0], hi[0], device)
     # Which groups are drawn on the sphere: host RNG, so known without a sync.
     coins = torch.rand(n_groups) < uniform_sphere_rate if uniform_sphere_rate > 0 else None
-    if coins is not None and bool(coins.any()):
+    any_on = coins is not None and bool(coins.any())
+    if any_on:
         v = safe_normalize(torch.randn(size, 3, device=device))
         v[:, 1] = v[:, 1].abs()  # upper hemisphere
         s_thetas = torch.rad2deg(torch.acos(v[:, 1].clamp(-1, 1)))
         s_phis = torch.rad2deg(torch.atan2(v[:, 0], v[:, 2]))
-    if coins is not None and bool(coins.all()):
+    if any_on and bool(coins.all()):
         thetas, phis = s_thetas, s_phis
     else:
         thetas = _uniform(size, lo[1], hi[1], device)
         phis = _uniform(size, lo[2], hi[2], device)
-        if coins is not None and bool(coins.any()):
+        if any_on:
             on_sphere = _h2d(coins.repeat_interleave(group), device)
             thetas = torch.where(on_sphere, s_thetas, thetas)
             phis = torch.where(on_sphere, s_phis, phis)
