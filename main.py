@@ -55,6 +55,7 @@ O_SPEED_DEFAULTS = {
     "compile_vae": True,
     "compile_unet": True,
     "channels_last": True,
+    "vae_fused_gn": True,
 }
 
 
@@ -396,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE encoder weights and inputs in channels_last on the graphed/compiled encoder path",
     )
     g.add_argument(
+        "--vae_fused_gn",
+        action=flag,
+        default=None,
+        help="on the graphed/compiled VAE encoder path, its GroupNorm + SiLU pairs as our CUDA kernels "
+        "on channels_last activations (implies --vae_channels_last) [default: on with -O, else off]",
+    )
+    g.add_argument(
         "--compile_unet",
         action=flag,
         default=None,
@@ -582,6 +590,7 @@ def build_guidance(opt: argparse.Namespace, device) -> dict:
             vae_graph=opt.vae_graph,
             channels_last=opt.channels_last,
             vae_channels_last=opt.vae_channels_last,
+            vae_fused_gn=opt.vae_fused_gn,
             compile_unet=opt.compile_unet,
             compile_vae=opt.compile_vae,
             unet_traced=opt.unet_traced,

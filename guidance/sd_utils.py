@@ -182,6 +182,9 @@ class StableDiffusion(torch.nn.Module):
         channels_last: UNet weights and inputs in channels_last.
         vae_channels_last: VAE encoder weights and inputs in channels_last on the fast encoder
             path (``vae_graph``/``compile_vae``), so that cuDNN needs no NCHW<->NHWC conversions.
+        vae_fused_gn: on the fast encoder path, the encoder's GroupNorms (with the SiLU after
+            each) run as our CUDA kernels (``guidance/groupnorm.py``) on channels_last
+            activations (implies ``vae_channels_last``).
         compile_unet: ``torch.compile`` the UNet (CUDA only; the first call compiles for about a
             minute, or seconds from torch's compile cache); a compiler failure runs it eager.
         compile_vae: ``torch.compile`` the VAE encoder (fuses its GroupNorm + SiLU pairs; the
@@ -208,6 +211,7 @@ class StableDiffusion(torch.nn.Module):
         vae_graph: bool = False,
         channels_last: bool = False,
         vae_channels_last: bool = False,
+        vae_fused_gn: bool = False,
         compile_unet: bool = False,
         compile_vae: bool = False,
         unet_traced: str | os.PathLike | None = None,
@@ -256,7 +260,13 @@ class StableDiffusion(torch.nn.Module):
             from diffusers.models.attention_processor import AttnProcessor
 
             self.vae.set_attn_processor(AttnProcessor())
-        self.vae_channels_last = vae_channels_last and (self.vae_graph or self.compile_vae)
+        fast_vae = self.vae_graph or self.compile_vae
+        self.vae_fused_gn = vae_fused_gn and fast_vae
+        if self.vae_fused_gn:
+            from .groupnorm import fuse_group_norms
+
+            fuse_group_norms(self.vae.encoder)
+        self.vae_channels_last = (vae_channels_last or self.vae_fused_gn) and fast_vae
         if self.vae_channels_last:
             self.vae.encoder.to(memory_format=torch.channels_last)
             if self.vae.quant_conv is not None:

@@ -1,5 +1,5 @@
-"""Build-on-first-use of our CUDA kernels (ray marching, grid encoding, the fused Adan step), as
-ONE extension.
+"""Build-on-first-use of our CUDA kernels (ray marching, grid encoding, the fused Adan step, the
+VAE's GroupNorm), as ONE extension.
 
 One extension rather than one per package: the slow part of a build is the host files that
 include torch headers, and ninja compiles all files of one extension in parallel, so a
@@ -33,6 +33,8 @@ SOURCES = [
     _ROOT / "gridencoder" / "csrc" / "gridencoder.cu",
     _ROOT / "nerf" / "csrc" / "adan_bindings.cpp",
     _ROOT / "nerf" / "csrc" / "adan.cu",
+    _ROOT / "guidance" / "csrc" / "groupnorm_bindings.cpp",
+    _ROOT / "guidance" / "csrc" / "groupnorm.cu",
 ]
 # --fmad=false: the kernels must round like the PyTorch twins, which never fuse a multiply
 # and an add (an FMA could move a sample across a cell boundary). No --use_fast_math: it

@@ -39,9 +39,17 @@ from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
 
-OFF = ["--no-unet_graph", "--no-vae_graph", "--no-compile_vae", "--no-channels_last", "--unet_traced", "off"]
-# The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
-O_DEFAULT = [
+OFF = [
+    "--no-unet_graph",
+    "--no-vae_graph",
+    "--no-compile_vae",
+    "--no-channels_last",
+    "--no-vae_fused_gn",
+    "--unet_traced",
+    "off",
+]
+# The -O default's levers before the fused VAE GroupNorm (runs 7-10 measured against these).
+COMPILED_GRAPHS = [
     "--fp16",
     *OFF,
     "--unet_graph",
@@ -50,6 +58,8 @@ O_DEFAULT = [
     "--vae_graph",
     "--compile_vae",
 ]
+# The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
+O_DEFAULT = [*COMPILED_GRAPHS, "--vae_fused_gn"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
@@ -73,11 +83,20 @@ VARIANTS: dict[str, list[str]] = {
         "--compile_vae",
         "--vae_channels_last",
     ],
-    "compiled UNet graph + CL + compiled VAE graph": O_DEFAULT,
-    "compiled UNet graph + CL + compiled VAE graph + tetra normals": [*O_DEFAULT, "--normal_method", "tetra"],
-    "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [*O_DEFAULT, "--graph_pass"],
+    "compiled UNet graph + CL + compiled VAE graph": COMPILED_GRAPHS,
+    "compiled UNet graph + CL + compiled VAE graph + tetra normals": [
+        *COMPILED_GRAPHS,
+        "--normal_method",
+        "tetra",
+    ],
+    "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": O_DEFAULT,
+    "compiled UNet graph + CL + compiled VAE graph + VAE CL": [*COMPILED_GRAPHS, "--vae_channels_last"],
+    "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [
+        *COMPILED_GRAPHS,
+        "--graph_pass",
+    ],
     "compiled UNet graph + CL + compiled VAE graph + graphed network pass (2 buckets per octave)": [
-        *O_DEFAULT,
+        *COMPILED_GRAPHS,
         "--graph_pass",
         "--graph_buckets",
         "2",

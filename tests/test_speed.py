@@ -51,8 +51,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
             2e-2,
         ),
         (dict(compile_vae=True), 2e-2),
-        (  # the -O default
+        (dict(vae_graph=True, vae_fused_gn=True), 2e-2),  # our GroupNorm kernels, eager encoder graph
+        (  # the -O default before the fused GroupNorm
             dict(unet_graph=True, channels_last=True, vae_graph=True, compile_vae=True, compile_unet=True),
+            2e-2,
+        ),
+        (  # the -O default
+            dict(
+                unet_graph=True,
+                channels_last=True,
+                vae_graph=True,
+                compile_vae=True,
+                compile_unet=True,
+                vae_fused_gn=True,
+            ),
             2e-2,
         ),
         (dict(bf16=True, unet_graph=True, channels_last=True, vae_graph=True), 8e-2),
@@ -105,10 +117,11 @@ def test_cpu_ignores_graph_levers_and_matches_eager(tiny_sd, embed_cache):
         unet_graph=True,
         vae_graph=True,
         vae_channels_last=True,
+        vae_fused_gn=True,
         unet_traced="auto",
     )
     assert not fast.unet_graph and not fast.vae_graph and fast.unet_traced is None
-    assert not fast.vae_channels_last  # it belongs to the GPU encoder path
+    assert not fast.vae_channels_last and not fast.vae_fused_gn  # they belong to the GPU encoder path
     emb = eager.get_text_embeds(["", "a red cube"])
     assert torch.equal(_sds_grad(eager, emb, 0), _sds_grad(fast, emb, 0))
 
