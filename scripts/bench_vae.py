@@ -1,0 +1,127 @@
+"""VAE encoder forward + backward to the image at 512x512 (the SDS step's VAE part), alone.
+
+Builds the SD 2.1-base VAE with random weights (fp16), compiles its encoder as the -O path
+does (Inductor with the channels_last layout forced, replayed from CUDA graphs) and times
+forward + backward for:
+
+* the encoder as diffusers builds it (Inductor's GroupNorm kernels; the -O default before
+  ``--vae_fused_gn``),
+* the same with ``guidance.groupnorm.fuse_group_norms`` (our GroupNorm + SiLU kernels on
+  channels_last activations, ``--vae_fused_gn``).
+
+For each: median ms (CUDA events), the input gradient's relative difference from the first,
+and the GPU time per step by kind of kernel (convolutions, GroupNorm and element-wise, other)
+from a torch.profiler run of 5 steps.
+
+    python scripts/bench_vae.py [--repeat 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from guidance.groupnorm import fuse_group_norms  # noqa: E402
+from guidance.sd_factory import CONFIGS  # noqa: E402
+from scripts.bench_render import timeit  # noqa: E402
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import AttnProcessor
+
+    spec = CONFIGS["sd2.1-base"]
+    n = len(spec["vae"]["block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        **spec["vae"],
+    )
+    vae = vae.cuda().half().eval().requires_grad_(False)
+    vae.set_attn_processor(AttnProcessor())  # as the guidance's fast encoder path does
+    return vae
+
+
+def kind(name: str) -> str:
+    """The row of the breakdown a kernel counts in."""
+    if "triton" not in name and any(k in name for k in ("xmma", "gemm", "nvjet", "cutlass", "cudnn")):
+        return "convolutions and GEMMs"
+    if "triton" in name or "dfk::" in name:
+        return "GroupNorm, SiLU and other element-wise"
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=30)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    vae = build_vae()
+    torch.manual_seed(0)
+    g = torch.randn(1, 8, 64, 64, device=dev, dtype=torch.half)
+    x0 = torch.rand(1, 3, 512, 512, device=dev, dtype=torch.half)
+
+    def encoder(x):
+        return vae.quant_conv(vae.encoder(x))
+
+    rows, ref = [], None
+    for name in ("Inductor GroupNorm (diffusers encoder)", "fused GroupNorm (--vae_fused_gn)"):
+        x_in = x0
+        if "fused" in name:
+            print(f"fused {fuse_group_norms(vae.encoder)} GroupNorms", flush=True)
+            vae.encoder.to(memory_format=torch.channels_last)
+            vae.quant_conv.to(memory_format=torch.channels_last)
+            x_in = x0.contiguous(memory_format=torch.channels_last)
+        torch._dynamo.reset()
+        t0 = time.time()
+        fn = torch.compile(encoder, dynamic=False, options={"force_layout_optimization": True})
+        fn = torch.cuda.make_graphed_callables(fn, (x_in.clone().requires_grad_(True),))
+        compile_s = time.time() - t0
+
+        def step(fn=fn, x_in=x_in):
+            x = x_in.clone().requires_grad_(True)
+            fn(x).backward(g)
+            return x.grad
+
+        grad = step().float()
+        ref = grad if ref is None else ref
+        diff = ((grad - ref).norm() / ref.norm()).item()
+        ms, _ = timeit(step, args.repeat, dev)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        parts: dict[str, float] = {}
+        for e in prof.key_averages():
+            t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+            if t > 0:
+                parts[kind(e.key)] = parts.get(kind(e.key), 0.0) + t / 1e3 / 5
+        rows.append((name, ms, compile_s, diff, parts))
+        print(
+            f"{name}: {ms:.2f} ms, compiled in {compile_s:.0f} s, grad rel diff {diff:.2e}, {parts}",
+            flush=True,
+        )
+    print(f"\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}\n")
+    kinds = ["convolutions and GEMMs", "GroupNorm, SiLU and other element-wise", "other"]
+    print("| encoder | fwd + bwd ms | " + " | ".join(f"{k}, ms" for k in kinds) + " | grad rel. diff |")
+    print("|---|---|" + "---|" * len(kinds) + "---|")
+    for name, ms, _, diff, parts in rows:
+        print(
+            f"| {name} | {ms:.2f} | "
+            + " | ".join(f"{parts.get(k, 0):.2f}" for k in kinds)
+            + f" | {diff:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
