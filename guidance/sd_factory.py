@@ -101,9 +101,29 @@ CONFIGS = {
 }
 
 
+def random_vae(config: str = "tiny"):
+    """The ``AutoencoderKL`` of a ``CONFIGS`` entry with random weights (in memory).
+
+    >>> random_vae("tiny").config.latent_channels
+    4
+    """
+    from diffusers import AutoencoderKL
+
+    spec = CONFIGS[config]
+    n = len(spec["vae"]["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        **spec["vae"],
+    )
+
+
 def build_sd(path: str | Path, config: str = "tiny", seed: int = 0) -> Path:
     """Write a random-weight SD model (tokenizer, text encoder, VAE, UNet, DDIM scheduler)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = CONFIGS[config]
@@ -122,16 +142,7 @@ def build_sd(path: str | Path, config: str = "tiny", seed: int = 0) -> Path:
         )
     )
     text.save_pretrained(path / "text_encoder")
-    n = len(spec["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        **spec["vae"],
-    )
-    vae.save_pretrained(path / "vae")
+    random_vae(config).save_pretrained(path / "vae")
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     unet.save_pretrained(path / "unet")
     DDIMScheduler(

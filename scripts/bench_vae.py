@@ -27,25 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.groupnorm import fuse_group_norms  # noqa: E402
-from guidance.sd_factory import CONFIGS  # noqa: E402
+from guidance.sd_factory import random_vae  # noqa: E402
 from scripts.bench_render import timeit  # noqa: E402
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
+    """The SD 2.1-base VAE with random weights, fp16 on the GPU, frozen."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    spec = CONFIGS["sd2.1-base"]
-    n = len(spec["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        **spec["vae"],
-    )
-    vae = vae.cuda().half().eval().requires_grad_(False)
+    vae = random_vae("sd2.1-base").cuda().half().eval().requires_grad_(False)
     vae.set_attn_processor(AttnProcessor())  # as the guidance's fast encoder path does
     return vae
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from guidance.sd_factory import CONFIGS  # noqa: E402
+from guidance.sd_factory import random_vae  # noqa: E402
 from scripts.bench_render import timeit as bench_timeit  # noqa: E402
 
 
@@ -21,24 +21,7 @@ def timeit(fn, n=20, warm=3):
 
 
 def main():
-    from diffusers import AutoencoderKL
-
-    spec = CONFIGS["sd2.1-base"]
-    n = len(spec["vae"]["block_out_channels"])
-    vae = (
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            **spec["vae"],
-        )
-        .cuda()
-        .half()
-        .eval()
-        .requires_grad_(False)
-    )
+    vae = random_vae("sd2.1-base").cuda().half().eval().requires_grad_(False)
     enc = lambda x: vae.quant_conv(vae.encoder(x))  # noqa: E731
     g = torch.randn(1, 8, 64, 64, device="cuda", dtype=torch.half)
 

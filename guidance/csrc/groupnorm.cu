@@ -55,6 +55,15 @@ __device__ inline float dsilu(float y) {
   return sg * __fmaf_rn(y, 1.0f - sg, 1.0f);
 }
 
+// Backward terms of one element: the normalised input xh = x * rs + nmr (nmr = -mean * rstd)
+// and dxh = dL/dxh, from the output gradient g through the SiLU (when on) and the weight.
+__device__ inline void bwd_terms(float x, float g, float rs, float nmr, float w, float b, bool silu,
+                                 float& xh, float& dxh) {
+  xh = __fmaf_rn(x, rs, nmr);
+  if (silu) g *= dsilu(__fmaf_rn(xh, w, b));
+  dxh = g * w;
+}
+
 // Pixels per block iteration and blocks per image for a shape.
 struct Tiling {
   int tpp;  // threads per pixel (C / VEC)
@@ -72,6 +81,18 @@ inline Tiling tiling(const GnShape& s, int vec) {
   if (b < 1) b = 1;
   t.blocks = static_cast<int>(b);
   return t;
+}
+
+// The pixels [block_begin, block_end) of this block (blockIdx.x), a multiple of t.ppi each.
+__device__ inline int64_t block_pixels(const GnShape& s, const Tiling& t) {
+  return ((s.P + t.blocks - 1) / t.blocks + t.ppi - 1) / t.ppi * t.ppi;
+}
+__device__ inline int64_t block_begin(const GnShape& s, const Tiling& t) {
+  return blockIdx.x * block_pixels(s, t);
+}
+__device__ inline int64_t block_end(const GnShape& s, const Tiling& t) {
+  const int64_t end = block_begin(s, t) + block_pixels(s, t);
+  return end < s.P ? end : s.P;
 }
 
 // Per-block partial sums of two per-group quantities. Forward (BWD false): x and x^2. Backward
@@ -102,10 +123,8 @@ __global__ void __launch_bounds__(kThreads)
     float a0[V], a1[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) a0[j] = a1[j] = 0.0f;
-    const int64_t per_block = ((s.P + t.blocks - 1) / t.blocks + t.ppi - 1) / t.ppi * t.ppi;
-    const int64_t p_begin = blockIdx.x * per_block;
-    const int64_t p_end = p_begin + per_block < s.P ? p_begin + per_block : s.P;
-    for (int64_t p = p_begin + threadIdx.x / t.tpp; p < p_end; p += t.ppi) {
+    const int64_t p_end = block_end(s, t);
+    for (int64_t p = block_begin(s, t) + threadIdx.x / t.tpp; p < p_end; p += t.ppi) {
       const int64_t off = (n * s.P + p) * s.C + c0;
       const Vec<T> xv = *reinterpret_cast<const Vec<T>*>(x + off);
       if (!BWD) {
@@ -119,10 +138,8 @@ __global__ void __launch_bounds__(kThreads)
         const Vec<T> gv = *reinterpret_cast<const Vec<T>*>(dy + off);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const float xh = __fmaf_rn(ld(xv.v[j]), rs[j], nmr[j]);
-          float d = ld(gv.v[j]);
-          if (s.silu) d *= dsilu(__fmaf_rn(xh, w[j], b[j]));
-          const float dxh = d * w[j];
+          float xh, dxh;
+          bwd_terms(ld(xv.v[j]), ld(gv.v[j]), rs[j], nmr[j], w[j], b[j], s.silu, xh, dxh);
           a0[j] += dxh;
           a1[j] = __fmaf_rn(dxh, xh, a1[j]);
         }
@@ -232,10 +249,8 @@ __global__ void __launch_bounds__(kThreads)
       k2[j] = -rs[j] * c2[g];
     }
   }
-  const int64_t per_block = ((s.P + t.blocks - 1) / t.blocks + t.ppi - 1) / t.ppi * t.ppi;
-  const int64_t p_begin = blockIdx.x * per_block;
-  const int64_t p_end = p_begin + per_block < s.P ? p_begin + per_block : s.P;
-  for (int64_t p = p_begin + threadIdx.x / t.tpp; p < p_end; p += t.ppi) {
+  const int64_t p_end = block_end(s, t);
+  for (int64_t p = block_begin(s, t) + threadIdx.x / t.tpp; p < p_end; p += t.ppi) {
     const int64_t off = (n * s.P + p) * s.C + c0;
     const Vec<T> xv = *reinterpret_cast<const Vec<T>*>(x + off);
     Vec<T> o;
@@ -249,10 +264,8 @@ __global__ void __launch_bounds__(kThreads)
       const Vec<T> gv = *reinterpret_cast<const Vec<T>*>(dy + off);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float xh = __fmaf_rn(ld(xv.v[j]), rs[j], nmr[j]);
-        float d = ld(gv.v[j]);
-        if (s.silu) d *= dsilu(__fmaf_rn(xh, w[j], b[j]));
-        const float dxh = d * w[j];
+        float xh, dxh;
+        bwd_terms(ld(xv.v[j]), ld(gv.v[j]), rs[j], nmr[j], w[j], b[j], s.silu, xh, dxh);
         o.v[j] = st<T>(__fmaf_rn(dxh, rs[j], __fmaf_rn(xh, k2[j], k0[j])));
       }
     }
