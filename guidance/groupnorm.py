@@ -1,9 +1,10 @@
 """GroupNorm (optionally fused with the SiLU after it) for the VAE encoder (``--vae_fused_gn``).
 
 The SDS step encodes a 512x512 render and backpropagates through the VAE encoder. Compiled
-by Inductor, its convolutions took about 3.2 ms per step on the H100 but the GroupNorm/SiLU
-kernels around them about 5.6 ms: the encoder normalises maps of up to 512x512x128 over only 32
-groups per image, and the generic reductions ran at a fraction of the memory bandwidth. Our
+by Inductor, its convolutions took 3.7 ms per step on the H100 but the GroupNorm/SiLU kernels
+around them 5.0 ms (2.9 ms with ours; ``scripts/bench_vae.py``): the encoder normalises maps of
+up to 512x512x128 over only 32 groups per image, and the generic reductions ran at a fraction of
+the memory bandwidth. Our
 CUDA kernels (``guidance/csrc/groupnorm.cu``) spread each pass over the pixels of
 channels_last activations. ``group_norm_act`` is a ``torch.library`` custom op (an opaque node
 that Inductor and CUDA graphs keep as is) with its backward to the input; elsewhere (CPU,
