@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _kernels():
+def kernels():
     """Our CUDA extension (built on first use, shared with the NeRF kernels), or None."""
     from raymarching._build import load_kernels
 
@@ -42,7 +42,7 @@ def _use_kernel(x: torch.Tensor, groups: int) -> bool:
         and C % groups == 0
         and C % vec == 0
         and 256 % (C // vec) == 0
-        and _kernels() is not None
+        and kernels() is not None
     )
 
 
@@ -78,7 +78,7 @@ def group_norm_act(
     Returns y (x's dtype and memory format) and the float32 mean and rstd [N, groups] the
     backward reuses. Statistics and arithmetic in float32."""
     if _use_kernel(x, groups):
-        y, mean, rstd = _kernels().group_norm_forward(
+        y, mean, rstd = kernels().group_norm_forward(
             x, weight.float().contiguous(), bias.float().contiguous(), groups, eps, silu
         )
         return y, mean, rstd
@@ -108,7 +108,7 @@ def group_norm_act_backward(
     """dL/dx of ``group_norm_act`` from dy = dL/dy (x's dtype and memory format)."""
     if _use_kernel(x, groups):
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        return _kernels().group_norm_backward(
+        return kernels().group_norm_backward(
             dy, x, weight.float().contiguous(), bias.float().contiguous(), mean, rstd, groups, eps, silu
         )
     d, xh = _pre_affine_grad(dy, x, weight, bias, mean, rstd, groups, silu)

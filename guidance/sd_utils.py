@@ -261,11 +261,15 @@ class StableDiffusion(torch.nn.Module):
 
             self.vae.set_attn_processor(AttnProcessor())
         fast_vae = self.vae_graph or self.compile_vae
-        self.vae_fused_gn = vae_fused_gn and fast_vae
-        if self.vae_fused_gn:
-            from .groupnorm import fuse_group_norms
+        self.vae_fused_gn = False
+        if vae_fused_gn and fast_vae:
+            from .groupnorm import fuse_group_norms, kernels
 
-            fuse_group_norms(self.vae.encoder)
+            # Without our kernels (no CUDA compiler) the op would run its slower PyTorch twin
+            # inside the compiled encoder: keep Inductor's own GroupNorm kernels then.
+            self.vae_fused_gn = kernels() is not None
+            if self.vae_fused_gn:
+                fuse_group_norms(self.vae.encoder)
         self.vae_channels_last = (vae_channels_last or self.vae_fused_gn) and fast_vae
         if self.vae_channels_last:
             self.vae.encoder.to(memory_format=torch.channels_last)
