@@ -34,17 +34,16 @@ __device__ inline __half st<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ inline __nv_bfloat16 st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// VEC elements of 16 bytes, loaded and stored as one vector.
-template <typename T>
-struct alignas(16) Vec {
-  static constexpr int kN = 16 / sizeof(T);
-  T v[kN];
-};
-
+// Elements of T per 16-byte vector (the unit every kernel loads and stores).
 template <typename T>
 __host__ __device__ constexpr int vec_n() {
   return 16 / static_cast<int>(sizeof(T));
 }
+
+template <typename T>
+struct alignas(16) Vec {
+  T v[vec_n<T>()];
+};
 
 __device__ inline float sigmoid(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 
@@ -307,7 +306,9 @@ inline bool shape_ok(const GnShape& s, int vec) {
          s.C / vec <= kThreads && kThreads % (s.C / vec) == 0 && s.N >= 1 && s.N <= 65535;
 }
 
-inline int vec_of(GnType type) { return type == GnType::kFloat32 ? 4 : 8; }
+inline int vec_of(GnType type) {
+  return type == GnType::kFloat32 ? vec_n<float>() : vec_n<__half>();  // bfloat16: as half
+}
 
 }  // namespace
 
