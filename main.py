@@ -234,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         "weight 0)",
     )
     g.add_argument(
+        "--fused_mlp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="on a GPU under --fp16, the field's MLP and density/albedo head as two fused Triton kernels "
+        "(forward; backward recomputing the forward) instead of cuBLAS GEMMs and separate element-wise "
+        "passes: fewer launches, and no hidden activations kept for the backward (nerf/fused_mlp.py)",
+    )
+    g.add_argument(
         "--infer_T_thresh",
         type=float,
         default=1e-3,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import fused_mlp
 from .encoding import FreqEncoder
 from .provider import safe_normalize
 from .renderer import NeRFRenderer
@@ -320,6 +321,8 @@ class FieldNetwork(NeRFRenderer):
         # the last layer's outputs to 8); None: on GPUs only (CPU BLAS has no per-shape set-up
         # cost, so padding would only add work there).
         self.pad_rows: bool | None = None
+        # The MLP + head as fused Triton kernels where they apply (nerf/fused_mlp.py).
+        self.fused_mlp = bool(getattr(opt, "fused_mlp", False))
         self.max_level: float | None = None  # fraction of encoder levels in use
         if opt.bg_radius > 0:
             self.encoder_bg = FreqEncoder(3, bg_multires)
@@ -339,12 +342,15 @@ class FieldNetwork(NeRFRenderer):
         """[N,3] -> sigma [N] (activated, >= 0) and albedo [N,3] in [0,1]."""
         if self.fused_head and not self.sigma_net.residual and not x.requires_grad and _FUSED_RELU:
             # Padding rows (at the origin) make the GEMM shapes repeat (bucket_rows).
+            params = [t for layer in self.sigma_net.layers for t in (layer.weight, layer.bias)]
+            if self.fused_mlp and fused_mlp.supported(x, params[0::2]):
+                feat = self.encoder(x, bound=self.bound, max_level=self.max_level)
+                return fused_mlp.mlp_head(feat, self.density_blob(x.float()), self.density_activation, params)
             n = x.shape[0]
             pad = x.is_cuda if self.pad_rows is None else self.pad_rows
             rows = bucket_rows(n) if pad else n
             xp = F.pad(x, (0, 0, 0, rows - n)) if rows > n else x
             feat = self.encoder(xp, bound=self.bound, max_level=self.max_level)
-            params = [t for layer in self.sigma_net.layers for t in (layer.weight, layer.bias)]
             blob = self.density_blob(xp.float())
             return _MLPHead.apply(feat, blob, n, self.density_activation, pad, *params)
         h = self.sigma_net(self.encoder(x, bound=self.bound, max_level=self.max_level))

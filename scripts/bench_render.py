@@ -295,6 +295,23 @@ def ab_rounds(model, device, light, repeat: int, attr: str, values, shadings=("l
     return lines
 
 
+def ab_frames(model, device, size: int, repeat: int, attr: str, values) -> list[str]:
+    """The test frame with ``model.<attr>`` set to each of ``values``, alternating, three rounds."""
+    ro8, rd8 = rays(device, size, size)
+    saved = getattr(model, attr)
+    lines = ["", "| frame | round | " + " | ".join(f"{attr}={v}, ms" for v in values) + " |"]
+    lines.append("|---|---|" + "---|" * len(values))
+    reps = max(3, repeat // 5)
+    for r in range(3):
+        ms = []
+        for v in values:
+            setattr(model, attr, v)
+            ms.append(timeit(lambda: render_frame(model, ro8, rd8), reps, device)[0])
+        lines.append(f"| {size}x{size} | {r + 1} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
+    setattr(model, attr, saved)
+    return lines
+
+
 def infer_thresholds(model, device, size: int) -> list[str]:
     """Test-frame time, samples evaluated and image change for --infer_T_thresh values."""
     ro8, rd8 = rays(device, size, size)
@@ -347,6 +364,12 @@ def main() -> None:
         action="store_true",
         help="also time the training renders with the MLP + head as one autograd node "
         "(FieldNetwork.fused_head) against the module path",
+    )
+    ap.add_argument(
+        "--fused_mlp",
+        action="store_true",
+        help="also time the training renders and the test frame with the MLP + head as fused Triton "
+        "kernels (FieldNetwork.fused_mlp, --fused_mlp) against cuBLAS (_MLPHead)",
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -427,6 +450,11 @@ def main() -> None:
         thresh_lines += ab_rounds(
             model, device, light, args.repeat, "fused_head", (True, False), ("albedo", "lambertian")
         )
+    if args.fused_mlp:
+        thresh_lines += ab_rounds(
+            model, device, light, args.repeat, "fused_mlp", (False, True), ("albedo", "lambertian")
+        )
+        thresh_lines += ab_frames(model, device, args.test_size, args.repeat, "fused_mlp", (False, True))
 
     # Occupancy-grid quality of partial refreshes: start from the full-sweep grid, run 64
     # partial refreshes (the default fraction), compare occupied sets.

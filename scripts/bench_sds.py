@@ -90,6 +90,7 @@ VARIANTS: dict[str, list[str]] = {
         "tetra",
     ],
     "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": O_DEFAULT,
+    "-O default + fused MLP": [*O_DEFAULT, "--fused_mlp"],
     "compiled UNet graph + CL + compiled VAE graph + VAE CL": [*COMPILED_GRAPHS, "--vae_channels_last"],
     "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [
         *COMPILED_GRAPHS,

@@ -1,0 +1,146 @@
+"""Triton kernels of ``nerf/fused_mlp.py``: the field's 3-layer ReLU MLP and its density/albedo
+head, forward and backward, one tile of rows per step with the weights held on chip.
+
+Shapes (constexpr, powers of two): F_P >= the encoder width F, H hidden units, O = 16 head
+columns (4 used: density logit and 3 albedo logits; tensor-core tiles need 16). Operands in
+DT (fp16 or bf16), products accumulated in fp32, activations rounded to DT between layers: the
+arithmetic of ``network_base._MLPHead``'s cuBLAS GEMMs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_w(W, R: tl.constexpr, C: tl.constexpr, r_real, c_real, DT: tl.constexpr):
+    """An nn.Linear weight [r_real, c_real] (row-major) as an [R, C] tile in DT, zero-padded."""
+    r = tl.arange(0, R)[:, None]
+    c = tl.arange(0, C)[None, :]
+    return tl.load(W + r * c_real + c, mask=(r < r_real) & (c < c_real), other=0.0).to(DT)
+
+
+@triton.jit
+def _load_wt(W, R: tl.constexpr, C: tl.constexpr, r_real, c_real, DT: tl.constexpr):
+    """The transpose of an nn.Linear weight [c_real, r_real] as an [R, C] tile in DT."""
+    r = tl.arange(0, R)[:, None]
+    c = tl.arange(0, C)[None, :]
+    return tl.load(W + c * r_real + r, mask=(r < r_real) & (c < c_real), other=0.0).to(DT)
+
+
+@triton.jit
+def _load_b(B, N: tl.constexpr, n_real, DT: tl.constexpr):
+    """A bias [n_real] as fp32 values of DT (the GEMM epilogue adds the DT-rounded bias)."""
+    i = tl.arange(0, N)
+    return tl.load(B + i, mask=i < n_real, other=0.0).to(DT).to(tl.float32)
+
+
+@triton.jit
+def _tile_forward(X, sxr, sxc, rows, ok, F, w0t, b0, w1t, b1, w2t, b2, F_P: tl.constexpr, DT: tl.constexpr):
+    """Rows [BM] of features X -> (x, h1, h2, out) in DT: ReLU hidden layers and the linear head."""
+    fc = tl.arange(0, F_P)
+    x = tl.load(X + rows[:, None] * sxr + fc[None, :] * sxc, mask=ok[:, None] & (fc[None, :] < F), other=0.0)
+    x = x.to(DT)
+    h1 = tl.maximum(tl.dot(x, w0t) + b0[None, :], 0.0).to(DT)
+    h2 = tl.maximum(tl.dot(h1, w1t) + b1[None, :], 0.0).to(DT)
+    out = (tl.dot(h2, w2t) + b2[None, :]).to(DT)
+    return x, h1, h2, out
+
+
+@triton.jit
+def _logit(out, BLOB, rows, ok, O: tl.constexpr):
+    """The density logit [BM] fp32: head column 0 plus the density blob."""
+    oc = tl.arange(0, O)
+    blob = tl.load(BLOB + rows, mask=ok, other=0.0)
+    return tl.sum(tl.where(oc[None, :] == 0, out.to(tl.float32), 0.0), axis=1) + blob
+
+
+@triton.jit
+def head_forward_kernel(
+    X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, SIGMA, ALB, n, F,
+    EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
+    DT: tl.constexpr,
+):  # fmt: skip
+    """sigma [n] fp32 (exp or softplus of the logit) and albedo [n,3] DT (sigmoid)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    ok = rows < n
+    w0t = _load_wt(W0, F_P, H, F, H, DT)
+    w1t = _load_wt(W1, H, H, H, H, DT)
+    w2t = _load_wt(W2, H, O, H, 4, DT)
+    b0, b1, b2 = _load_b(B0, H, H, DT), _load_b(B1, H, H, DT), _load_b(B2, O, 4, DT)
+    _, _, _, out = _tile_forward(X, sxr, sxc, rows, ok, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
+    logit = _logit(out, BLOB, rows, ok, O)
+    if EXP:
+        sigma = tl.exp(logit)
+    else:  # F.softplus (beta 1, threshold 20)
+        sigma = tl.where(logit > 20.0, logit, tl.log(1.0 + tl.exp(tl.minimum(logit, 20.0))))
+    tl.store(SIGMA + rows, sigma, mask=ok)
+    oc = tl.arange(0, O)[None, :]
+    alb = tl.sigmoid(out.to(tl.float32)).to(DT)
+    tl.store(ALB + rows[:, None] * 3 + (oc - 1), alb, mask=ok[:, None] & (oc >= 1) & (oc < 4))
+
+
+@triton.jit
+def head_backward_kernel(
+    X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, GSIG, GALB, GX, DW0, DB0, DW1, DB1, DW2, DB2,
+    n, F, n_tiles,
+    EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
+    DT: tl.constexpr, WANT_GX: tl.constexpr,
+):  # fmt: skip
+    """Gradients of the head's outputs -> the input gradient GX [n,F] and the weight gradients
+    (fp32, added atomically once per program). Each program walks tiles pid, pid + P, ...,
+    recomputing their forward (cheaper than storing the hidden activations of every row)."""
+    pid = tl.program_id(0)
+    hc = tl.arange(0, H)
+    oc = tl.arange(0, O)
+    fc = tl.arange(0, F_P)
+    w0t = _load_wt(W0, F_P, H, F, H, DT)
+    w1t = _load_wt(W1, H, H, H, H, DT)
+    w2t = _load_wt(W2, H, O, H, 4, DT)
+    w0 = _load_w(W0, H, F_P, H, F, DT)
+    w1 = _load_w(W1, H, H, H, H, DT)
+    w2 = _load_w(W2, O, H, 4, H, DT)
+    b0, b1, b2 = _load_b(B0, H, H, DT), _load_b(B1, H, H, DT), _load_b(B2, O, 4, DT)
+    dw0 = tl.zeros([H, F_P], dtype=tl.float32)
+    dw1 = tl.zeros([H, H], dtype=tl.float32)
+    dw2 = tl.zeros([O, H], dtype=tl.float32)
+    db0 = tl.zeros([H], dtype=tl.float32)
+    db1 = tl.zeros([H], dtype=tl.float32)
+    db2 = tl.zeros([O], dtype=tl.float32)
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        rows = t * BM + tl.arange(0, BM)
+        ok = rows < n
+        x, h1, h2, out = _tile_forward(X, sxr, sxc, rows, ok, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
+        logit = _logit(out, BLOB, rows, ok, O)
+        gs = tl.load(GSIG + rows, mask=ok, other=0.0)
+        if EXP:  # trunc_exp: the derivative is clamped at exp(15)
+            gl = gs * tl.exp(tl.minimum(logit, 15.0))
+        else:
+            gl = gs * tl.sigmoid(logit)
+        col = oc[None, :]
+        ga = tl.load(
+            GALB + rows[:, None] * 3 + (col - 1), mask=ok[:, None] & (col >= 1) & (col < 4), other=0.0
+        )
+        a = tl.sigmoid(out.to(tl.float32)).to(DT).to(tl.float32)
+        g = tl.where(col == 0, gl[:, None], ga.to(tl.float32) * (a * (1.0 - a))).to(DT)  # [BM,O]
+        dw2 = tl.dot(tl.trans(g), h2, dw2)
+        db2 += tl.sum(g.to(tl.float32), axis=0)
+        g2 = tl.dot(g, w2).to(DT)
+        g2 = tl.where(h2 > 0, g2, 0.0).to(DT)  # ReLU: the gradient passes where h2 > 0
+        dw1 = tl.dot(tl.trans(g2), h1, dw1)
+        db1 += tl.sum(g2.to(tl.float32), axis=0)
+        g1 = tl.dot(g2, w1).to(DT)
+        g1 = tl.where(h1 > 0, g1, 0.0).to(DT)
+        dw0 = tl.dot(tl.trans(g1), x, dw0)
+        db0 += tl.sum(g1.to(tl.float32), axis=0)
+        if WANT_GX:
+            gx = tl.dot(g1, w0)
+            msk = ok[:, None] & (fc[None, :] < F)
+            tl.store(GX + rows[:, None] * F + fc[None, :], gx.to(GX.dtype.element_ty), mask=msk)
+    tl.atomic_add(DW0 + hc[:, None] * F + fc[None, :], dw0, mask=fc[None, :] < F)
+    tl.atomic_add(DW1 + hc[:, None] * H + hc[None, :], dw1)
+    tl.atomic_add(DW2 + oc[:, None] * H + hc[None, :], dw2, mask=oc[:, None] < 4)
+    tl.atomic_add(DB0 + hc, db0)
+    tl.atomic_add(DB1 + hc, db1)
+    tl.atomic_add(DB2 + oc, db2, mask=oc < 4)

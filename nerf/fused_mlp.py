@@ -1,0 +1,144 @@
+"""The field's MLP and density/albedo head as two fused Triton kernels (``--fused_mlp``).
+
+``network_base._MLPHead`` runs the 3-layer ReLU MLP as cuBLAS GEMMs plus separate passes for
+the ReLU backward, the bias sums, casts and slices: about 25 kernels per field call, forward and
+backward, and the hidden activations of every row kept for the backward. On bench_sds's fd
+passes (millions of rows) those passes took about a third of the render's GPU time. Here:
+
+* forward: one kernel; a program takes a tile of rows through the three layers with the
+  weights on chip and writes sigma [n] (fp32) and albedo [n,3];
+* backward: one kernel; each program walks its tiles, recomputes their forward (nothing but the
+  encoder features is saved) and writes the features' gradient, summing the weight gradients
+  in registers and adding them to global memory once at the end.
+
+The arithmetic is ``_MLPHead``'s: fp16/bf16 operands (the autocast dtype), fp32 accumulation,
+activations rounded between layers. Only that configuration runs here (CUDA, Triton, autocast
+fp16/bf16, 3 layers, hidden width a power of two in [16, 128], 4 outputs); ``supported`` says
+so and the caller keeps ``_MLPHead`` otherwise (CPU, CI, other backbones).
+
+>>> import torch
+>>> supported(torch.zeros(4, 32), [torch.zeros(64, 32)] * 3)  # a CPU tensor: never
+False
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_OUT = 4  # head outputs: density logit and three albedo logits
+_O_TILE = 16  # head columns in the kernels (tensor-core tiles need 16)
+_BM = 64  # rows per tile
+
+
+@functools.cache
+def _kernels():
+    """The Triton module, or None where Triton is missing (CPU-only installs)."""
+    try:
+        from . import _fused_mlp_kernels
+    except ImportError:
+        return None
+    return _fused_mlp_kernels
+
+
+def _dtype(feat: torch.Tensor) -> torch.dtype:
+    """The GEMM dtype: autocast's when it is on, else the features'."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else feat.dtype
+
+
+def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether the fused kernels take a call on ``x`` (the points or their features: its device
+    and the autocast state decide): CUDA, fp16/bf16 GEMMs, and ``weights`` the three nn.Linear
+    weights of an [F -> H -> H -> 4] MLP."""
+    if not x.is_cuda or len(weights) != 3 or _kernels() is None:
+        return False
+    if _dtype(x) not in (torch.float16, torch.bfloat16):
+        return False
+    H, F = weights[0].shape
+    return (
+        F <= 128
+        and 16 <= H <= 128
+        and H & (H - 1) == 0
+        and tuple(weights[1].shape) == (H, H)
+        and tuple(weights[2].shape) == (_OUT, H)
+    )
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+def _f_pad(F: int) -> int:
+    return max(16, 1 << (F - 1).bit_length())
+
+
+@functools.cache
+def _programs(device_index: int) -> int:
+    """Backward programs: a few per SM, so that each sums many tiles before its atomics."""
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class _FusedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feat, blob, activation, *params):
+        k = _kernels()
+        n, F = feat.shape
+        dtype = _dtype(feat)
+        H = params[0].shape[0]
+        sigma = torch.empty(n, dtype=torch.float32, device=feat.device)
+        albedo = torch.empty(n, 3, dtype=dtype, device=feat.device)
+        blob = blob.float().contiguous()
+        params = [p.contiguous() for p in params]
+        if n > 0:
+            k.head_forward_kernel[(triton_cdiv(n, _BM),)](
+                feat, feat.stride(0), feat.stride(1), blob, *params, sigma, albedo, n, F,
+                EXP=activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM, DT=_tl_dtype(dtype),
+            )  # fmt: skip
+        ctx.save_for_backward(feat, blob, *params)
+        ctx.activation, ctx.dtype = activation, dtype
+        return sigma, albedo
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_sigma, g_albedo):
+        feat, blob, *params = ctx.saved_tensors
+        k = _kernels()
+        n, F = feat.shape
+        H = params[0].shape[0]
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=feat.device)
+        grads, at = [], 0
+        for p in params:
+            grads.append(flat[at : at + p.numel()].view(p.shape))
+            at += p.numel()
+        want_gx = ctx.needs_input_grad[0]
+        gx = torch.empty(n, F, dtype=feat.dtype, device=feat.device) if want_gx else flat
+        if n > 0:
+            tiles = triton_cdiv(n, _BM)
+            k.head_backward_kernel[(min(tiles, _programs(feat.device.index or 0)),)](
+                feat, feat.stride(0), feat.stride(1), blob, *params,
+                g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *grads, n, F, tiles,
+                EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
+                DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx,
+            )  # fmt: skip
+        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+        return (gx if want_gx else None, None, None, *grads)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def mlp_head(
+    feat: torch.Tensor, blob: torch.Tensor, activation: str, params: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma [N] fp32 and albedo [N,3] (GEMM dtype) of encoder features feat [N,F].
+
+    blob: [N] density prior added to the logit; activation: "exp" (trunc_exp) or "softplus";
+    params: (W0, b0, W1, b1, W2, b2) of the [F -> H -> H -> 4] ReLU MLP. Check ``supported``
+    first.
+    """
+    return _FusedHead.apply(feat, blob, activation, *params)

@@ -1,0 +1,125 @@
+"""nerf/fused_mlp.py: the MLP + density/albedo head as Triton kernels (``--fused_mlp``) against
+``_MLPHead`` (cuBLAS GEMMs, the reference), and the fallback where the kernels do not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nerf import fused_mlp
+from nerf.network_base import _MLPHead
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _params(F: int, H: int, device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(H, F), (H,), (H, H), (H,), (4, H), (4,)]
+    scale = [F**-0.5, 0.1, H**-0.5, 0.1, H**-0.5, 0.1]
+    return [(torch.randn(s, generator=g) * c).to(device).requires_grad_() for s, c in zip(shapes, scale)]
+
+
+def test_fused_mlp_falls_back_off_the_gpu():
+    """On the CPU (and without autocast, or for other MLP shapes) ``supported`` says no and a
+    field with --fused_mlp gives exactly the cuBLAS head's output."""
+    from nerf.network_grid import NeRFNetwork
+    from tests.test_renderer import _opt
+
+    assert not fused_mlp.supported(torch.zeros(3, 3), _params(32, 64, "cpu")[0::2])
+    opt = _opt(grid_levels=4, grid_base=8, grid_log2_size=12, grid_finest=64, normal_method=None)
+    x = torch.rand(300, 3) * 1.6 - 0.8
+    outs = []
+    for on in (False, True):
+        opt.fused_mlp = on
+        torch.manual_seed(0)
+        model = NeRFNetwork(opt)
+        assert model.fused_mlp == on
+        outs.append(model.density(x)["sigma"])
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["exp", "softplus"])
+def test_triton_head_matches_cublas_head(dtype, activation):
+    """sigma, albedo and every gradient (features, weights, biases) of the Triton kernels and of
+    ``_MLPHead`` under the same autocast, each against a float64 evaluation of the same rounded
+    inputs: the kernels are at most as far from it as cuBLAS (plus a small slack). Shapes: the
+    grid backbone's (32 -> 64), a width that is not a power of two (24, padded to 32), a narrow
+    and a wide MLP, a partial last tile, and a backward without the features' gradient."""
+    if fused_mlp._kernels() is None:
+        pytest.skip("Triton is not available")
+    torch.manual_seed(0)
+    for F, H, n in [(32, 64, 100_000), (32, 64, 77), (24, 32, 5000), (32, 128, 3000)]:
+        for want_gx in (True, False):
+            feat = (torch.randn(n, F, device="cuda") * 0.7).to(dtype).requires_grad_(want_gx)
+            blob = torch.randn(n, device="cuda")
+            params = _params(F, H, "cuda")
+            g_sigma = torch.randn(n, device="cuda")
+            g_albedo = torch.randn(n, 3, device="cuda").to(dtype)
+            leaves = ([feat] if want_gx else []) + params
+
+            def grads(sigma, albedo, leaves=leaves, g_sigma=g_sigma, g_albedo=g_albedo):
+                loss = (sigma.double() * g_sigma.double()).sum() + (albedo.double() * g_albedo.double()).sum()
+                return [sigma, albedo, *torch.autograd.grad(loss, leaves)]
+
+            with torch.autocast("cuda", dtype=dtype):
+                assert fused_mlp.supported(feat, params[0::2])
+                tri = grads(*fused_mlp.mlp_head(feat, blob, activation, params))
+                ref = grads(*_MLPHead.apply(feat, blob, n, activation, False, *params))
+            # float64 of the same rounded inputs (weights rounded as autocast rounds them)
+            f64 = feat.detach().double().requires_grad_(want_gx)
+            p64 = [p.detach().to(dtype).double().requires_grad_() for p in params]
+            exact = _MLPHead.apply(f64, blob.double(), n, activation, False, *p64)
+            loss = (exact[0] * g_sigma.double()).sum() + (exact[1] * g_albedo.double()).sum()
+            exact = [*exact, *torch.autograd.grad(loss, ([f64] if want_gx else []) + p64)]
+            for i, (t, r, e) in enumerate(zip(tri, ref, exact)):
+                assert t.shape == e.shape and t.dtype == r.dtype, (i, t.shape, e.shape, t.dtype, r.dtype)
+                scale = e.abs().max().clamp(min=1e-12)
+                err_t = ((t.double() - e).abs().max() / scale).item()
+                err_r = ((r.double() - e).abs().max() / scale).item()
+                assert err_t <= 2 * err_r + 4e-3, (F, H, n, want_gx, i, err_t, err_r)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shading", ["lambertian", "albedo"])
+def test_fused_mlp_training_render_matches(shading):
+    """A --cuda_ray training render (fd normals, pruning, fp16 autocast) with --fused_mlp gives
+    the cuBLAS head's image and gradients within fp16 tolerance."""
+    from main import parse_args
+    from nerf.network_grid import NeRFNetwork
+    from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
+
+    opt, _ = parse_args(["--text", "t", "-O"])
+    torch.manual_seed(0)
+    model = NeRFNetwork(opt).cuda().train()
+    if fused_mlp._kernels() is None:
+        pytest.skip("Triton is not available")
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert fused_mlp.supported(torch.zeros(1, device="cuda"), [m.weight for m in model.sigma_net.layers])
+    with torch.no_grad():
+        model.encoder.embeddings.uniform_(-0.3, 0.3)
+    for _ in range(3):
+        model.update_extra_state()
+    poses = circle_poses(torch.tensor([3.2]), torch.tensor([75.0]), torch.tensor([30.0]), "cuda")
+    o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0], device="cuda"), 64, 64), 64, 64)
+    light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device="cuda"), dim=-1)
+    results = []
+    for on in (False, True):
+        model.fused_mlp = on
+        model.zero_grad()
+        torch.manual_seed(1)  # the same jittered march
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = model.render(o, d, light_d=light, ambient_ratio=0.3, shading=shading, perturb=True)
+        (out["image"].float().square().mean() + out["weights_sum"].float().mean()).backward()
+        results.append(
+            (out["image"].float(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
+    (img0, g0), (img1, g1) = results
+    assert (img1 - img0).abs().max().item() < 1e-2
+    assert len(g0) == len(g1)
+    for a, b in zip(g1, g0):
+        rel = ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+        assert rel < 3e-2, rel
