@@ -86,17 +86,19 @@ def test_triton_head_matches_cublas_head(dtype, activation):
 @cuda
 @pytest.mark.parametrize("shading", ["lambertian", "albedo"])
 def test_fused_mlp_training_render_matches(shading):
-    """A --cuda_ray training render (fd normals, pruning, fp16 autocast) with --fused_mlp gives
-    the cuBLAS head's image and gradients within fp16 tolerance."""
+    """A --cuda_ray training render (fd normals, pruning) under fp16 autocast, with the Triton
+    head and with the cuBLAS head, against the same render in fp32: the image and every
+    parameter gradient are as close to fp32 with the kernels as with cuBLAS (fp16 gradients of
+    this small loss fall into fp16's subnormal range, so neither is close to fp32 everywhere)."""
     from main import parse_args
     from nerf.network_grid import NeRFNetwork
     from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
 
+    if fused_mlp._kernels() is None:
+        pytest.skip("Triton is not available")
     opt, _ = parse_args(["--text", "t", "-O"])
     torch.manual_seed(0)
     model = NeRFNetwork(opt).cuda().train()
-    if fused_mlp._kernels() is None:
-        pytest.skip("Triton is not available")
     with torch.autocast("cuda", dtype=torch.float16):
         assert fused_mlp.supported(torch.zeros(1, device="cuda"), [m.weight for m in model.sigma_net.layers])
     with torch.no_grad():
@@ -106,20 +108,22 @@ def test_fused_mlp_training_render_matches(shading):
     poses = circle_poses(torch.tensor([3.2]), torch.tensor([75.0]), torch.tensor([30.0]), "cuda")
     o, d = get_rays(poses, intrinsics_from_fovy(torch.tensor([20.0], device="cuda"), 64, 64), 64, 64)
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device="cuda"), dim=-1)
-    results = []
-    for on in (False, True):
-        model.fused_mlp = on
+    results = {}
+    for name, fused, half in (("fp32", False, False), ("cublas", False, True), ("triton", True, True)):
+        model.fused_mlp = fused
         model.zero_grad()
         torch.manual_seed(1)  # the same jittered march
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=half):
             out = model.render(o, d, light_d=light, ambient_ratio=0.3, shading=shading, perturb=True)
-        (out["image"].float().square().mean() + out["weights_sum"].float().mean()).backward()
-        results.append(
-            (out["image"].float(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
-        )
-    (img0, g0), (img1, g1) = results
-    assert (img1 - img0).abs().max().item() < 1e-2
-    assert len(g0) == len(g1)
-    for a, b in zip(g1, g0):
-        rel = ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-        assert rel < 3e-2, rel
+        (out["image"].float().square().mean() * 100 + out["weights_sum"].float().mean()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[name] = (out["image"].float(), grads)
+    img, grads = results["fp32"]
+    for i, g in enumerate(grads):
+        err = {
+            k: ((results[k][1][i] - g).norm() / g.norm().clamp(min=1e-12)).item()
+            for k in ("cublas", "triton")
+        }
+        assert err["triton"] <= 1.5 * err["cublas"] + 1e-2, (i, err)
+    e_img = {k: (results[k][0] - img).abs().max().item() for k in ("cublas", "triton")}
+    assert e_img["triton"] <= 1.5 * e_img["cublas"] + 2e-3, e_img
