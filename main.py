@@ -56,6 +56,7 @@ O_SPEED_DEFAULTS = {
     "compile_unet": True,
     "channels_last": True,
     "vae_fused_gn": True,
+    "fused_mlp": True,
 }
 
 
@@ -236,10 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--fused_mlp",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="on a GPU under --fp16, the field's MLP and density/albedo head as two fused Triton kernels "
         "(forward; backward recomputing the forward) instead of cuBLAS GEMMs and separate element-wise "
-        "passes: fewer launches, and no hidden activations kept for the backward (nerf/fused_mlp.py)",
+        "passes: fewer launches, and no hidden activations kept for the backward (nerf/fused_mlp.py; "
+        "cuBLAS where Triton is missing or the MLP has another shape) [default: on with -O, else off]",
     )
     g.add_argument(
         "--infer_T_thresh",

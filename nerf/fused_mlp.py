@@ -30,7 +30,11 @@ from torch.autograd.function import once_differentiable
 
 _OUT = 4  # head outputs: density logit and three albedo logits
 _O_TILE = 16  # head columns in the kernels (tensor-core tiles need 16)
-_BM = 64  # rows per tile
+# Launch settings (scripts/bench_fused_mlp.py sweeps them): rows per tile, warps per program,
+# backward programs per SM.
+_BM = 64
+_WARPS = 4
+_PROGRAMS_PER_SM = 4
 
 
 @functools.cache
@@ -77,9 +81,13 @@ def _f_pad(F: int) -> int:
 
 
 @functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _programs(device_index: int) -> int:
     """Backward programs: a few per SM, so that each sums many tiles before its atomics."""
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _PROGRAMS_PER_SM * _sm_count(device_index)
 
 
 class _FusedHead(torch.autograd.Function):
@@ -97,6 +105,7 @@ class _FusedHead(torch.autograd.Function):
             k.head_forward_kernel[(triton_cdiv(n, _BM),)](
                 feat, feat.stride(0), feat.stride(1), blob, *params, sigma, albedo, n, F,
                 EXP=activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM, DT=_tl_dtype(dtype),
+                num_warps=_WARPS,
             )  # fmt: skip
         ctx.save_for_backward(feat, blob, *params)
         ctx.activation, ctx.dtype = activation, dtype
@@ -122,7 +131,7 @@ class _FusedHead(torch.autograd.Function):
                 feat, feat.stride(0), feat.stride(1), blob, *params,
                 g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *grads, n, F, tiles,
                 EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
-                DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx,
+                DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx, num_warps=_WARPS,
             )  # fmt: skip
         grads = [g.to(p.dtype) for g, p in zip(grads, params)]
         return (gx if want_gx else None, None, None, *grads)

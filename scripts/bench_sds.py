@@ -45,6 +45,7 @@ OFF = [
     "--no-compile_vae",
     "--no-channels_last",
     "--no-vae_fused_gn",
+    "--no-fused_mlp",
     "--unet_traced",
     "off",
 ]
@@ -58,8 +59,10 @@ COMPILED_GRAPHS = [
     "--vae_graph",
     "--compile_vae",
 ]
+# The -O default's levers before the fused MLP (run 11's default).
+FUSED_GN = [*COMPILED_GRAPHS, "--vae_fused_gn"]
 # The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
-O_DEFAULT = [*COMPILED_GRAPHS, "--vae_fused_gn"]
+O_DEFAULT = [*FUSED_GN, "--fused_mlp"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
@@ -89,8 +92,8 @@ VARIANTS: dict[str, list[str]] = {
         "--normal_method",
         "tetra",
     ],
-    "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": O_DEFAULT,
-    "-O default + fused MLP": [*O_DEFAULT, "--fused_mlp"],
+    "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": FUSED_GN,
+    "-O default": O_DEFAULT,
     "compiled UNet graph + CL + compiled VAE graph + VAE CL": [*COMPILED_GRAPHS, "--vae_channels_last"],
     "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [
         *COMPILED_GRAPHS,
@@ -464,7 +467,7 @@ def main() -> None:
     ap.add_argument("--part_repeat", type=int, default=15, help="repeats of each breakdown part")
     ap.add_argument("--flops", action="store_true", help="count the UNet and VAE FLOPs (first variant)")
     ap.add_argument("--profile", default=None, help="write a profiler table of one variant here")
-    ap.add_argument("--profile_variant", default="UNet graph + CL + VAE graph")
+    ap.add_argument("--profile_variant", default="-O default")
     ap.add_argument("--out", default=None, help="also write the Markdown table (and JSON beside it)")
     args = ap.parse_args()
     args.flop_counts = None

@@ -1,0 +1,94 @@
+"""The field's MLP + density/albedo head: cuBLAS (``_MLPHead``) against the Triton kernels
+(``nerf/fused_mlp.py``, ``--fused_mlp``), forward alone and forward plus backward, at row counts
+of a fitted scene's 64x64 render (100k), its fd passes (700k) and a fresh field's (2.1M); with
+``--sweep``, the kernels' launch settings (rows per tile, warps, backward programs per SM).
+
+    python scripts/bench_fused_mlp.py [--sweep] [--repeat 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nerf import fused_mlp  # noqa: E402
+from nerf.network_base import _MLPHead, bucket_rows  # noqa: E402
+
+
+def median_ms(fn, repeat: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="also time other launch settings of the kernels")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    F, H = 32, 64
+    params = [
+        (torch.randn(s, device=dev) * c).requires_grad_()
+        for s, c in zip([(H, F), (H,), (H, H), (H,), (4, H), (4,)], [0.2, 0.1, 0.15, 0.1, 0.15, 0.1])
+    ]
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; MLP {F} -> {H} -> {H} -> 4, fp16"
+    )
+    print("\n| rows | path | forward ms | forward + backward ms |\n|---|---|---|---|")
+    default = (fused_mlp._BM, fused_mlp._WARPS, fused_mlp._PROGRAMS_PER_SM)
+    settings = [default]
+    if args.sweep:
+        settings += [s for s in itertools.product((32, 64, 128), (4, 8), (1, 2, 4, 8)) if s != default]
+    for n in (100_000, 700_000, 2_100_000):
+        feat = (torch.randn(bucket_rows(n), F, device=dev) * 0.5).half().requires_grad_()
+        blob = torch.randn(bucket_rows(n), device=dev)
+        gs, ga = torch.randn(n, device=dev), torch.randn(n, 3, device=dev).half()
+
+        def cublas(backward: bool, feat=feat, blob=blob, n=n, gs=gs, ga=ga):
+            with torch.autocast("cuda", dtype=torch.float16), torch.set_grad_enabled(backward):
+                s, a = _MLPHead.apply(feat, blob, n, "exp", True, *params)
+            if backward:
+                torch.autograd.backward([s, a], [gs, ga])
+
+        def triton(backward: bool, feat=feat, blob=blob, n=n, gs=gs, ga=ga):
+            with torch.autocast("cuda", dtype=torch.float16), torch.set_grad_enabled(backward):
+                s, a = fused_mlp.mlp_head(feat[:n], blob[:n], "exp", params)
+            if backward:
+                torch.autograd.backward([s, a], [gs, ga])
+
+        rows = [("cuBLAS (_MLPHead, rows padded to bucket_rows)", cublas)]
+        for bm, warps, per_sm in settings:
+            rows.append(
+                (f"Triton BM {bm}, {warps} warps, {per_sm} backward programs/SM", (bm, warps, per_sm))
+            )
+        for name, how in rows:
+            if isinstance(how, tuple):
+                fused_mlp._BM, fused_mlp._WARPS, fused_mlp._PROGRAMS_PER_SM = how
+                fn = triton
+            else:
+                fn = how
+            fwd = median_ms(lambda fn=fn: fn(False), args.repeat)
+            both = median_ms(lambda fn=fn: fn(True), args.repeat)
+            print(f"| {n} | {name} | {fwd:.3f} | {both:.3f} |", flush=True)
+        fused_mlp._BM, fused_mlp._WARPS, fused_mlp._PROGRAMS_PER_SM = default
+
+
+if __name__ == "__main__":
+    main()
