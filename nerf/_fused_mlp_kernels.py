@@ -84,12 +84,12 @@ def head_forward_kernel(
 @triton.jit
 def head_backward_kernel(
     X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, GSIG, GALB, GX, DW0, DB0, DW1, DB1, DW2, DB2,
-    n, F, n_tiles,
+    n, F, n_tiles, part_stride,
     EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
     DT: tl.constexpr, WANT_GX: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the head's outputs -> the input gradient GX [n,F] and the weight gradients
-    (fp32, added atomically once per program). Each program walks tiles pid, pid + P, ...,
+    """Gradients of the head's outputs -> the input gradient GX [n,F] and each program's partial
+    sums of the weight gradients (fp32). Each program walks tiles pid, pid + P, ...,
     recomputing their forward (cheaper than storing the hidden activations of every row)."""
     pid = tl.program_id(0)
     hc = tl.arange(0, H)
@@ -138,9 +138,12 @@ def head_backward_kernel(
             gx = tl.dot(g1, w0)
             msk = ok[:, None] & (fc[None, :] < F)
             tl.store(GX + rows[:, None] * F + fc[None, :], gx.to(GX.dtype.element_ty), mask=msk)
-    tl.atomic_add(DW0 + hc[:, None] * F + fc[None, :], dw0, mask=fc[None, :] < F)
-    tl.atomic_add(DW1 + hc[:, None] * H + hc[None, :], dw1)
-    tl.atomic_add(DW2 + oc[:, None] * H + hc[None, :], dw2, mask=oc[:, None] < 4)
-    tl.atomic_add(DB0 + hc, db0)
-    tl.atomic_add(DB1 + hc, db1)
-    tl.atomic_add(DB2 + oc, db2, mask=oc < 4)
+    # This program's partial sums, one row of the [programs, weights] buffer: summed by the
+    # caller in a fixed order, so that the gradients do not depend on atomics' timing.
+    part = pid * part_stride
+    tl.store(DW0 + part + hc[:, None] * F + fc[None, :], dw0, mask=fc[None, :] < F)
+    tl.store(DW1 + part + hc[:, None] * H + hc[None, :], dw1)
+    tl.store(DW2 + part + oc[:, None] * H + hc[None, :], dw2, mask=oc[:, None] < 4)
+    tl.store(DB0 + part + hc, db0)
+    tl.store(DB1 + part + hc, db1)
+    tl.store(DB2 + part + oc, db2, mask=oc < 4)

@@ -9,7 +9,8 @@ passes (millions of rows) those passes took about a third of the render's GPU ti
   weights on chip and writes sigma [n] (fp32) and albedo [n,3];
 * backward: one kernel; each program walks its tiles, recomputes their forward (nothing but the
   encoder features is saved) and writes the features' gradient, summing the weight gradients
-  in registers and adding them to global memory once at the end.
+  in registers; the programs' partial sums are then added in a fixed order (no atomics: the
+  same inputs give the same gradients).
 
 The arithmetic is ``_MLPHead``'s: fp16/bf16 operands (the autocast dtype), fp32 accumulation,
 activations rounded between layers. Only that configuration runs here (CUDA, Triton, autocast
@@ -118,22 +119,30 @@ class _FusedHead(torch.autograd.Function):
         k = _kernels()
         n, F = feat.shape
         H = params[0].shape[0]
-        flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=feat.device)
-        grads, at = [], 0
+        total = sum(p.numel() for p in params)
+        tiles = triton_cdiv(n, _BM)
+        programs = max(1, min(tiles, _programs(feat.device.index or 0)))
+        # Each program's partial weight gradients in a row (every program writes all of its
+        # row), summed below in a fixed order.
+        partial = torch.empty(programs, total, dtype=torch.float32, device=feat.device)
+        rows, at = [], 0
         for p in params:
-            grads.append(flat[at : at + p.numel()].view(p.shape))
+            rows.append(partial[0, at : at + p.numel()])
             at += p.numel()
         want_gx = ctx.needs_input_grad[0]
-        gx = torch.empty(n, F, dtype=feat.dtype, device=feat.device) if want_gx else flat
+        gx = torch.empty(n, F, dtype=feat.dtype, device=feat.device) if want_gx else partial
         if n > 0:
-            tiles = triton_cdiv(n, _BM)
-            k.head_backward_kernel[(min(tiles, _programs(feat.device.index or 0)),)](
+            k.head_backward_kernel[(programs,)](
                 feat, feat.stride(0), feat.stride(1), blob, *params,
-                g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *grads, n, F, tiles,
+                g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *rows, n, F, tiles, total,
                 EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
                 DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx, num_warps=_WARPS,
             )  # fmt: skip
-        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+        flat = partial.sum(0) if programs > 1 else partial[0]
+        grads, at = [], 0
+        for p in params:
+            grads.append(flat[at : at + p.numel()].view(p.shape).to(p.dtype))
+            at += p.numel()
         return (gx if want_gx else None, None, None, *grads)
 
 
