@@ -71,6 +71,10 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
     )
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
@@ -103,11 +107,12 @@ class _FusedHead(torch.autograd.Function):
         blob = blob.float().contiguous()
         params = [p.contiguous() for p in params]
         if n > 0:
-            k.head_forward_kernel[(triton_cdiv(n, _BM),)](
-                feat, feat.stride(0), feat.stride(1), blob, *params, sigma, albedo, n, F,
-                EXP=activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM, DT=_tl_dtype(dtype),
-                num_warps=_WARPS,
-            )  # fmt: skip
+            with torch.cuda.device(feat.device):  # Triton launches on the current device
+                k.head_forward_kernel[(_cdiv(n, _BM),)](
+                    feat, feat.stride(0), feat.stride(1), blob, *params, sigma, albedo, n, F,
+                    EXP=activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
+                    DT=_tl_dtype(dtype), num_warps=_WARPS,
+                )  # fmt: skip
         ctx.save_for_backward(feat, blob, *params)
         ctx.activation, ctx.dtype = activation, dtype
         return sigma, albedo
@@ -120,7 +125,7 @@ class _FusedHead(torch.autograd.Function):
         n, F = feat.shape
         H = params[0].shape[0]
         total = sum(p.numel() for p in params)
-        tiles = triton_cdiv(n, _BM)
+        tiles = _cdiv(n, _BM)
         programs = max(1, min(tiles, _programs(feat.device.index or 0)))
         # Each program's partial weight gradients in a row (every program writes all of its
         # row), summed below in a fixed order.
@@ -132,22 +137,19 @@ class _FusedHead(torch.autograd.Function):
         want_gx = ctx.needs_input_grad[0]
         gx = torch.empty(n, F, dtype=feat.dtype, device=feat.device) if want_gx else partial
         if n > 0:
-            k.head_backward_kernel[(programs,)](
-                feat, feat.stride(0), feat.stride(1), blob, *params,
-                g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *rows, n, F, tiles, total,
-                EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
-                DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx, num_warps=_WARPS,
-            )  # fmt: skip
+            with torch.cuda.device(feat.device):
+                k.head_backward_kernel[(programs,)](
+                    feat, feat.stride(0), feat.stride(1), blob, *params,
+                    g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *rows, n, F, tiles,
+                    total, EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
+                    DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx, num_warps=_WARPS,
+                )  # fmt: skip
         flat = partial.sum(0) if programs > 1 else partial[0]
         grads, at = [], 0
         for p in params:
             grads.append(flat[at : at + p.numel()].view(p.shape).to(p.dtype))
             at += p.numel()
         return (gx if want_gx else None, None, None, *grads)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def mlp_head(
