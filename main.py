@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="on a GPU under --fp16, the field's MLP and density/albedo head as two fused Triton kernels "
         "(forward; backward recomputing the forward) instead of cuBLAS GEMMs and separate element-wise "
-        "passes: fewer launches, and no hidden activations kept for the backward (nerf/fused_mlp.py; "
-        "cuBLAS where Triton is missing or the MLP has another shape) [default: on with -O, else off]",
+        "passes, and the fd normals and shading of a merged field call as one kernel each way: fewer "
+        "launches, and no hidden activations kept for the backward (nerf/fused_mlp.py; the PyTorch "
+        "path where Triton is missing or the MLP has another shape) [default: on with -O, else off]",
     )
     g.add_argument(
         "--infer_T_thresh",

@@ -147,3 +147,136 @@ def head_backward_kernel(
     tl.store(DB0 + part + hc, db0)
     tl.store(DB1 + part + hc, db1)
     tl.store(DB2 + part + oc, db2, mask=oc < 4)
+
+
+# Shadings of fd_shade kernels (network_base.SHADINGS order).
+SHADING_IDS = {"albedo": 0, "lambertian": 1, "textureless": 2, "normal": 3}
+ALBEDO, LAMBERTIAN, TEXTURELESS, NORMAL = (tl.constexpr(v) for v in SHADING_IDS.values())
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _fd_normal(SIG, i, ok, n, inv_2eps):
+    """Central-difference density gradient d [3 x BLOCK] of samples i (their fd points follow
+    the samples in SIG, offset-major: +x,+y,+z,-x,-y,-z), returned as its components; with
+    v = -nan_to_num(d), the unit normal v / sqrt(max(|v|^2, 1e-20)) and what the backward needs."""
+    dx = (tl.load(SIG + n + i, mask=ok, other=0.0) - tl.load(SIG + 4 * n + i, mask=ok, other=0.0)) * inv_2eps
+    dy = (
+        tl.load(SIG + 2 * n + i, mask=ok, other=0.0) - tl.load(SIG + 5 * n + i, mask=ok, other=0.0)
+    ) * inv_2eps
+    dz = (
+        tl.load(SIG + 3 * n + i, mask=ok, other=0.0) - tl.load(SIG + 6 * n + i, mask=ok, other=0.0)
+    ) * inv_2eps
+    # nan_to_num: NaN -> 0, +-inf -> +-FLT_MAX
+    vx = -tl.minimum(tl.maximum(tl.where(dx != dx, 0.0, dx), -_FLT_MAX), _FLT_MAX)
+    vy = -tl.minimum(tl.maximum(tl.where(dy != dy, 0.0, dy), -_FLT_MAX), _FLT_MAX)
+    vz = -tl.minimum(tl.maximum(tl.where(dz != dz, 0.0, dz), -_FLT_MAX), _FLT_MAX)
+    sq = vx * vx + vy * vy + vz * vz
+    den = tl.sqrt(tl.maximum(sq, 1e-20))
+    return dx, dy, dz, vx / den, vy / den, vz / den, sq, den
+
+
+@triton.jit
+def fd_shade_forward_kernel(
+    SIG, ALB, L, l_stride, COLOR, NRM, n, inv_2eps, ratio, SHADING: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Normals [n,3] fp32 and shaded colour [n,3] of n samples (``network_base._FDShade``)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    _, _, _, nx, ny, nz, _, _ = _fd_normal(SIG, i, ok, n, inv_2eps)
+    tl.store(NRM + 3 * i, nx, mask=ok)
+    tl.store(NRM + 3 * i + 1, ny, mask=ok)
+    tl.store(NRM + 3 * i + 2, nz, mask=ok)
+    ct = COLOR.dtype.element_ty
+    if SHADING == NORMAL:
+        tl.store(COLOR + 3 * i, ((nx + 1.0) / 2.0).to(ct), mask=ok)
+        tl.store(COLOR + 3 * i + 1, ((ny + 1.0) / 2.0).to(ct), mask=ok)
+        tl.store(COLOR + 3 * i + 2, ((nz + 1.0) / 2.0).to(ct), mask=ok)
+    else:
+        ar = tl.load(ALB + 3 * i, mask=ok, other=0.0).to(tl.float32)
+        ag = tl.load(ALB + 3 * i + 1, mask=ok, other=0.0).to(tl.float32)
+        ab = tl.load(ALB + 3 * i + 2, mask=ok, other=0.0).to(tl.float32)
+        if SHADING == ALBEDO:
+            lam = 1.0
+        else:
+            li = i * l_stride
+            dot = (
+                nx * tl.load(L + li, mask=ok, other=0.0)
+                + ny * tl.load(L + li + 1, mask=ok, other=0.0)
+                + nz * tl.load(L + li + 2, mask=ok, other=0.0)
+            )
+            lam = ratio + (1.0 - ratio) * tl.maximum(dot, 0.0)
+            if SHADING == TEXTURELESS:
+                ar, ag, ab = 1.0, 1.0, 1.0
+        tl.store(COLOR + 3 * i, (ar * lam).to(ct), mask=ok)
+        tl.store(COLOR + 3 * i + 1, (ag * lam).to(ct), mask=ok)
+        tl.store(COLOR + 3 * i + 2, (ab * lam).to(ct), mask=ok)
+
+
+@triton.jit
+def fd_shade_backward_kernel(
+    SIG, ALB, L, l_stride, GS, GC, GN, GSIG_ALL, GALB_ALL, n, inv_2eps, ratio,
+    SHADING: tl.constexpr, WANT_GALB: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Gradients of sigma [n], colour [n,3] and normal [n,3] -> of the merged call's densities
+    [7n] and albedos [7n,3] (zero for the fd points), recomputing the forward."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    dx, dy, dz, nx, ny, nz, sq, den = _fd_normal(SIG, i, ok, n, inv_2eps)
+    gnx = tl.load(GN + 3 * i, mask=ok, other=0.0).to(tl.float32)
+    gny = tl.load(GN + 3 * i + 1, mask=ok, other=0.0).to(tl.float32)
+    gnz = tl.load(GN + 3 * i + 2, mask=ok, other=0.0).to(tl.float32)
+    gr = tl.load(GC + 3 * i, mask=ok, other=0.0).to(tl.float32)
+    gg = tl.load(GC + 3 * i + 1, mask=ok, other=0.0).to(tl.float32)
+    gb = tl.load(GC + 3 * i + 2, mask=ok, other=0.0).to(tl.float32)
+    lam = 1.0
+    if SHADING == NORMAL:
+        gnx += gr / 2.0
+        gny += gg / 2.0
+        gnz += gb / 2.0
+    elif SHADING != ALBEDO:
+        li = i * l_stride
+        lx = tl.load(L + li, mask=ok, other=0.0)
+        ly = tl.load(L + li + 1, mask=ok, other=0.0)
+        lz = tl.load(L + li + 2, mask=ok, other=0.0)
+        dot = nx * lx + ny * ly + nz * lz
+        lam = ratio + (1.0 - ratio) * tl.maximum(dot, 0.0)
+        if SHADING == LAMBERTIAN:
+            ar = tl.load(ALB + 3 * i, mask=ok, other=0.0).to(tl.float32)
+            ag = tl.load(ALB + 3 * i + 1, mask=ok, other=0.0).to(tl.float32)
+            ab = tl.load(ALB + 3 * i + 2, mask=ok, other=0.0).to(tl.float32)
+            g_lam = gr * ar + gg * ag + gb * ab
+        else:
+            g_lam = gr + gg + gb
+        c = tl.where(dot > 0, g_lam * (1.0 - ratio), 0.0)
+        gnx += c * lx
+        gny += c * ly
+        gnz += c * lz
+    # n = v / sqrt(max(|v|^2, 1e-20)): where unclamped the radial part is projected out.
+    radial = tl.where(sq >= 1e-20, nx * gnx + ny * gny + nz * gnz, 0.0)
+    # v = -nan_to_num(d): no gradient where d is not finite; d = (s+ - s-) / (2 eps)
+    hx = tl.where((dx == dx) & (tl.abs(dx) <= _FLT_MAX), -(gnx - radial * nx) / den, 0.0) * inv_2eps
+    hy = tl.where((dy == dy) & (tl.abs(dy) <= _FLT_MAX), -(gny - radial * ny) / den, 0.0) * inv_2eps
+    hz = tl.where((dz == dz) & (tl.abs(dz) <= _FLT_MAX), -(gnz - radial * nz) / den, 0.0) * inv_2eps
+    tl.store(GSIG_ALL + i, tl.load(GS + i, mask=ok, other=0.0).to(tl.float32), mask=ok)
+    tl.store(GSIG_ALL + n + i, hx, mask=ok)
+    tl.store(GSIG_ALL + 2 * n + i, hy, mask=ok)
+    tl.store(GSIG_ALL + 3 * n + i, hz, mask=ok)
+    tl.store(GSIG_ALL + 4 * n + i, -hx, mask=ok)
+    tl.store(GSIG_ALL + 5 * n + i, -hy, mask=ok)
+    tl.store(GSIG_ALL + 6 * n + i, -hz, mask=ok)
+    if WANT_GALB:
+        at = GALB_ALL.dtype.element_ty
+        zero = tl.zeros([BLOCK], dtype=at)
+        if SHADING == ALBEDO or SHADING == LAMBERTIAN:
+            tl.store(GALB_ALL + 3 * i, (gr * lam).to(at), mask=ok)
+            tl.store(GALB_ALL + 3 * i + 1, (gg * lam).to(at), mask=ok)
+            tl.store(GALB_ALL + 3 * i + 2, (gb * lam).to(at), mask=ok)
+        else:  # the colour does not depend on the albedo
+            tl.store(GALB_ALL + 3 * i, zero, mask=ok)
+            tl.store(GALB_ALL + 3 * i + 1, zero, mask=ok)
+            tl.store(GALB_ALL + 3 * i + 2, zero, mask=ok)
+        for k in tl.static_range(1, 7):  # the fd points' albedos are unused
+            tl.store(GALB_ALL + 3 * (k * n + i), zero, mask=ok)
+            tl.store(GALB_ALL + 3 * (k * n + i) + 1, zero, mask=ok)
+            tl.store(GALB_ALL + 3 * (k * n + i) + 2, zero, mask=ok)

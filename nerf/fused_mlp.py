@@ -1,4 +1,5 @@
-"""The field's MLP and density/albedo head as two fused Triton kernels (``--fused_mlp``).
+"""The field's MLP and density/albedo head, and its fd shading, as fused Triton kernels
+(``--fused_mlp``).
 
 ``network_base._MLPHead`` runs the 3-layer ReLU MLP as cuBLAS GEMMs plus separate passes for
 the ReLU backward, the bias sums, casts and slices: about 25 kernels per field call, forward and
@@ -11,6 +12,9 @@ passes (millions of rows) those passes took about a third of the render's GPU ti
   encoder features is saved) and writes the features' gradient, summing the weight gradients
   in registers; the programs' partial sums are then added in a fixed order (no atomics: the
   same inputs give the same gradients).
+
+``fd_shade`` does the same for ``network_base._FDShade`` (central-difference normals and the
+shading of a merged field call: about 20 tensor ops each way) in one kernel each way.
 
 The arithmetic is ``_MLPHead``'s: fp16/bf16 operands (the autocast dtype), fp32 accumulation,
 activations rounded between layers. Only that configuration runs here (CUDA, Triton, autocast
@@ -162,3 +166,78 @@ def mlp_head(
     first.
     """
     return _FusedHead.apply(feat, blob, activation, *params)
+
+
+_SHADE_BLOCK = 256
+
+
+def supported_fd_shade(sigma_all: torch.Tensor, ratio: object) -> bool:
+    """Whether ``fd_shade`` takes a call: CUDA, Triton, and a Python number as ambient ratio."""
+    return sigma_all.is_cuda and _kernels() is not None and isinstance(ratio, (int, float))
+
+
+def _light_args(l: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Light pointer and row stride (0: one light for all samples); any tensor when unused."""
+    if l is None:
+        return fallback, 0
+    return l, 3 if l.shape[0] > 1 else 0
+
+
+class _FusedFDShade(torch.autograd.Function):
+    """``network_base._FDShade`` (central-difference normals and shading of a merged field
+    call) as one kernel each way; the backward recomputes the normals from the densities."""
+
+    @staticmethod
+    def forward(ctx, sigma_all, albedo_all, l, ratio, eps, shading, n):
+        k = _kernels()
+        sig, alb = sigma_all.float().contiguous(), albedo_all.contiguous()
+        l = None if l is None else l.float().contiguous()
+        normal = torch.empty(n, 3, dtype=torch.float32, device=sig.device)
+        color = torch.empty(
+            n, 3, dtype=alb.dtype if shading == "albedo" else torch.float32, device=sig.device
+        )
+        light, stride = _light_args(l, sig)
+        if n > 0:
+            with torch.cuda.device(sig.device):
+                k.fd_shade_forward_kernel[(_cdiv(n, _SHADE_BLOCK),)](
+                    sig, alb, light, stride, color, normal, n, 1.0 / (2 * eps), float(ratio),
+                    SHADING=k.SHADING_IDS[shading], BLOCK=_SHADE_BLOCK,
+                )  # fmt: skip
+        ctx.save_for_backward(sig, alb, l)
+        ctx.ratio, ctx.eps, ctx.shading, ctx.n = float(ratio), eps, shading, n
+        return sigma_all[:n], color, normal
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_sigma, g_color, g_normal):
+        sig, alb, l = ctx.saved_tensors
+        k, n = _kernels(), ctx.n
+        g_sigma_all = torch.empty(7 * n, dtype=torch.float32, device=sig.device)
+        want_alb = ctx.needs_input_grad[1]
+        g_albedo_all = torch.empty(7 * n, 3, dtype=alb.dtype, device=sig.device) if want_alb else None
+        light, stride = _light_args(l, sig)
+        if n > 0:
+            with torch.cuda.device(sig.device):
+                k.fd_shade_backward_kernel[(_cdiv(n, _SHADE_BLOCK),)](
+                    sig, alb, light, stride, g_sigma.contiguous(), g_color.contiguous(),
+                    g_normal.contiguous(), g_sigma_all, g_albedo_all if want_alb else g_sigma_all, n,
+                    1.0 / (2 * ctx.eps), ctx.ratio, SHADING=k.SHADING_IDS[ctx.shading],
+                    WANT_GALB=want_alb, BLOCK=_SHADE_BLOCK,
+                )  # fmt: skip
+        return g_sigma_all, g_albedo_all, None, None, None, None, None
+
+
+def fd_shade(
+    sigma_all: torch.Tensor,
+    albedo_all: torch.Tensor,
+    l: torch.Tensor | None,
+    ratio: float,
+    eps: float,
+    shading: str,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sigma [n], colour [n,3] and normal [n,3] from a merged field call's sigma_all [7n] and
+    albedo_all [7n,3] (n samples, then their fd points offset-major: +x,+y,+z,-x,-y,-z); l: [1,3]
+    or [n,3] fp32 light directions (lambertian/textureless). ``network_base._FDShade`` is the
+    reference; check ``supported_fd_shade`` first."""
+    return _FusedFDShade.apply(sigma_all, albedo_all, l, ratio, eps, shading, n)

@@ -459,6 +459,10 @@ class FieldNetwork(NeRFRenderer):
             sigma_all, albedo_all = self.common_forward(torch.cat([x.float(), self._stencil_points(x)]))
             if self.fused_head and self.normal_method == "fd":
                 light = None if l is None else l.float().reshape(-1, 3)
+                if self.fused_mlp and fused_mlp.supported_fd_shade(sigma_all, ratio):
+                    return fused_mlp.fd_shade(
+                        sigma_all, albedo_all, light, ratio, self.normal_eps, shading, N
+                    )
                 return _FDShade.apply(sigma_all, albedo_all, light, ratio, self.normal_eps, shading, N)
             sigma, albedo = sigma_all[:N], albedo_all[:N]
             normal = safe_normalize(-torch.nan_to_num(self._stencil_gradient(sigma_all[N:])))

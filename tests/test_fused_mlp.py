@@ -131,3 +131,36 @@ def test_fused_mlp_training_render_matches(shading):
         assert err["triton"] <= 1.5 * err["cublas"] + 1e-2, (i, err)
     e_img = {k: (results[k][0] - img).abs().max().item() for k in ("cublas", "triton")}
     assert e_img["triton"] <= 1.5 * e_img["cublas"] + 2e-3, e_img
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shading", ["lambertian", "textureless", "normal", "albedo"])
+@pytest.mark.parametrize("per_sample_light", [False, True])
+def test_triton_fd_shade_matches_the_autograd_node(shading, per_sample_light):
+    """``fused_mlp.fd_shade`` against ``network_base._FDShade`` (its reference): sigma, colour,
+    normals and the gradients of the merged call's densities and albedos, with a NaN and an inf
+    density among the fd points and a sample whose fd points agree (zero gradient)."""
+    from nerf.network_base import _FDShade
+
+    if fused_mlp._kernels() is None:
+        pytest.skip("Triton is not available")
+    torch.manual_seed(0)
+    n = 3000
+    sig = (torch.randn(7 * n, device="cuda") * 3).abs()
+    sig[n + 5], sig[n + 7] = float("nan"), float("inf")
+    sig[n + 9 :: n] = 1.0
+    alb = torch.rand(7 * n, 3, device="cuda").half()
+    light = torch.nn.functional.normalize(torch.randn(n if per_sample_light else 1, 3, device="cuda"), dim=-1)
+    g = [torch.randn(n, device="cuda"), torch.randn(n, 3, device="cuda"), torch.randn(n, 3, device="cuda")]
+    assert fused_mlp.supported_fd_shade(sig, 0.3) and not fused_mlp.supported_fd_shade(sig, torch.tensor(0.3))
+    results = []
+    for fn in (_FDShade.apply, fused_mlp.fd_shade):
+        s, a = sig.clone().requires_grad_(), alb.clone().requires_grad_()
+        out = fn(s, a, light, 0.3, 1e-2, shading, n)
+        loss = sum((o.float() * w).sum() for o, w in zip(out, g))
+        results.append((out, torch.autograd.grad(loss, [s, a])))
+    (o0, g0), (o1, g1) = results
+    for a, b in zip((*o1, *g1), (*o0, *g0)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4, equal_nan=True)
