@@ -29,6 +29,7 @@ False
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -72,7 +73,50 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
         and H & (H - 1) == 0
         and tuple(weights[1].shape) == (H, H)
         and tuple(weights[2].shape) == (_OUT, H)
+        and 7 * x.shape[0] * _f_pad(F) < 2**31  # the kernels index in int32
+        and _head_works(x.device, _dtype(x), F, H)
     )
+
+
+_PROBED: dict[tuple, bool] = {}
+
+
+def _probe(key: tuple, what: str, device: torch.device, run) -> bool:
+    """Whether ``run()`` (kernels on a small test input, forward and backward) works here, once
+    per ``key``: a GPU or a Triton build they do not support gets the PyTorch path and one line,
+    not a crash mid-run. Not probed during a CUDA graph capture (the PyTorch path is taken)."""
+    if key in _PROBED:
+        return _PROBED[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    try:
+        results = run()
+        if not all(bool(torch.isfinite(t).all()) for t in results):
+            raise RuntimeError("non-finite results on a test input")
+        _PROBED[key] = True
+    except Exception as e:  # any failure means: use the PyTorch path
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(
+            f"[speed] --fused_mlp: the Triton {what} kernels failed on {device} ({why}); using the PyTorch path",
+            file=sys.stderr,
+            flush=True,
+        )
+        _PROBED[key] = False
+    return _PROBED[key]
+
+
+def _head_works(device: torch.device, dtype: torch.dtype, F: int, H: int) -> bool:
+    def run():
+        g = torch.Generator(device=device).manual_seed(0)
+        shapes = ((H, F), (H,), (H, H), (H,), (_OUT, H), (_OUT,))
+        params = [(torch.randn(s, device=device, generator=g) * 0.1).requires_grad_() for s in shapes]
+        feat = torch.randn(100, F, device=device, generator=g).to(dtype).requires_grad_()
+        with torch.enable_grad():
+            out = _FusedHead.apply(feat, torch.zeros(100, device=device), "exp", *params)
+            grads = torch.autograd.grad(out[0].sum() + out[1].float().sum(), [feat, *params])
+        return (*out, *grads)
+
+    return _probe(("head", device, dtype, F, H), "MLP", device, run)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -171,9 +215,29 @@ def mlp_head(
 _SHADE_BLOCK = 256
 
 
-def supported_fd_shade(sigma_all: torch.Tensor, ratio: object) -> bool:
-    """Whether ``fd_shade`` takes a call: CUDA, Triton, and a Python number as ambient ratio."""
-    return sigma_all.is_cuda and _kernels() is not None and isinstance(ratio, (int, float))
+def supported_fd_shade(sigma_all: torch.Tensor, albedo_all: torch.Tensor, ratio: object) -> bool:
+    """Whether ``fd_shade`` takes a call: CUDA, Triton, a Python number as ambient ratio, and
+    kernels that run here."""
+    return (
+        sigma_all.is_cuda
+        and _kernels() is not None
+        and isinstance(ratio, (int, float))
+        and 3 * sigma_all.shape[0] < 2**31  # the kernels index in int32
+        and _shade_works(sigma_all.device, albedo_all.dtype)
+    )
+
+
+def _shade_works(device: torch.device, dtype: torch.dtype) -> bool:
+    def run():
+        g = torch.Generator(device=device).manual_seed(0)
+        sig = torch.rand(700, device=device, generator=g).requires_grad_()
+        alb = torch.rand(700, 3, device=device, generator=g).to(dtype).requires_grad_()
+        with torch.enable_grad():
+            out = fd_shade(sig, alb, torch.ones(1, 3, device=device), 0.5, 1e-2, "lambertian", 100)
+            grads = torch.autograd.grad(sum(o.float().sum() for o in out), [sig, alb])
+        return (*out, *grads)
+
+    return _probe(("shade", device, dtype), "fd shading", device, run)
 
 
 def _light_args(l: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:

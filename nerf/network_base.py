@@ -459,7 +459,7 @@ class FieldNetwork(NeRFRenderer):
             sigma_all, albedo_all = self.common_forward(torch.cat([x.float(), self._stencil_points(x)]))
             if self.fused_head and self.normal_method == "fd":
                 light = None if l is None else l.float().reshape(-1, 3)
-                if self.fused_mlp and fused_mlp.supported_fd_shade(sigma_all, ratio):
+                if self.fused_mlp and fused_mlp.supported_fd_shade(sigma_all, albedo_all, ratio):
                     return fused_mlp.fd_shade(
                         sigma_all, albedo_all, light, ratio, self.normal_eps, shading, N
                     )

@@ -38,6 +38,30 @@ def test_fused_mlp_falls_back_off_the_gpu():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_kernels_that_fail_here_fall_back_in_one_line(capsys, monkeypatch):
+    """``_probe``: kernels that raise (a GPU or Triton build they do not support) or return
+    non-finite values on the test input turn the fused path off with one line, once per key."""
+    monkeypatch.setattr(fused_mlp, "_PROBED", {})
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("PTX not supported\nmore detail")
+
+    dev = torch.device("cpu")
+    assert not fused_mlp._probe(("a",), "MLP", dev, broken)
+    assert not fused_mlp._probe(("a",), "MLP", dev, broken)  # cached: not run again
+    assert calls == [1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "[speed] --fused_mlp: the Triton MLP kernels failed on cpu (PTX not supported); using the PyTorch path"
+    ]
+    assert not fused_mlp._probe(("b",), "MLP", dev, lambda: [torch.tensor([float("nan")])])
+    assert "non-finite" in capsys.readouterr().err
+    assert fused_mlp._probe(("c",), "MLP", dev, lambda: [torch.ones(2)])
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -153,7 +177,9 @@ def test_triton_fd_shade_matches_the_autograd_node(shading, per_sample_light):
     alb = torch.rand(7 * n, 3, device="cuda").half()
     light = torch.nn.functional.normalize(torch.randn(n if per_sample_light else 1, 3, device="cuda"), dim=-1)
     g = [torch.randn(n, device="cuda"), torch.randn(n, 3, device="cuda"), torch.randn(n, 3, device="cuda")]
-    assert fused_mlp.supported_fd_shade(sig, 0.3) and not fused_mlp.supported_fd_shade(sig, torch.tensor(0.3))
+    assert fused_mlp.supported_fd_shade(sig, alb, 0.3) and not fused_mlp.supported_fd_shade(
+        sig, alb, torch.tensor(0.3)
+    )
     results = []
     for fn in (_FDShade.apply, fused_mlp.fd_shade):
         s, a = sig.clone().requires_grad_(), alb.clone().requires_grad_()
