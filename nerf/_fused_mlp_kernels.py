@@ -5,6 +5,9 @@ Shapes (constexpr, powers of two): F_P >= the encoder width F, H hidden units, O
 columns (4 used: density logit and 3 albedo logits; tensor-core tiles need 16). Operands in
 DT (fp16 or bf16), products accumulated in fp32, activations rounded to DT between layers: the
 arithmetic of ``network_base._MLPHead``'s cuBLAS GEMMs.
+
+Then the fd normals and shading of a merged field call (``fd_shade_*``), elementwise over the
+samples, in fp32: the arithmetic of ``network_base._FDShade``.
 """
 
 from __future__ import annotations

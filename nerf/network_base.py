@@ -321,7 +321,8 @@ class FieldNetwork(NeRFRenderer):
         # the last layer's outputs to 8); None: on GPUs only (CPU BLAS has no per-shape set-up
         # cost, so padding would only add work there).
         self.pad_rows: bool | None = None
-        # The MLP + head as fused Triton kernels where they apply (nerf/fused_mlp.py).
+        # The MLP + head, and the fd shading of a merged call, as Triton kernels where they
+        # apply (--fused_mlp; nerf/fused_mlp.py).
         self.fused_mlp = bool(getattr(opt, "fused_mlp", False))
         self.max_level: float | None = None  # fraction of encoder levels in use
         if opt.bg_radius > 0:
@@ -341,11 +342,12 @@ class FieldNetwork(NeRFRenderer):
     def common_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N,3] -> sigma [N] (activated, >= 0) and albedo [N,3] in [0,1]."""
         if self.fused_head and not self.sigma_net.residual and not x.requires_grad and _FUSED_RELU:
-            # Padding rows (at the origin) make the GEMM shapes repeat (bucket_rows).
             params = [t for layer in self.sigma_net.layers for t in (layer.weight, layer.bias)]
             if self.fused_mlp and fused_mlp.supported(x, params[0::2]):
+                # Triton kernels: no GEMM algorithm choice per shape, so no padding either.
                 feat = self.encoder(x, bound=self.bound, max_level=self.max_level)
                 return fused_mlp.mlp_head(feat, self.density_blob(x.float()), self.density_activation, params)
+            # Padding rows (at the origin) make the GEMM shapes repeat (bucket_rows).
             n = x.shape[0]
             pad = x.is_cuda if self.pad_rows is None else self.pad_rows
             rows = bucket_rows(n) if pad else n

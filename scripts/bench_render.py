@@ -368,8 +368,9 @@ def main() -> None:
     ap.add_argument(
         "--fused_mlp",
         action="store_true",
-        help="also time the training renders and the test frame with the MLP + head as fused Triton "
-        "kernels (FieldNetwork.fused_mlp, --fused_mlp) against cuBLAS (_MLPHead)",
+        help="also time the training renders and the test frame with the MLP + head and the fd shading "
+        "as Triton kernels (FieldNetwork.fused_mlp, --fused_mlp) against the PyTorch path (_MLPHead, "
+        "_FDShade)",
     )
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -105,6 +105,7 @@ VARIANTS: dict[str, list[str]] = {
         "--graph_buckets",
         "2",
     ],
+    # Runs 5-6's -O default without pruning (the name is kept for those runs' commands).
     "-O default without sample pruning": [
         "--fp16",
         *OFF,
