@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,20 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nerf import fused_mlp  # noqa: E402
 from nerf.network_base import _MLPHead, bucket_rows  # noqa: E402
-
-
-def median_ms(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from scripts.bench_render import timeit  # noqa: E402
 
 
 def main() -> None:
@@ -84,8 +70,8 @@ def main() -> None:
                 fn = triton
             else:
                 fn = how
-            fwd = median_ms(lambda fn=fn: fn(False), args.repeat)
-            both = median_ms(lambda fn=fn: fn(True), args.repeat)
+            fwd = timeit(lambda fn=fn: fn(False), args.repeat, dev)[0]
+            both = timeit(lambda fn=fn: fn(True), args.repeat, dev)[0]
             print(f"| {n} | {name} | {fwd:.3f} | {both:.3f} |", flush=True)
         fused_mlp._BM, fused_mlp._WARPS, fused_mlp._PROGRAMS_PER_SM = default
 
