@@ -12,8 +12,9 @@ from nerf.utils import Trainer
 from tests.conftest import TINY_RUN
 
 
-def _trainer(tmp_path, device: str, defer: bool, nan_steps: set[int], monkeypatch):
-    opt, _ = parse_args(["--text", "a cube", "--workspace", str(tmp_path / f"ws{defer}"), "-O", *TINY_RUN])
+def _trainer(tmp_path, device: str, defer: bool, nan_steps: set[int], monkeypatch, tag: str = ""):
+    ws = tmp_path / f"ws{defer}{tag}"
+    opt, _ = parse_args(["--text", "a cube", "--workspace", str(ws), "-O", *TINY_RUN])
     opt.precision = "fp32"
     torch.manual_seed(0)
     model = NeRFNetwork(opt)
@@ -34,19 +35,27 @@ def _trainer(tmp_path, device: str, defer: bool, nan_steps: set[int], monkeypatc
 def test_deferred_readback_gives_the_same_run(tmp_path, monkeypatch, device):
     nan_steps = {0, 3, 4}
     runs = {}
-    for defer in (False, True):
-        trainer, data = _trainer(tmp_path, device, defer, nan_steps, monkeypatch)
+    for key, defer in (("sync", False), ("defer", True), ("again", False)):
+        trainer, data = _trainer(tmp_path, device, defer, nan_steps, monkeypatch, tag=key)
         out = [trainer.train_one_step(data.train_batch()) for _ in range(7)]
         last = trainer.flush()
-        runs[defer] = (trainer, out, last)
-    (t_sync, sync_out, sync_last), (t_def, def_out, def_last) = runs[False], runs[True]
-    # The same parameters, Adan state and EMA, step for step (the skip is decided on the device).
-    # (Bit for bit on the CPU; the GPU's atomic adds may sum in another order.)
-    tol = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-3, "atol": 1e-5}
-    for a, b in zip(t_sync.model.parameters(), t_def.model.parameters()):
-        torch.testing.assert_close(a, b, **tol)
-    for a, b in zip(t_sync.ema.shadow, t_def.ema.shadow):
-        torch.testing.assert_close(a, b, **tol)
+        runs[key] = (trainer, out, last)
+    (t_sync, sync_out, sync_last), (t_def, def_out, def_last) = runs["sync"], runs["defer"]
+    t_again = runs["again"][0]
+    # The same parameters and EMA, step for step (the skip is decided on the device). The GPU's
+    # atomic adds sum in any order, so two runs without deferral differ too (Adan magnifies
+    # the differences of near-zero gradients): the deferred run may be at most twice as far from
+    # the first run as the repeat is. On the CPU the repeat is exact, so this is bit for bit.
+    pairs = [
+        *zip(t_sync.model.parameters(), t_def.model.parameters(), t_again.model.parameters()),
+        *zip(t_sync.ema.shadow, t_def.ema.shadow, t_again.ema.shadow),
+    ]
+    for a, b, c in pairs:
+        spread = (a - c).norm().item()
+        if device == "cpu":
+            assert spread == 0 and torch.equal(a, b)
+        else:
+            assert (a - b).norm().item() <= 2 * spread + 1e-6 * a.norm().item(), (spread, (a - b).norm())
     assert sync_last is None and def_out[0] is None
     # Deferred results arrive one step late, the last from flush().
     assert [p["step"] for p in sync_out] == [p["step"] for p in def_out[1:] + [def_last]] == list(range(1, 8))
