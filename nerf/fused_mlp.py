@@ -62,9 +62,25 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
     """Whether the fused kernels take a call on ``x`` (the points or their features: its device
     and the autocast state decide): CUDA, fp16/bf16 GEMMs, and ``weights`` the three nn.Linear
     weights of an [F -> H -> H -> 4] MLP."""
-    if not x.is_cuda or len(weights) != 3 or _kernels() is None:
+    if not x.is_cuda or _kernels() is None:
         return False
     if _dtype(x) not in (torch.float16, torch.bfloat16):
+        return False
+    if not shapes_ok(x.shape[0], weights):
+        return False
+    H, F = weights[0].shape
+    return _head_works(x.device, _dtype(x), F, H)
+
+
+def shapes_ok(rows: int, weights: list[torch.Tensor]) -> bool:
+    """Whether the kernels take ``rows`` rows through an MLP with these three nn.Linear weights:
+    [F -> H -> H -> 4], F at most 128, H a power of two in [16, 128], int32 indices.
+
+    >>> w = lambda *s: torch.zeros(s)
+    >>> shapes_ok(1000, [w(64, 32), w(64, 64), w(4, 64)]), shapes_ok(1000, [w(48, 32), w(48, 48), w(4, 48)])
+    (True, False)
+    """
+    if len(weights) != 3:
         return False
     H, F = weights[0].shape
     return (
@@ -73,8 +89,7 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
         and H & (H - 1) == 0
         and tuple(weights[1].shape) == (H, H)
         and tuple(weights[2].shape) == (_OUT, H)
-        and x.shape[0] * _f_pad(F) < 2**31  # the kernels index in int32
-        and _head_works(x.device, _dtype(x), F, H)
+        and rows * _f_pad(F) < 2**31  # the kernels index in int32
     )
 
 

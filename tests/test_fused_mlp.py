@@ -38,6 +38,23 @@ def test_fused_mlp_falls_back_off_the_gpu():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_only_the_kernels_mlp_shapes_are_taken():
+    """``shapes_ok``: the grid backbone's MLP and other power-of-two widths are; a width that is
+    not a power of two, a fourth layer, other outputs, too wide an input or int32 overflow not."""
+
+    def w(*shape):
+        return torch.zeros(shape)
+
+    assert fused_mlp.shapes_ok(10**6, [w(64, 32), w(64, 64), w(4, 64)])
+    assert fused_mlp.shapes_ok(10, [w(16, 24), w(16, 16), w(4, 16)])
+    assert fused_mlp.shapes_ok(10, [w(128, 128), w(128, 128), w(4, 128)])
+    assert not fused_mlp.shapes_ok(10, [w(48, 32), w(48, 48), w(4, 48)])
+    assert not fused_mlp.shapes_ok(10, [w(64, 32), w(64, 64), w(64, 64), w(4, 64)])
+    assert not fused_mlp.shapes_ok(10, [w(64, 32), w(64, 64), w(3, 64)])
+    assert not fused_mlp.shapes_ok(10, [w(64, 256), w(64, 64), w(4, 64)])
+    assert not fused_mlp.shapes_ok(2**26, [w(64, 32), w(64, 64), w(4, 64)])
+
+
 def test_kernels_that_fail_here_fall_back_in_one_line(capsys, monkeypatch):
     """``_probe``: kernels that raise (a GPU or Triton build they do not support) or return
     non-finite values on the test input turn the fused path off with one line, once per key."""
