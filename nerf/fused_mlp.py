@@ -4,7 +4,7 @@
 ``network_base._MLPHead`` runs the 3-layer ReLU MLP as cuBLAS GEMMs plus separate passes for
 the ReLU backward, the bias sums, casts and slices: about 25 kernels per field call, forward and
 backward, and the hidden activations of every row kept for the backward. On bench_sds's fd
-passes (millions of rows) those passes took about a third of the render's GPU time. Here:
+passes (seven rows per sample) those passes took about a third of the render's GPU time. Here:
 
 * forward: one kernel; a program takes a tile of rows through the three layers with the
   weights on chip and writes sigma [n] (fp32) and albedo [n,3];
