@@ -53,9 +53,10 @@ def _kernels():
     return _fused_mlp_kernels
 
 
-def _dtype(feat: torch.Tensor) -> torch.dtype:
-    """The GEMM dtype: autocast's when it is on, else the features'."""
-    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else feat.dtype
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear layer would compute in for ``x``: autocast's when it is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
@@ -64,12 +65,12 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
     weights of an [F -> H -> H -> 4] MLP."""
     if not x.is_cuda or _kernels() is None:
         return False
-    if _dtype(x) not in (torch.float16, torch.bfloat16):
+    if gemm_dtype(x) not in (torch.float16, torch.bfloat16):
         return False
     if not shapes_ok(x.shape[0], weights):
         return False
     H, F = weights[0].shape
-    return _head_works(x.device, _dtype(x), F, H)
+    return _head_works(x.device, gemm_dtype(x), F, H)
 
 
 def shapes_ok(rows: int, weights: list[torch.Tensor]) -> bool:
@@ -163,7 +164,7 @@ class _FusedHead(torch.autograd.Function):
     def forward(ctx, feat, blob, activation, *params):
         k = _kernels()
         n, F = feat.shape
-        dtype = _dtype(feat)
+        dtype = gemm_dtype(feat)
         H = params[0].shape[0]
         sigma = torch.empty(n, dtype=torch.float32, device=feat.device)
         albedo = torch.empty(n, 3, dtype=dtype, device=feat.device)

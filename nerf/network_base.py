@@ -89,15 +89,9 @@ class MLP(nn.Module):
 _FUSED_RELU = hasattr(torch, "_addmm_activation")
 
 
-def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a Linear layer would compute in for ``x``: autocast's when it is on."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 def _linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """relu(layer(x)) for [N, in] x in one ``addmm`` with a ReLU epilogue (autocast dtype)."""
-    dtype = _gemm_dtype(x)
+    dtype = fused_mlp.gemm_dtype(x)
     w, b = layer.weight.to(dtype), layer.bias.to(dtype)
     return torch._addmm_activation(b, x.to(dtype), w.t())
 
@@ -129,7 +123,7 @@ def _head_forward(
     b1, ...); pad: the GPU path's GEMM padding (``FieldNetwork.pad_rows``). Returns sigma [N]
     fp32, albedo [N,3], the layers' inputs and the fp32 logit.
     """
-    dtype = _gemm_dtype(feat)
+    dtype = fused_mlp.gemm_dtype(feat)
     h = feat.to(dtype)
     acts = []
     n = len(params) // 2
