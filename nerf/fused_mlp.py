@@ -73,6 +73,11 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
     return _head_works(x.device, gemm_dtype(x), F, H)
 
 
+def param_shapes(F: int, H: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of (W0, b0, W1, b1, W2, b2) of the [F -> H -> H -> 4] MLP the kernels take."""
+    return ((H, F), (H,), (H, H), (H,), (_OUT, H), (_OUT,))
+
+
 def shapes_ok(rows: int, weights: list[torch.Tensor]) -> bool:
     """Whether the kernels take ``rows`` rows through an MLP with these three nn.Linear weights:
     [F -> H -> H -> 4], F at most 128, H a power of two in [16, 128], int32 indices.
@@ -124,8 +129,9 @@ def _probe(key: tuple, what: str, device: torch.device, run) -> bool:
 def _head_works(device: torch.device, dtype: torch.dtype, F: int, H: int) -> bool:
     def run():
         g = torch.Generator(device=device).manual_seed(0)
-        shapes = ((H, F), (H,), (H, H), (H,), (_OUT, H), (_OUT,))
-        params = [(torch.randn(s, device=device, generator=g) * 0.1).requires_grad_() for s in shapes]
+        params = [
+            (torch.randn(s, device=device, generator=g) * 0.1).requires_grad_() for s in param_shapes(F, H)
+        ]
         feat = torch.randn(100, F, device=device, generator=g).to(dtype).requires_grad_()
         with torch.enable_grad():
             out = _FusedHead.apply(feat, torch.zeros(100, device=device), "exp", *params)

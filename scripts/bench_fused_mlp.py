@@ -34,7 +34,7 @@ def main() -> None:
     F, H = 32, 64
     params = [
         (torch.randn(s, device=dev) * c).requires_grad_()
-        for s, c in zip([(H, F), (H,), (H, H), (H,), (4, H), (4,)], [0.2, 0.1, 0.15, 0.1, 0.15, 0.1])
+        for s, c in zip(fused_mlp.param_shapes(F, H), [0.2, 0.1, 0.15, 0.1, 0.15, 0.1])
     ]
     print(
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; MLP {F} -> {H} -> {H} -> 4, fp16"

@@ -36,8 +36,7 @@ def main() -> None:
     dev = torch.device("cuda")
     torch.ones(1, device=dev).sum().item()  # CUDA context first: only the compiles are timed
     F, H, n = 32, 64, 4096
-    shapes = ((H, F), (H,), (H, H), (H,), (4, H), (4,))
-    params = [(torch.randn(s, device=dev) * 0.1).requires_grad_() for s in shapes]
+    params = [(torch.randn(s, device=dev) * 0.1).requires_grad_() for s in fused_mlp.param_shapes(F, H)]
     feat = torch.randn(n, F, device=dev).half().requires_grad_()
     blob = torch.zeros(n, device=dev)
     sig = torch.rand(7 * n, device=dev).requires_grad_()

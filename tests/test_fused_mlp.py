@@ -14,7 +14,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def _params(F: int, H: int, device) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    shapes = [(H, F), (H,), (H, H), (H,), (4, H), (4,)]
+    shapes = fused_mlp.param_shapes(F, H)
     scale = [F**-0.5, 0.1, H**-0.5, 0.1, H**-0.5, 0.1]
     return [(torch.randn(s, generator=g) * c).to(device).requires_grad_() for s, c in zip(shapes, scale)]
 
