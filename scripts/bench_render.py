@@ -281,33 +281,32 @@ def ab_rounds(model, device, light, repeat: int, attr: str, values, shadings=("l
     """Training render + backward with ``model.<attr>`` set to each of ``values`` in turn,
     alternating, three rounds per shading (machines drift: compare within a round)."""
     ro, rd = rays(device, 64, 64)
-    saved = getattr(model, attr)
-    lines = ["", "| shading | round | " + " | ".join(f"{attr}={v}, ms" for v in values) + " |"]
-    lines.append("|---|---|" + "---|" * len(values))
-    for shading in shadings:
-        for r in range(3):
-            ms = []
-            for v in values:
-                setattr(model, attr, v)
-                ms.append(timeit(lambda s=shading: train_render(model, ro, rd, light, s), repeat, device)[0])
-            lines.append(f"| {shading} | {r + 1} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
-    setattr(model, attr, saved)
-    return lines
+    cases = [
+        (shading, lambda s=shading: train_render(model, ro, rd, light, s), repeat) for shading in shadings
+    ]
+    return alternate(model, device, attr, values, "shading", cases)
 
 
 def ab_frames(model, device, size: int, repeat: int, attr: str, values) -> list[str]:
     """The test frame with ``model.<attr>`` set to each of ``values``, alternating, three rounds."""
     ro8, rd8 = rays(device, size, size)
+    cases = [(f"{size}x{size}", lambda: render_frame(model, ro8, rd8), max(3, repeat // 5))]
+    return alternate(model, device, attr, values, "frame", cases)
+
+
+def alternate(model, device, attr: str, values, what: str, cases) -> list[str]:
+    """Markdown rows: each (label, fn, repeat) of ``cases`` timed with ``model.<attr>`` set to each
+    of ``values`` in turn, three rounds; ``what`` heads the label column."""
     saved = getattr(model, attr)
-    lines = ["", "| frame | round | " + " | ".join(f"{attr}={v}, ms" for v in values) + " |"]
+    lines = ["", f"| {what} | round | " + " | ".join(f"{attr}={v}, ms" for v in values) + " |"]
     lines.append("|---|---|" + "---|" * len(values))
-    reps = max(3, repeat // 5)
-    for r in range(3):
-        ms = []
-        for v in values:
-            setattr(model, attr, v)
-            ms.append(timeit(lambda: render_frame(model, ro8, rd8), reps, device)[0])
-        lines.append(f"| {size}x{size} | {r + 1} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
+    for label, fn, reps in cases:
+        for r in range(3):
+            ms = []
+            for v in values:
+                setattr(model, attr, v)
+                ms.append(timeit(fn, reps, device)[0])
+            lines.append(f"| {label} | {r + 1} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
     setattr(model, attr, saved)
     return lines
 
