@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.groupnorm import fuse_group_norms  # noqa: E402
 from guidance.sd_factory import random_vae  # noqa: E402
 from scripts.bench_render import timeit  # noqa: E402
+from scripts.trace_stats import ms_by_kind  # noqa: E402
 
 
 def build_vae():
@@ -91,11 +92,7 @@ def main() -> None:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        parts: dict[str, float] = {}
-        for e in prof.key_averages():
-            t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-            if t > 0:
-                parts[kind(e.key)] = parts.get(kind(e.key), 0.0) + t / 1e3 / 5
+        parts = ms_by_kind(prof, kind, steps=5)
         rows.append((name, ms, compile_s, diff, parts))
         print(
             f"{name}: {ms:.2f} ms, compiled in {compile_s:.0f} s, grad rel diff {diff:.2e}, {parts}",

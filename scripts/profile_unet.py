@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.sd_factory import CONFIGS  # noqa: E402
+from scripts.trace_stats import device_ms, ms_by_kind  # noqa: E402
 
 
 def kind(name: str) -> str:
@@ -59,14 +60,8 @@ def main() -> None:
         for _ in range(5):
             f(x, t, emb)
         torch.cuda.synchronize()
-    parts: dict[str, float] = {}
-    rows = []
-    for e in prof.key_averages():
-        tt = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if tt <= 0:
-            continue
-        parts[kind(e.key)] = parts.get(kind(e.key), 0) + tt / 1e3 / 5
-        rows.append((tt / 1e3 / 5, e.count // 5, e.key[:110]))
+    parts = ms_by_kind(prof, kind, steps=5)
+    rows = [(device_ms(e) / 5, e.count // 5, e.key[:110]) for e in prof.key_averages() if device_ms(e) > 0]
     print({k: round(v, 3) for k, v in parts.items()}, "total", round(sum(parts.values()), 3))
     for r in sorted(rows, reverse=True)[:25]:
         print(f"{r[0]:.3f} ms x{r[1]} {r[2]}")

@@ -65,6 +65,30 @@ def summary(path: str | Path, steps: int = 1) -> str:
     return "\n".join(lines)
 
 
+def device_ms(event) -> float:
+    """Self GPU time of a ``prof.key_averages()`` entry in ms, over all its calls (the attribute's
+    name changed across torch versions)."""
+    us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+    return us / 1e3
+
+
+def ms_by_kind(prof, kind, steps: int) -> dict[str, float]:
+    """GPU ms per step of a profile's kernels, summed by ``kind(name)``.
+
+    >>> from types import SimpleNamespace as E
+    >>> prof = E(key_averages=lambda: [E(key="gemm_a", self_device_time_total=3000.0),
+    ...     E(key="gemm_b", self_device_time_total=1000.0), E(key="relu", self_device_time_total=0)])
+    >>> ms_by_kind(prof, lambda k: k.split("_")[0], steps=2)
+    {'gemm': 2.0}
+    """
+    parts: dict[str, float] = {}
+    for e in prof.key_averages():
+        ms = device_ms(e)
+        if ms > 0:
+            parts[kind(e.key)] = parts.get(kind(e.key), 0.0) + ms / steps
+    return parts
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("trace")
