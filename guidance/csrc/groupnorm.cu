@@ -108,56 +108,55 @@ __global__ void __launch_bounds__(kThreads)
   const int cpg = s.C / s.G;
   for (int i = threadIdx.x; i < s.G; i += blockDim.x) sh[i][0] = sh[i][1] = 0.0f;
   __syncthreads();
-  if (static_cast<int>(threadIdx.x) < t.tpp * t.ppi) {
-    const int c0 = (threadIdx.x % t.tpp) * V;
-    float w[V], b[V], rs[V], nmr[V];  // xh = x * rs + nmr (nmr = -mean * rstd)
+  // Every thread has a vector of channels: shape_ok requires C / V to divide the block.
+  const int c0 = (threadIdx.x % t.tpp) * V;
+  float w[V], b[V], rs[V], nmr[V];  // xh = x * rs + nmr (nmr = -mean * rstd)
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
+  for (int j = 0; j < V; ++j) {
+    const int g = (c0 + j) / cpg;
+    w[j] = BWD ? weight[c0 + j] : 0.0f;
+    b[j] = BWD ? bias[c0 + j] : 0.0f;
+    rs[j] = BWD ? rstd[n * s.G + g] : 0.0f;
+    nmr[j] = BWD ? -mean[n * s.G + g] * rs[j] : 0.0f;
+  }
+  float a0[V], a1[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) a0[j] = a1[j] = 0.0f;
+  const int64_t p_end = block_end(s, t);
+  for (int64_t p = block_begin(s, t) + threadIdx.x / t.tpp; p < p_end; p += t.ppi) {
+    const int64_t off = (n * s.P + p) * s.C + c0;
+    const Vec<T> xv = *reinterpret_cast<const Vec<T>*>(x + off);
+    if (!BWD) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float v = ld(xv.v[j]);
+        a0[j] += v;
+        a1[j] = __fmaf_rn(v, v, a1[j]);
+      }
+    } else {
+      const Vec<T> gv = *reinterpret_cast<const Vec<T>*>(dy + off);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float xh, dxh;
+        bwd_terms(ld(xv.v[j]), ld(gv.v[j]), rs[j], nmr[j], w[j], b[j], s.silu, xh, dxh);
+        a0[j] += dxh;
+        a1[j] = __fmaf_rn(dxh, xh, a1[j]);
+      }
+    }
+  }
+  // Channels of one group in this thread's vector are summed first, then added to the
+  // block's per-group sums in shared memory.
+  float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    s0 += a0[j];
+    s1 += a1[j];
+    const bool last = j == V - 1 || (c0 + j + 1) / cpg != (c0 + j) / cpg;
+    if (last) {
       const int g = (c0 + j) / cpg;
-      w[j] = BWD ? weight[c0 + j] : 0.0f;
-      b[j] = BWD ? bias[c0 + j] : 0.0f;
-      rs[j] = BWD ? rstd[n * s.G + g] : 0.0f;
-      nmr[j] = BWD ? -mean[n * s.G + g] * rs[j] : 0.0f;
-    }
-    float a0[V], a1[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) a0[j] = a1[j] = 0.0f;
-    const int64_t p_end = block_end(s, t);
-    for (int64_t p = block_begin(s, t) + threadIdx.x / t.tpp; p < p_end; p += t.ppi) {
-      const int64_t off = (n * s.P + p) * s.C + c0;
-      const Vec<T> xv = *reinterpret_cast<const Vec<T>*>(x + off);
-      if (!BWD) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float v = ld(xv.v[j]);
-          a0[j] += v;
-          a1[j] = __fmaf_rn(v, v, a1[j]);
-        }
-      } else {
-        const Vec<T> gv = *reinterpret_cast<const Vec<T>*>(dy + off);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          float xh, dxh;
-          bwd_terms(ld(xv.v[j]), ld(gv.v[j]), rs[j], nmr[j], w[j], b[j], s.silu, xh, dxh);
-          a0[j] += dxh;
-          a1[j] = __fmaf_rn(dxh, xh, a1[j]);
-        }
-      }
-    }
-    // Channels of one group in this thread's vector are summed first, then added to the
-    // block's per-group sums in shared memory.
-    float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      s0 += a0[j];
-      s1 += a1[j];
-      const bool last = j == V - 1 || (c0 + j + 1) / cpg != (c0 + j) / cpg;
-      if (last) {
-        const int g = (c0 + j) / cpg;
-        atomicAdd(&sh[g][0], s0);
-        atomicAdd(&sh[g][1], s1);
-        s0 = s1 = 0.0f;
-      }
+      atomicAdd(&sh[g][0], s0);
+      atomicAdd(&sh[g][1], s1);
+      s0 = s1 = 0.0f;
     }
   }
   __syncthreads();
