@@ -65,12 +65,11 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
     weights of an [F -> H -> H -> 4] MLP."""
     if not x.is_cuda or _kernels() is None:
         return False
-    if gemm_dtype(x) not in (torch.float16, torch.bfloat16):
-        return False
-    if not shapes_ok(x.shape[0], weights):
+    dtype = gemm_dtype(x)
+    if dtype not in (torch.float16, torch.bfloat16) or not shapes_ok(x.shape[0], weights):
         return False
     H, F = weights[0].shape
-    return _head_works(x.device, gemm_dtype(x), F, H)
+    return _head_works(x.device, dtype, F, H)
 
 
 def param_shapes(F: int, H: int) -> tuple[tuple[int, ...], ...]:
