@@ -226,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
         "mean more padding and fewer captures)",
     )
     g.add_argument(
+        "--graph_render",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--cuda_ray training on a GPU: replay the whole training render (march, pruning, field, "
+        "shading, composite; forward and backward) from CUDA graphs, one per shading, at fixed sizes "
+        "(the largest sample counts seen, plus 30%%), with no host sync. Rows past the samples get "
+        "zero weight and gradient. A step that needs more samples than fit loses the last ones that "
+        "step, says so in one line, and the render is captured again larger",
+    )
+    g.add_argument(
         "--prune_samples",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -180,10 +180,22 @@ def _fd_normal(SIG, i, ok, n, inv_2eps):
 
 
 @triton.jit
+def _ambient(ratio, RATIO_PTR: tl.constexpr):
+    """The ambient ratio: a number, or (RATIO_PTR) a pointer to a one-element tensor (CUDA graph
+    replays take it as an input)."""
+    if RATIO_PTR:
+        return tl.load(ratio).to(tl.float32)
+    else:
+        return ratio
+
+
+@triton.jit
 def fd_shade_forward_kernel(
-    SIG, ALB, L, l_stride, COLOR, NRM, n, inv_2eps, ratio, SHADING: tl.constexpr, BLOCK: tl.constexpr
-):
+    SIG, ALB, L, l_stride, COLOR, NRM, n, inv_2eps, ratio, SHADING: tl.constexpr, BLOCK: tl.constexpr,
+    RATIO_PTR: tl.constexpr,
+):  # fmt: skip
     """Normals [n,3] fp32 and shaded colour [n,3] of n samples (``network_base._FDShade``)."""
+    ratio = _ambient(ratio, RATIO_PTR)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     _, _, _, nx, ny, nz, _, _ = _fd_normal(SIG, i, ok, n, inv_2eps)
@@ -219,10 +231,11 @@ def fd_shade_forward_kernel(
 @triton.jit
 def fd_shade_backward_kernel(
     SIG, ALB, L, l_stride, GS, GC, GN, GSIG_ALL, GALB_ALL, n, inv_2eps, ratio,
-    SHADING: tl.constexpr, WANT_GALB: tl.constexpr, BLOCK: tl.constexpr,
+    SHADING: tl.constexpr, WANT_GALB: tl.constexpr, BLOCK: tl.constexpr, RATIO_PTR: tl.constexpr,
 ):  # fmt: skip
     """Gradients of sigma [n], colour [n,3] and normal [n,3] -> of the merged call's densities
     [7n] and albedos [7n,3] (zero for the fd points), recomputing the forward."""
+    ratio = _ambient(ratio, RATIO_PTR)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     dx, dy, dz, nx, ny, nz, sq, den = _fd_normal(SIG, i, ok, n, inv_2eps)

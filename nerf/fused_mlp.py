@@ -236,13 +236,20 @@ def mlp_head(
 _SHADE_BLOCK = 256
 
 
+def _ratio_ok(ratio: object, device: torch.device) -> bool:
+    """A Python number, or a one-element fp32 tensor on ``device`` (graph replays)."""
+    if isinstance(ratio, torch.Tensor):
+        return ratio.numel() == 1 and ratio.dtype == torch.float32 and ratio.device == device
+    return isinstance(ratio, (int, float))
+
+
 def supported_fd_shade(sigma_all: torch.Tensor, albedo_all: torch.Tensor, ratio: object) -> bool:
-    """Whether ``fd_shade`` takes a call: CUDA, Triton, a Python number as ambient ratio, and
-    kernels that run here."""
+    """Whether ``fd_shade`` takes a call: CUDA, Triton, an ambient ratio that is a Python number
+    or a one-element fp32 tensor on the GPU, and kernels that run here."""
     return (
         sigma_all.is_cuda
         and _kernels() is not None
-        and isinstance(ratio, (int, float))
+        and _ratio_ok(ratio, sigma_all.device)
         and 3 * sigma_all.shape[0] < 2**31  # the kernels index in int32
         and _shade_works(sigma_all.device, albedo_all.dtype)
     )
@@ -285,11 +292,11 @@ class _FusedFDShade(torch.autograd.Function):
         if n > 0:
             with torch.cuda.device(sig.device):
                 k.fd_shade_forward_kernel[(_cdiv(n, _SHADE_BLOCK),)](
-                    sig, alb, light, stride, color, normal, n, 1.0 / (2 * eps), float(ratio),
-                    SHADING=k.SHADING_IDS[shading], BLOCK=_SHADE_BLOCK,
+                    sig, alb, light, stride, color, normal, n, 1.0 / (2 * eps), ratio,
+                    SHADING=k.SHADING_IDS[shading], BLOCK=_SHADE_BLOCK, RATIO_PTR=isinstance(ratio, torch.Tensor),
                 )  # fmt: skip
         ctx.save_for_backward(sig, alb, l)
-        ctx.ratio, ctx.eps, ctx.shading, ctx.n = float(ratio), eps, shading, n
+        ctx.ratio, ctx.eps, ctx.shading, ctx.n = ratio, eps, shading, n
         return sigma_all[:n], color, normal
 
     @staticmethod
@@ -307,7 +314,7 @@ class _FusedFDShade(torch.autograd.Function):
                     sig, alb, light, stride, g_sigma.contiguous(), g_color.contiguous(),
                     g_normal.contiguous(), g_sigma_all, g_albedo_all if want_alb else g_sigma_all, n,
                     1.0 / (2 * ctx.eps), ctx.ratio, SHADING=k.SHADING_IDS[ctx.shading],
-                    WANT_GALB=want_alb, BLOCK=_SHADE_BLOCK,
+                    WANT_GALB=want_alb, BLOCK=_SHADE_BLOCK, RATIO_PTR=isinstance(ctx.ratio, torch.Tensor),
                 )  # fmt: skip
         return g_sigma_all, g_albedo_all, None, None, None, None, None
 
@@ -316,13 +323,14 @@ def fd_shade(
     sigma_all: torch.Tensor,
     albedo_all: torch.Tensor,
     l: torch.Tensor | None,
-    ratio: float,
+    ratio: float | torch.Tensor,
     eps: float,
     shading: str,
     n: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sigma [n], colour [n,3] and normal [n,3] from a merged field call's sigma_all [7n] and
     albedo_all [7n,3] (n samples, then their fd points offset-major: +x,+y,+z,-x,-y,-z); l: [1,3]
-    or [n,3] fp32 light directions (lambertian/textureless). ``network_base._FDShade`` is the
-    reference; check ``supported_fd_shade`` first."""
+    or [n,3] fp32 light directions (lambertian/textureless); ratio: the ambient ratio, a number
+    or a one-element fp32 tensor (graph replays). ``network_base._FDShade`` is the reference;
+    check ``supported_fd_shade`` first."""
     return _FusedFDShade.apply(sigma_all, albedo_all, l, ratio, eps, shading, n)

@@ -20,6 +20,7 @@ import math
 import sys
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,9 @@ class _Pass(nn.Module):
         return tuple(out[k] for k in _OUT_KEYS if k in out)
 
 
-def functional_pass(module: _Pass) -> tuple[Callable[..., tuple], tuple[torch.Tensor, ...]]:
+def functional_pass(
+    module: nn.Module, n_args: int = 6
+) -> tuple[Callable[..., tuple], tuple[torch.Tensor, ...]]:
     """``(fn, params)``: ``fn(*args, *params)`` runs ``module(*args)`` with the given tensors as
     the renderer's trainable parameters, in ``params``' order.
 
@@ -96,7 +99,6 @@ def functional_pass(module: _Pass) -> tuple[Callable[..., tuple], tuple[torch.Te
     gradients accumulate outside the graph as usual."""
     named = [(f"renderer.{n}", p) for n, p in module.renderer.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
-    n_args = 6
 
     def fn(*a):
         return torch.func.functional_call(module, dict(zip(names, a[n_args:])), a[:n_args])
@@ -234,3 +236,230 @@ class GraphedPasses:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.autocast("cuda", enabled=False):  # make_graphed_callables refuses autocast's cache
             return torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True, pool=self.pool)
+
+
+_RENDER_KEYS = (*_OUT_KEYS, "n_pruned", "n_padding", "totals")
+
+
+class RenderKey(NamedTuple):
+    """What a captured training render is specialised on (one graph per key)."""
+
+    shading: str
+    need: bool  # normals computed
+    light: tuple[int, ...] | None  # the light's shape
+    perturb: bool
+    T_thresh: float
+    dtype: torch.dtype | None  # autocast's
+    rays: int
+    max_level: float | None  # the encoder levels in use
+    prune: bool
+
+
+class _Render(nn.Module):
+    """``renderer.train_render_fixed`` with fixed settings, as a module whose only parameters are
+    the renderer's (for ``functional_pass``)."""
+
+    def __init__(self, renderer: nn.Module, key: RenderKey, capacity: tuple[int, int]):
+        super().__init__()
+        self.renderer, self.key, self.capacity = renderer, key, capacity
+
+    def forward(self, rays_o, rays_d, noise, light, ratio) -> tuple[torch.Tensor, ...]:
+        k = self.key
+        with torch.autocast(
+            "cuda", dtype=k.dtype or torch.float32, enabled=k.dtype is not None, cache_enabled=False
+        ):
+            out = self.renderer.train_render_fixed(
+                rays_o,
+                rays_d,
+                noise if k.perturb else None,
+                light if k.light else None,
+                ratio,
+                k.shading,
+                k.need,
+                k.T_thresh,
+                self.capacity,
+            )
+        return tuple(out[name] for name in _RENDER_KEYS if name in out)
+
+
+class GraphedRender:
+    """The whole ``--cuda_ray`` training render (near/far, march, pruning pass, field, shading,
+    composite), forward and backward, replayed from one CUDA graph per shading and setting.
+
+    A 64x64 training render launches a few hundred small kernels and syncs twice (the sample
+    counts of the march and of the pruning size their outputs): the host takes longer than the
+    GPU. Replayed at fixed sizes it costs one launch each way and no sync. The sizes are the
+    largest counts seen (first in ``warmup`` eager renders per setting) times ``headroom``,
+    rounded up to a quarter octave; rows past the samples belong to no ray (weight 0, zero
+    gradient). Each replay's true counts are read back a step later without a sync: a render
+    that needed more rows than it had (its last rays lost samples in that one step) is counted
+    in ``overflows``, reported in one line, and the setting is captured again larger. Sizes
+    shrink again when ``window`` replays in a row needed less than half of them.
+    """
+
+    def __init__(self, headroom: float = 1.3, warmup: int = 2, max_graphs: int = 4, window: int = 500):
+        self.headroom, self.warmup, self.max_graphs, self.window = headroom, warmup, max_graphs, window
+        self.pool = None  # one memory pool for all graphs (one graph replays at a time)
+        self.graphs: OrderedDict[RenderKey, tuple] = OrderedDict()
+        self.peak: dict[RenderKey, list[int]] = {}  # largest (marched, kept) counts seen
+        self.recent: dict[RenderKey, list[int]] = {}  # largest counts in the current window
+        self.replays: Counter[RenderKey] = Counter()  # replays in the current window
+        self.eager_left: dict[RenderKey, int] = {}
+        self.pending: deque = deque()  # (key, pinned host counts, event, capacity) in flight
+        self.pinned: list[torch.Tensor] = []  # free pinned buffers for the counts
+        self.captures = 0  # graphs captured so far (for tests and benchmarks)
+        self.overflows = 0  # replays whose samples did not fit
+        self.disabled = False
+
+    def capacity(self, key: RenderKey) -> tuple[int, int]:
+        """(march rows, kept rows) a graph of ``key`` is captured with."""
+        m, k = self.peak[key]
+        return (
+            sample_bucket(math.ceil(m * self.headroom), 4),
+            sample_bucket(math.ceil(k * self.headroom), 4),
+        )
+
+    def _note(self, key: RenderKey, m: int, k: int) -> None:
+        peak = self.peak.setdefault(key, [0, 0])
+        peak[0], peak[1] = max(peak[0], m), max(peak[1], k)
+        recent = self.recent.setdefault(key, [0, 0])
+        recent[0], recent[1] = max(recent[0], m), max(recent[1], k)
+
+    def _drop(self, key: RenderKey) -> None:
+        if self.graphs.pop(key, None) is not None:
+            gc.collect()  # graphed functions sit in reference cycles: free their memory now
+
+    def _poll(self, wait: bool = False) -> None:
+        """Read back the counts of finished replays: grow a setting's sizes after an overflow."""
+        while self.pending and (wait or self.pending[0][2].query()):
+            key, host, event, cap = self.pending.popleft()
+            event.synchronize()
+            m, k = host.tolist()
+            self.pinned.append(host)
+            self._note(key, m, k)
+            if m > cap[0] or (key.prune and k > cap[1]):
+                self.overflows += 1
+                self._drop(key)
+                print(
+                    f"[speed] --graph_render: a {key.shading} render needed {m} samples ({k} kept) but "
+                    f"had room for {cap[0]} ({cap[1]}); some rays lost samples in that step. Captured "
+                    f"again larger: {self.capacity(key)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def _disable(self, why: str) -> None:
+        self.disabled = True
+        self.graphs.clear()
+        self.pool = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[speed] --graph_render: {why}; the training render runs eagerly", file=sys.stderr, flush=True)
+
+    def run(
+        self,
+        renderer: nn.Module,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        light_d: torch.Tensor | None,
+        ambient_ratio: float,
+        shading: str,
+        perturb: bool,
+        need: bool,
+        T_thresh: float,
+    ) -> dict:
+        """``renderer.train_render``'s outputs (same arguments; rays_o, rays_d [N,3]), from a
+        graph once the setting has one. ``weights`` then has padding rows (weight 0):
+        ``n_padding`` of them, beside ``n_pruned`` (both device tensors)."""
+        eager = (rays_o, rays_d, light_d, ambient_ratio, shading, perturb, need, T_thresh)
+        if self.disabled:
+            return renderer.train_render(*eager)[0]
+        self._poll()
+        dev = rays_o.device
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = RenderKey(
+            shading,
+            need,
+            None if light_d is None else tuple(light_d.shape),
+            bool(perturb),
+            float(T_thresh),
+            dtype,
+            rays_o.shape[0],
+            renderer.max_level,
+            renderer._prunes(need),
+        )
+        if key not in self.graphs:
+            left = self.eager_left.setdefault(key, self.warmup)
+            if left > 0 or key not in self.peak:
+                out, m, k = renderer.train_render(*eager)
+                self._note(key, m, k)
+                self.eager_left[key] = left - 1
+                return out
+        # Drawn before any capture, so that a replay jitters as the eager march would have.
+        noise = torch.rand(rays_o.shape[0], device=dev) if perturb else None
+        if key not in self.graphs:
+            try:
+                self._capture(renderer, key, rays_o, rays_d, light_d)
+            except RuntimeError as e:
+                self._disable(f"capture failed ({str(e).strip().splitlines()[0]})")
+                return renderer.train_render(*eager)[0]
+        self.graphs.move_to_end(key)
+        fn, names, params, cap, static = self.graphs[key]
+        noise = static["noise"] if noise is None else noise
+        light = light_d.float().contiguous() if light_d is not None else static["light"]
+        ratio = torch.full((), float(ambient_ratio), device=dev)
+        out = dict(zip(names, fn(rays_o.contiguous(), rays_d.contiguous(), noise, light, ratio, *params)))
+        # The counts come back a step later, without a sync (pinned buffer + event).
+        host = self.pinned.pop() if self.pinned else torch.empty(2, dtype=torch.int32, pin_memory=True)
+        host.copy_(out.pop("totals"), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((key, host, event, cap))
+        if len(self.pending) > 8:
+            self._poll(wait=True)
+        self._maybe_shrink(key, cap)
+        return out
+
+    def _maybe_shrink(self, key: RenderKey, cap: tuple[int, int]) -> None:
+        """Every ``window`` replays of a setting: captured again smaller when all of them fit
+        in half the rows (the scene's samples thinned out as it trained)."""
+        self.replays[key] += 1
+        if self.replays[key] < self.window:
+            return
+        self.replays[key] = 0
+        recent = self.recent.get(key, [0, 0])
+        self.recent[key] = [0, 0]
+        if 0 < recent[0] and 2 * recent[0] * self.headroom < cap[0]:
+            self.peak[key] = list(recent)
+            self._drop(key)
+
+    def _capture(
+        self, renderer: nn.Module, key: RenderKey, rays_o: torch.Tensor, rays_d: torch.Tensor, light_d
+    ) -> None:
+        """Capture ``key``'s render at its current capacity on copies of this step's inputs."""
+        if len(self.graphs) >= self.max_graphs:
+            self._drop(next(iter(self.graphs)))
+        dev = rays_o.device
+        cap = self.capacity(key)
+        module = _Render(renderer, key, cap)
+        fn, params = functional_pass(module, n_args=5)
+        aliases = tuple(p.detach().requires_grad_() for p in params)
+        light = light_d.float().contiguous() if light_d is not None else torch.zeros(1, 3, device=dev)
+        static = {"noise": torch.zeros(rays_o.shape[0], device=dev), "light": light.clone()}
+        args = (
+            rays_o.detach().contiguous().clone(),
+            rays_d.detach().contiguous().clone(),
+            static["noise"].clone(),
+            light.clone(),
+            torch.full((), 0.5, device=dev),
+        )
+        names = [n for n in _RENDER_KEYS if key.need or n not in ("normal_image", "loss_orient")]
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.autocast("cuda", enabled=False):  # make_graphed_callables refuses autocast's cache
+            graphed = torch.cuda.make_graphed_callables(
+                fn, args + aliases, allow_unused_input=True, pool=self.pool
+            )
+        self.graphs[key] = (graphed, names, params, cap, static)
+        self.captures += 1

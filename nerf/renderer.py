@@ -17,7 +17,7 @@ from torch import nn
 import raymarching
 from raymarching._torch_impl import _ray_ids
 
-from .graphed import GraphedPasses
+from .graphed import GraphedPasses, GraphedRender
 
 
 def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n_samples: int, det: bool = False) -> torch.Tensor:
@@ -99,6 +99,9 @@ class NeRFRenderer(nn.Module):
         # --graph_pass: the training network pass replayed from CUDA graphs (nerf/graphed.py).
         self.graph_pass = bool(getattr(opt, "graph_pass", False))
         self.graphs = GraphedPasses(per_octave=int(getattr(opt, "graph_buckets", 8)))
+        # --graph_render: the whole training render replayed from CUDA graphs at fixed sizes.
+        self.graph_render = bool(getattr(opt, "graph_render", False))
+        self.render_graphs = GraphedRender()
         b = self.bound
         self.register_buffer("aabb", torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32))
         if self.cuda_ray:
@@ -218,6 +221,113 @@ class NeRFRenderer(nn.Module):
             out["loss_orient"] = (weights.detach() * nd**2).sum() / N
         return out
 
+    def train_render(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        light_d: torch.Tensor | None,
+        ambient_ratio: float,
+        shading: str,
+        perturb: bool,
+        need: bool,
+        T_thresh: float,
+    ) -> tuple[dict, int, int]:
+        """``run_cuda``'s training render: march, prune (``--prune_samples``), the network pass.
+
+        rays_o, rays_d: [N,3]; light_d: [N,3], [1,3] or None. Returns the outputs and the sample
+        counts marched and kept (host numbers: the march and the pruning each sync once).
+        """
+        opt = self.opt
+        N = rays_o.shape[0]
+        nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
+        xyzs, dirs, ts, rays = raymarching.march_rays_train(
+            rays_o,
+            rays_d,
+            self.bound,
+            self.density_bitfield,
+            self.cascade,
+            self.grid_size,
+            nears,
+            fars,
+            perturb,
+            opt.dt_gamma,
+            opt.max_steps,
+        )
+        marched = xyzs.shape[0]
+        if self._prunes(need) and marched > 0:
+            # A cheap density-only pass without gradients finds where each ray's transmittance
+            # is spent; samples behind that point would get weight 0 (and no gradient) in the
+            # composite, so the costly pass (gradients, six fd-normal offsets) skips them.
+            # Without normals the extra pass costs more than it saves (albedo: 6.0 -> 7.1 ms on
+            # the H100, the CPU demo 10% slower).
+            with torch.no_grad():
+                sigma_pre = self.density(xyzs)["sigma"].float()
+            keep, rays = raymarching.prune_rays_train(sigma_pre, ts, rays, 0.1 * T_thresh)
+            xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
+        args = (xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N)
+        if self.graph_pass and xyzs.is_cuda and torch.is_grad_enabled():
+            out = self.graphs.run(self, *args)
+        else:
+            out = self.network_pass(*args)
+        out["n_pruned"] = marched - xyzs.shape[0]  # samples dropped with weight 0 (per-sample means)
+        return out, marched, xyzs.shape[0]
+
+    def _prunes(self, need: bool) -> bool:
+        return bool(getattr(self.opt, "prune_samples", False)) and need
+
+    def train_render_fixed(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        noise: torch.Tensor | None,
+        light_d: torch.Tensor | None,
+        ambient_ratio: float | torch.Tensor,
+        shading: str,
+        need: bool,
+        T_thresh: float,
+        capacity: tuple[int, int],
+    ) -> dict:
+        """``train_render`` at fixed sizes, with no host sync: what ``--graph_render`` captures.
+
+        The march fills ``capacity[0]`` rows and the pruning keeps up to ``capacity[1]``; padding
+        rows belong to no ray (weight 0, no gradient). noise: [N] jitter or None. Besides the
+        outputs: ``n_pruned`` and ``n_padding`` [] (device counts for per-sample means over the
+        padded ``weights``) and ``totals`` [2] int32, the samples marched and kept before any
+        clipping (above a capacity: samples were dropped).
+        """
+        opt = self.opt
+        N = rays_o.shape[0]
+        nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
+        xyzs, dirs, ts, rays, marched = raymarching.march_rays_train_fixed(
+            rays_o,
+            rays_d,
+            self.bound,
+            self.density_bitfield,
+            self.cascade,
+            self.grid_size,
+            nears,
+            fars,
+            noise,
+            opt.dt_gamma,
+            opt.max_steps,
+            capacity[0],
+        )
+        rows, kept = capacity[0], marched.clamp(max=capacity[0])
+        if self._prunes(need):
+            with torch.no_grad():
+                sigma_pre = self.density(xyzs)["sigma"].float()
+            keep, rays, kept = raymarching.prune_rays_train_fixed(
+                sigma_pre, ts, rays, 0.1 * T_thresh, capacity[1]
+            )
+            xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
+            rows = capacity[1]
+        out = self.network_pass(xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N)
+        in_rays = kept.clamp(max=rows)
+        out["n_pruned"] = (marched.clamp(max=capacity[0]) - in_rays).reshape(())
+        out["n_padding"] = (rows - in_rays).reshape(())
+        out["totals"] = torch.cat([marched, kept])
+        return out
+
     def run_cuda(
         self,
         rays_o,
@@ -235,44 +345,16 @@ class NeRFRenderer(nn.Module):
 
         rays_o, rays_d: [N,3]; light_d: [N,3] per ray, [1,3] for all rays, or None.
         """
+        need = need_normal or shading != "albedo"
+        if self.training:
+            args = (rays_o, rays_d, light_d, ambient_ratio, shading, perturb, need, T_thresh)
+            if self.graph_render and rays_o.is_cuda and torch.is_grad_enabled():
+                return self.render_graphs.run(self, *args)
+            return self.train_render(*args)[0]
         opt = self.opt
         N, device = rays_o.shape[0], rays_o.device
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         C, G = self.cascade, self.grid_size
-        need = need_normal or shading != "albedo"
-        if self.training:
-            xyzs, dirs, ts, rays = raymarching.march_rays_train(
-                rays_o,
-                rays_d,
-                self.bound,
-                self.density_bitfield,
-                C,
-                G,
-                nears,
-                fars,
-                perturb,
-                opt.dt_gamma,
-                opt.max_steps,
-            )
-            n_pruned = 0
-            if getattr(opt, "prune_samples", False) and need and xyzs.shape[0] > 0:
-                # A cheap density-only pass without gradients finds where each ray's
-                # transmittance is spent; samples behind that point would get weight 0 (and no
-                # gradient) in the composite, so the costly pass (gradients, six fd-normal
-                # offsets) skips them. Without normals the extra pass costs more than it saves
-                # (albedo: 6.0 -> 7.1 ms on the H100, the CPU demo 10% slower).
-                with torch.no_grad():
-                    sigma_pre = self.density(xyzs)["sigma"].float()
-                keep, rays = raymarching.prune_rays_train(sigma_pre, ts, rays, 0.1 * T_thresh)
-                n_pruned = xyzs.shape[0] - keep.numel()
-                xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
-            args = (xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N)
-            if self.graph_pass and xyzs.is_cuda and torch.is_grad_enabled():
-                out = self.graphs.run(self, *args)
-            else:
-                out = self.network_pass(*args)
-            out["n_pruned"] = n_pruned  # samples dropped with weight 0 (for per-sample means)
-            return out
 
         # Inference: march a few samples per alive ray at a time, drop finished rays.
         T_infer = float(getattr(opt, "infer_T_thresh", T_thresh))
@@ -381,7 +463,7 @@ class NeRFRenderer(nn.Module):
         }
         if "normal_image" in out:
             res["normal_image"] = out["normal_image"].reshape(B, n, 3)
-        for k in ("weights", "loss_orient", "n_pruned"):
+        for k in ("weights", "loss_orient", "n_pruned", "n_padding"):
             if k in out:
                 res[k] = out[k]
         return res

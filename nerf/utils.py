@@ -125,19 +125,31 @@ def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 25
     return True
 
 
-def weight_entropy(weights: torch.Tensor, n_pruned: int = 0, eps: float = 1e-5) -> torch.Tensor:
+def weight_entropy(
+    weights: torch.Tensor,
+    n_pruned: int | torch.Tensor = 0,
+    n_padding: int | torch.Tensor = 0,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """Mean binary entropy (bits) of per-sample weights [M] clamped to [eps, 1 - eps].
 
     ``n_pruned`` samples that were dropped with weight 0 (``--prune_samples``) count with their
-    constant entropy, so the mean is the one over every marched sample.
+    constant entropy, so the mean is the one over every marched sample; the last ``n_padding``
+    rows of ``weights`` are padding (``--graph_render``) and do not count. Either count may be
+    a device tensor (no sync).
 
     >>> float(weight_entropy(torch.tensor([0.5]))), float(weight_entropy(torch.tensor([0.5]), 1))
     (1.0, 0.5000902414321899)
+    >>> round(float(weight_entropy(torch.tensor([0.5, 0.0]), 1, torch.tensor(1))), 6)  # a padding row
+    0.50009
     """
     a = weights.float().clamp(eps, 1 - eps)
     h = -a * torch.log2(a) - (1 - a) * torch.log2(1 - a)
     h0 = -eps * math.log2(eps) - (1 - eps) * math.log2(1 - eps)
-    return (h.sum() + n_pruned * h0) / max(h.numel() + n_pruned, 1)
+    # Padding rows have weight 0, so each added h0 to the sum.
+    count = h.numel() + n_pruned - n_padding
+    count = count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+    return (h.sum() + (n_pruned - n_padding) * h0) / count
 
 
 class Trainer:
@@ -321,7 +333,7 @@ class Trainer:
 
         # Regularizers.
         if opt.lambda_entropy > 0 and "weights" in out:
-            entropy = weight_entropy(out["weights"], int(out.get("n_pruned", 0)))
+            entropy = weight_entropy(out["weights"], out.get("n_pruned", 0), out.get("n_padding", 0))
             parts["entropy"] = opt.lambda_entropy * min(1.0, 2 * self.global_step / opt.iters) * entropy
         if opt.lambda_opacity > 0:
             parts["opacity"] = opt.lambda_opacity * (out["weights_sum"].float() ** 2).mean()

@@ -71,6 +71,18 @@ def march_rays_train(
     )
 
 
+def march_rays_train_fixed(
+    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity
+):
+    return _impl(rays_o).march_rays_train_fixed(
+        rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity
+    )
+
+
+def prune_rays_train_fixed(sigmas, ts, rays, T_min, capacity):
+    return _impl(sigmas).prune_rays_train_fixed(sigmas, ts, rays, T_min, capacity)
+
+
 def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
     return _impl(sigmas).composite_rays_train(sigmas, rgbs, ts, rays, T_thresh)
 
@@ -127,6 +139,8 @@ __all__ = [
     "morton3D_invert",
     "packbits",
     "march_rays_train",
+    "march_rays_train_fixed",
+    "prune_rays_train_fixed",
     "composite_rays_train",
     "prune_rays_train",
     "march_rays",

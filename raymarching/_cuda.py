@@ -102,12 +102,43 @@ def march_rays_train(
         noise = _f32(noise)
     else:
         noise = None
-    xyzs, dirs, ts, rays = _ext().march_rays_train(
+    xyzs, dirs, ts, rays, _ = _ext().march_rays_train(
         rays_o.contiguous(), rays_d.contiguous(), nears.contiguous(), fars.contiguous(), noise,
         density_bitfield.contiguous(), float(bound), int(C), int(G), float(dt_gamma),
-        int(max_steps), dt_min, dt_max,
+        int(max_steps), dt_min, dt_max, -1,
     )
     return xyzs, dirs, ts, rays
+
+
+def march_rays_train_fixed(
+    rays_o: torch.Tensor,
+    rays_d: torch.Tensor,
+    bound: float,
+    density_bitfield: torch.Tensor,
+    C: int,
+    G: int,
+    nears: torch.Tensor,
+    fars: torch.Tensor,
+    noise: torch.Tensor | None,
+    dt_gamma: float,
+    max_steps: int,
+    capacity: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``march_rays_train`` into ``capacity`` rows, without a host sync (see the twin).
+
+    noise: [N] in [0,1) or None (no jitter). Returns xyzs, dirs: [capacity,3]; ts:
+    [capacity,2]; rays: [N,2] int32; total: [1] int32 (the samples needed).
+    """
+    if not _is_f32_cuda(rays_o, rays_d, nears, fars):
+        return _torch_impl.march_rays_train_fixed(rays_o, rays_d, bound, density_bitfield, C, G, nears,
+                                                  fars, noise, dt_gamma, max_steps, capacity)
+    dt_min, dt_max = _torch_impl._step_params(bound, C, G, max_steps)
+    xyzs, dirs, ts, rays, total = _ext().march_rays_train(
+        rays_o.contiguous(), rays_d.contiguous(), nears.contiguous(), fars.contiguous(),
+        None if noise is None else _f32(noise), density_bitfield.contiguous(), float(bound), int(C),
+        int(G), float(dt_gamma), int(max_steps), dt_min, dt_max, int(capacity),
+    )
+    return xyzs, dirs, ts, rays, total
 
 
 class _CompositeRaysTrain(torch.autograd.Function):
@@ -173,10 +204,31 @@ def prune_rays_train(
     """
     if not _is_f32_cuda(sigmas, ts) or sigmas.dim() != 1 or sigmas.shape[0] == 0:
         return _torch_impl.prune_rays_train(sigmas, ts, rays, T_min)
-    keep, new_rays = _ext().prune_rays_train(
-        sigmas.contiguous(), ts.contiguous(), rays.to(torch.int32).contiguous(), float(T_min)
+    keep, new_rays, _ = _ext().prune_rays_train(
+        sigmas.contiguous(), ts.contiguous(), rays.to(torch.int32).contiguous(), float(T_min), -1
     )
     return keep, new_rays
+
+
+def prune_rays_train_fixed(
+    sigmas: torch.Tensor,
+    ts: torch.Tensor,
+    rays: torch.Tensor,
+    T_min: float,  # noqa: N803 - the twin's name
+    capacity: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``prune_rays_train`` into ``capacity`` kept indices, without a host sync (see the twin).
+
+    Returns keep [capacity] int64 (zeros past the kept ones), new_rays [N,2] int32 and total [1]
+    int32 (the samples kept before clipping to the capacity).
+    """
+    if not _is_f32_cuda(sigmas, ts) or sigmas.dim() != 1 or sigmas.shape[0] == 0:
+        return _torch_impl.prune_rays_train_fixed(sigmas, ts, rays, T_min, capacity)
+    keep, new_rays, total = _ext().prune_rays_train(
+        sigmas.contiguous(), ts.contiguous(), rays.to(torch.int32).contiguous(), float(T_min),
+        int(capacity),
+    )
+    return keep, new_rays, total
 
 
 def march_rays(

@@ -318,6 +318,83 @@ def prune_rays_train(
     return keep, torch.stack([offsets, counts], 1).to(torch.int32)
 
 
+def _clip_rays(rays: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[N,2] (offset, count) with each ray's slice cut at row ``capacity`` (count 0, offset 0
+    for rays wholly past it)."""
+    off, cnt = rays[:, 0].long(), rays[:, 1].long()
+    cnt = torch.minimum(cnt, (capacity - off).clamp(min=0))
+    return torch.stack([torch.where(cnt > 0, off, torch.zeros_like(off)), cnt], 1).to(torch.int32)
+
+
+def _fit_rows(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The first ``capacity`` rows of ``t``, zero-padded to exactly ``capacity``."""
+    t = t[:capacity]
+    pad = torch.zeros((capacity - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad])
+
+
+def march_rays_train_fixed(
+    rays_o: torch.Tensor,
+    rays_d: torch.Tensor,
+    bound: float,
+    density_bitfield: torch.Tensor,
+    C: int,
+    G: int,
+    nears: torch.Tensor,
+    fars: torch.Tensor,
+    noise: torch.Tensor | None,
+    dt_gamma: float,
+    max_steps: int,
+    capacity: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``march_rays_train`` into exactly ``capacity`` rows: the shapes a CUDA graph needs.
+
+    Rows past the samples are zeros that belong to no ray. When the samples need more rows,
+    the rays whose slices cross the end keep only what fits (which rays: unspecified; the CUDA
+    kernel packs rays in any order, this twin in ray order) and ``total`` tells.
+
+    Args:
+        noise: [N] jitter in [0,1) (``perturb``), or None for none.
+
+    Returns:
+        xyzs, dirs [capacity,3]; ts [capacity,2]; rays [N,2] int32; total [1] int32, the
+        samples needed (more than ``capacity``: some were dropped).
+    """
+    xyzs, dirs, ts, rays = march_rays_train(
+        rays_o,
+        rays_d,
+        bound,
+        density_bitfield,
+        C,
+        G,
+        nears,
+        fars,
+        noise is not None,
+        dt_gamma,
+        max_steps,
+        noise,
+    )
+    total = torch.full((1,), xyzs.shape[0], dtype=torch.int32, device=rays_o.device)
+    return (*(_fit_rows(t, capacity) for t in (xyzs, dirs, ts)), _clip_rays(rays, capacity), total)
+
+
+def prune_rays_train_fixed(
+    sigmas: torch.Tensor, ts: torch.Tensor, rays: torch.Tensor, T_min: float, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``prune_rays_train`` into exactly ``capacity`` kept indices (zeros past the kept ones:
+    they belong to no ray); kept samples past the capacity are dropped, their rays' counts
+    clipped.
+
+    >>> keep, r, total = prune_rays_train_fixed(torch.tensor([0.0, 1e4, 1.0, 1.0]),
+    ...     torch.tensor([[0.0, 0.1]] * 4), torch.tensor([[0, 3], [3, 1]]), 1e-5, 2)
+    >>> keep.tolist(), r.tolist(), total.tolist()
+    ([0, 1], [[0, 2], [0, 0]], [3])
+    """
+    keep, new_rays = prune_rays_train(sigmas, ts, rays, T_min)
+    total = torch.full((1,), keep.numel(), dtype=torch.int32, device=sigmas.device)
+    return _fit_rows(keep, capacity), _clip_rays(new_rays, capacity), total
+
+
 def march_rays(
     n_alive: int,
     n_step: int,

@@ -506,6 +506,122 @@ def test_graphed_network_pass_equals_eager(shading):
     assert 1 <= model.graphs.captures <= 3 and not model.graphs.disabled
 
 
+@pytest.mark.parametrize("fit", ["room", "overflow"])
+def test_fixed_size_march_and_prune_match_twin(fit):
+    """march_rays_train_fixed / prune_rays_train_fixed (--graph_render): with room, the rays,
+    samples and kept indices of the variable-size kernels plus zero padding in no ray; past the
+    capacity, the true totals, clipped rays inside it, and each ray a prefix of its samples."""
+    case = (2, 64, 2.0, 0.0, 1024, True)
+    (_, _, ts_t, rays_t), (xyzs, _, ts, rays) = march_both(*case)  # twin, CUDA
+    M = xyzs.shape[0]
+    o, d, bits = random_scene(4096, 2, 64, 2.0, seed=0 + 2 * 7 + 64, p=0.05)  # march_both's scene
+    nears, fars = rm.near_far_from_aabb(o, d, torch.tensor([-2.0] * 3 + [2.0] * 3), 0.05)
+    noise = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    cap = M + 1000 if fit == "room" else M // 2
+    args = [t.to(DEV) for t in (o, d)] + [2.0, bits.to(DEV), 2, 64] + [t.to(DEV) for t in (nears, fars, noise)]
+    fx, _, ft, frays, total = rc.march_rays_train_fixed(*args, 0.0, 1024, cap)
+    assert fx.shape == (cap, 3) and ft.shape == (cap, 2) and total.tolist() == [M]
+    counts = frays[:, 1].long().cpu()
+    assert int((frays[:, 0].long().cpu() + counts).max()) <= cap and int(counts.sum()) == min(M, cap)
+    assert (counts <= rays_t[:, 1].long()).all()
+    if fit == "room":
+        assert torch.equal(counts, rays_t[:, 1].long())
+        assert not fx[M:].any() and not ft[M:].any()  # padding: zeros
+    # Each ray's samples (all of them, or the front that fit) are the twin's.
+    for r in torch.nonzero(counts).squeeze(1).tolist():
+        a, n, at = int(frays[r, 0]), int(counts[r]), int(rays_t[r, 0])
+        assert torch.equal(ft[a : a + n].cpu(), ts_t[at : at + n]), r
+    # Pruning at a fixed size on the variable march's samples.
+    g = torch.Generator().manual_seed(3)
+    sig = (torch.nn.functional.softplus(torch.randn(M, generator=g) * 3 + 1) * 30).to(DEV)
+    keep_ref, rays_ref = rm.prune_rays_train(sig.cpu(), ts.cpu(), rays.cpu(), 1e-5)
+    K = keep_ref.numel()
+    kcap = K + 300 if fit == "room" else K // 2
+    keep, new_rays, kept = rc.prune_rays_train_fixed(sig, ts, rays, 1e-5, kcap)
+    assert keep.shape == (kcap,) and kept.tolist() == [K]
+    twin = rm.prune_rays_train_fixed(sig.cpu(), ts.cpu(), rays.cpu(), 1e-5, kcap)
+    assert torch.equal(keep.cpu(), twin[0]) and torch.equal(new_rays.cpu(), twin[1])
+    if fit == "room":
+        assert torch.equal(keep[:K].cpu(), keep_ref) and torch.equal(new_rays.cpu(), rays_ref)
+
+
+@pytest.mark.parametrize("shading", ["albedo", "lambertian"])
+def test_graphed_training_render_equals_eager(shading, capsys):
+    """--graph_render: the whole training render replayed from CUDA graphs gives the eager
+    render's outputs, entropy and parameter gradients on the same jitter, step after step (new
+    views, weights, light and ambient ratio), under fp16 autocast; an undersized capture is
+    reported and captured again larger. Gradients are held to twice the spread of two eager
+    renders (atomics sum in any order)."""
+    import torch.nn.functional as F
+
+    from main import parse_args
+    from nerf.graphed import GraphedRender
+    from nerf.network_grid import NeRFNetwork
+    from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
+    from nerf.utils import weight_entropy
+
+    torch.manual_seed(0)
+    opt, _ = parse_args(["--text", "x", "-O", "--blob_density", "12", "--blob_radius", "0.3"])
+    model = NeRFNetwork(opt).to(DEV)
+    model.render_graphs = GraphedRender(warmup=1)
+    for _ in range(4):
+        model.update_extra_state()
+    model.train()
+    intr = intrinsics_from_fovy(torch.tensor([20.0], device=DEV), 32, 32)
+
+    def step(graph, o, d, light, ratio, seed):
+        model.graph_render = graph
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = model.render(o, d, light_d=light, ambient_ratio=ratio, shading=shading, perturb=True)
+        ent = weight_entropy(out["weights"], out.get("n_pruned", 0), out.get("n_padding", 0))
+        loss = out["image"].float().mean() + out["weights_sum"].float().mean() + ent
+        if "loss_orient" in out:
+            loss = loss + out["loss_orient"] + out["normal_image"].float().mean()
+        loss.backward()
+        keys = ("image", "depth", "weights_sum", "normal_image", "loss_orient")
+        outs = {k: out[k].detach().float().clone() for k in keys if k in out}
+        outs["entropy"] = ent.detach().clone()
+        return outs, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for i in range(5):
+        poses = circle_poses(torch.tensor([3.2]), torch.tensor([80.0]), torch.tensor([20.0 + 7 * i]), DEV)
+        o, d = get_rays(poses, intr, 32, 32)
+        light = F.normalize(torch.tensor([[0.3, 0.5 + i, 1.0]], device=DEV), dim=-1)
+        ratio = 0.1 + 0.2 * i
+        e1, e1_grads = step(False, o, d, light, ratio, 100 + i)
+        _, e2_grads = step(False, o, d, light, ratio, 100 + i)
+        g, g_grads = step(True, o, d, light, ratio, 100 + i)
+        if i == 0:
+            assert model.render_graphs.captures == 0  # the warm-up render was eager
+            continue
+        assert e1.keys() == g.keys() and len(e1_grads) == len(g_grads)
+        for k in e1:
+            assert rel_err(g[k], e1[k]) <= 1e-3, (i, k)
+        for a, b, c in zip(e1_grads, e2_grads, g_grads):
+            assert rel_err(c, a) <= max(1e-3, 2 * rel_err(b, a))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)  # the graph reads the live weights
+    graphs = model.render_graphs
+    assert graphs.captures == 1 and graphs.overflows == 0 and not graphs.disabled
+    # Too small a capture: the overflow comes back a step later and the render is captured
+    # again larger.
+    key = next(iter(graphs.graphs))
+    graphs.peak[key] = [graphs.peak[key][0] // 4, graphs.peak[key][1] // 4]
+    graphs._drop(key)
+    for _ in range(3):
+        step(True, o, d, light, 0.3, 7)
+        torch.cuda.synchronize()
+    assert graphs.overflows == 1 and graphs.captures == 3
+    assert "captured again larger" in capsys.readouterr().err.lower()
+    g, _ = step(True, o, d, light, 0.3, 7)
+    e, _ = step(False, o, d, light, 0.3, 7)
+    for k in e:
+        assert rel_err(g[k], e[k]) <= 1e-3, k
+
+
 def _time_ms(fn, reps=20) -> float:
     fn()
     torch.cuda.synchronize()

@@ -228,6 +228,55 @@ def test_pruned_training_render_equals_the_full_one():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-3)
 
 
+@pytest.mark.parametrize("shading", ["lambertian", "albedo"])
+def test_fixed_size_training_render_equals_the_variable_one(shading):
+    """--graph_render's render at fixed sizes (padding rows in no ray): same image, normals,
+    orientation loss, entropy and gradients as the variable-size one; the counts it reports."""
+    from nerf.utils import weight_entropy
+
+    field, o, d = _blob_scene(prune_samples=True)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    light = torch.tensor([[0.3, 0.5, 1.0]])
+    need = shading != "albedo"
+    torch.manual_seed(1)
+    noise = torch.rand(o.shape[0])
+    torch.manual_seed(1)  # the same jitter: the variable march draws the same numbers
+    ref, marched, kept = field.train_render(o, d, light, 0.2, shading, True, need, 1e-4)
+    assert kept < marched if need else kept == marched
+    cap = (marched + 37, kept + 11)
+    got = field.train_render_fixed(o, d, noise, light, torch.tensor(0.2), shading, need, 1e-4, cap)
+    assert got["totals"].tolist() == [marched, kept]
+    rows = cap[1] if need else cap[0]
+    assert got["weights"].shape == (rows,) and int(got["n_padding"]) == rows - kept
+    assert int(got["n_pruned"]) == marched - kept == ref["n_pruned"]
+    keys = ["image", "depth", "weights_sum"] + (["normal_image", "loss_orient"] if need else [])
+    grads = []
+    for out in (ref, got):
+        for k in keys:
+            torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
+        ent = weight_entropy(out["weights"], out["n_pruned"], out.get("n_padding", 0))
+        loss = out["image"].mean() + out["weights_sum"].mean() + ent
+        field.zero_grad()
+        loss.backward()
+        grads.append([p.grad.clone() for p in field.sigma_net.parameters()])
+        torch.testing.assert_close(ent, weight_entropy(ref["weights"], ref["n_pruned"]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_fixed_size_training_render_past_its_capacity_drops_samples_and_says_so():
+    field, o, d = _blob_scene(prune_samples=True)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    light = torch.tensor([[0.3, 0.5, 1.0]])
+    _, marched, kept = field.train_render(o, d, light, 0.2, "lambertian", False, True, 1e-4)
+    for cap in ((marched // 2, kept), (marched, kept // 2)):
+        got = field.train_render_fixed(o, d, None, light, 0.2, "lambertian", True, 1e-4, cap)
+        assert got["totals"].tolist() == [marched, kept if cap[0] == marched else got["totals"][1]]
+        assert got["totals"][0] > cap[0] or got["totals"][1] > cap[1]
+        assert got["weights"].shape == (cap[1],) and torch.isfinite(got["image"]).all()
+        assert int(got["n_padding"]) >= 0 and int(got["n_pruned"]) >= 0
+
+
 def test_inference_transmittance_threshold_trades_samples_for_a_bounded_error(monkeypatch):
     """--infer_T_thresh: stopping rays at transmittance 1e-2 leaves at most 1% of a pixel out."""
     import raymarching

@@ -369,11 +369,14 @@ __global__ void march_train_count_kernel(const float* __restrict__ rays_o,
                                          const float* __restrict__ fars,
                                          const float* __restrict__ noise, GridSpec g, StepSpec s,
                                          int64_t N, int32_t* __restrict__ rays,
-                                         int32_t* __restrict__ counter) {
+                                         int32_t* __restrict__ counter, int64_t capacity) {
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= N) return;
-  const int count = march_train_count_one(n, rays_o, rays_d, nears, fars, noise, g, s);
-  rays[2 * n] = count > 0 ? atomicAdd(counter, count) : 0;
+  int count = march_train_count_one(n, rays_o, rays_d, nears, fars, noise, g, s);
+  const int32_t off = count > 0 ? atomicAdd(counter, count) : 0;
+  // A fixed capacity (graph replays): the ray keeps the part of its slice that fits.
+  if (capacity >= 0) count = static_cast<int>(max(int64_t{0}, min<int64_t>(count, capacity - off)));
+  rays[2 * n] = count > 0 ? off : 0;
   rays[2 * n + 1] = count;
 }
 
@@ -785,20 +788,23 @@ __global__ void prune_mark_kernel(const float* __restrict__ sigmas, const float*
 }
 
 __global__ void prune_keep_kernel(const int32_t* __restrict__ mask, const int32_t* __restrict__ csum,
-                                  int64_t M, int64_t* __restrict__ keep) {
+                                  int64_t M, int64_t* __restrict__ keep, int64_t capacity) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= M || !mask[i]) return;
-  keep[csum[i] - 1] = i;
+  const int64_t j = csum[i] - 1;
+  if (capacity < 0 || j < capacity) keep[j] = i;
 }
 
 __global__ void prune_rays_kernel(const int32_t* __restrict__ rays, const int32_t* __restrict__ mask,
                                   const int32_t* __restrict__ csum, const int32_t* __restrict__ counts,
-                                  int64_t N, int32_t* __restrict__ new_rays) {
+                                  int64_t N, int32_t* __restrict__ new_rays, int64_t capacity) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= N) return;
   const int64_t off = rays[2 * r];
-  const int32_t k = counts[r];
-  new_rays[2 * r] = k > 0 ? csum[off] - mask[off] : 0;
+  int32_t k = counts[r];
+  const int32_t start = k > 0 ? csum[off] - mask[off] : 0;
+  if (capacity >= 0) k = static_cast<int32_t>(max(int64_t{0}, min<int64_t>(k, capacity - start)));
+  new_rays[2 * r] = k > 0 ? start : 0;
   new_rays[2 * r + 1] = k;
 }
 
@@ -818,11 +824,13 @@ cudaError_t prune_rays_mark(const float* sigmas, const float* ts, const int32_t*
 
 cudaError_t prune_rays_write(const int32_t* rays, const int32_t* mask, const int32_t* csum,
                              const int32_t* counts, int64_t M, int64_t N, int64_t* keep,
-                             int32_t* new_rays, cudaStream_t stream) {
-  if (M > 0) prune_keep_kernel<<<blocks_for(M), kThreads, 0, stream>>>(mask, csum, M, keep);
+                             int32_t* new_rays, int64_t capacity, cudaStream_t stream) {
+  if (M > 0) {
+    prune_keep_kernel<<<blocks_for(M), kThreads, 0, stream>>>(mask, csum, M, keep, capacity);
+  }
   if (N > 0) {
     prune_rays_kernel<<<blocks_for(N), kThreads, 0, stream>>>(rays, mask, csum, counts, N,
-                                                              new_rays);
+                                                              new_rays, capacity);
   }
   return cudaGetLastError();
 }
@@ -859,10 +867,10 @@ cudaError_t packbits(const float* grid, int64_t n_bytes, float thresh, uint8_t* 
 cudaError_t march_rays_train_count(const float* rays_o, const float* rays_d, const float* nears,
                                    const float* fars, const float* noise, GridSpec grid,
                                    StepSpec step, int64_t N, int32_t* rays, int32_t* counter,
-                                   cudaStream_t stream) {
+                                   int64_t capacity, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
   march_train_count_kernel<<<blocks_for(N), kThreads, 0, stream>>>(
-      rays_o, rays_d, nears, fars, noise, grid, step, N, rays, counter);
+      rays_o, rays_d, nears, fars, noise, grid, step, N, rays, counter, capacity);
   return cudaGetLastError();
 }
 

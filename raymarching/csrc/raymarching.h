@@ -46,11 +46,14 @@ cudaError_t packbits(const float* grid, int64_t n_bytes, float thresh, uint8_t* 
 // Pass 1 of march_rays_train: per-ray sample counts; each ray reserves its slice of the
 // packed arrays with an atomic add on *counter (so ray order in the packed arrays is
 // arbitrary). rays_o, rays_d: [N,3]; nears, fars: [N]; noise: [N] or null (start at near);
-// rays: [N,2] int32 (offset, count) output; counter: [1] int32, zeroed by the caller.
+// rays: [N,2] int32 (offset, count) output; counter: [1] int32, zeroed by the caller, ends
+// as the total count. capacity >= 0: the packed arrays hold that many rows, and a ray whose
+// slice crosses the end keeps only the samples that fit (count clipped, possibly to 0);
+// capacity < 0: no limit.
 cudaError_t march_rays_train_count(const float* rays_o, const float* rays_d, const float* nears,
                                    const float* fars, const float* noise, GridSpec grid,
                                    StepSpec step, int64_t N, int32_t* rays, int32_t* counter,
-                                   cudaStream_t stream);
+                                   int64_t capacity, cudaStream_t stream);
 
 // Pass 2: the same walk, writing xyzs, dirs: [M,3] and ts: [M,2] at each ray's offset.
 cudaError_t march_rays_train_write(const float* rays_o, const float* rays_d, const float* nears,
@@ -105,9 +108,11 @@ cudaError_t prune_rays_mark(const float* sigmas, const float* ts, const int32_t*
 
 // Pass 2, given csum = inclusive cumsum of mask [M]: keep[csum[i]-1] = i for kept samples
 // (keep: [M'] int64, in sample order) and new_rays[r] = (kept samples before the ray's first,
-// counts[r]) (0 offset for empty rays), as the twin packs them.
+// counts[r]) (0 offset for empty rays), as the twin packs them. capacity >= 0: keep holds
+// that many entries (zeroed by the caller); kept samples past it are dropped and their rays'
+// counts clipped; capacity < 0: keep holds every kept sample.
 cudaError_t prune_rays_write(const int32_t* rays, const int32_t* mask, const int32_t* csum,
                              const int32_t* counts, int64_t M, int64_t N, int64_t* keep,
-                             int32_t* new_rays, cudaStream_t stream);
+                             int32_t* new_rays, int64_t capacity, cudaStream_t stream);
 
 }  // namespace dfk

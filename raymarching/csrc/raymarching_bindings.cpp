@@ -102,7 +102,7 @@ std::vector<at::Tensor> march_rays_train(const at::Tensor& rays_o, const at::Ten
                                          const std::optional<at::Tensor>& noise,
                                          const at::Tensor& bitfield, double bound, int64_t C,
                                          int64_t G, double dt_gamma, int64_t max_steps,
-                                         double dt_min, double dt_max) {
+                                         double dt_min, double dt_max, int64_t capacity) {
   DFK_CHECK(rays_o, at::kFloat);
   DFK_CHECK(rays_d, at::kFloat);
   DFK_CHECK(nears, at::kFloat);
@@ -121,19 +121,22 @@ std::vector<at::Tensor> march_rays_train(const at::Tensor& rays_o, const at::Ten
   check_launch(dfk::march_rays_train_count(rays_o.data_ptr<float>(), rays_d.data_ptr<float>(),
                                            nears.data_ptr<float>(), fars.data_ptr<float>(),
                                            noise_ptr, g, s, N, rays.data_ptr<int32_t>(),
-                                           counter.data_ptr<int32_t>(), stream()),
+                                           counter.data_ptr<int32_t>(), capacity, stream()),
                "march_rays_train (count)");
-  const int64_t M = counter.item<int32_t>();  // the one host sync: output sizes
-  auto xyzs = at::empty({M, 3}, rays_o.options());
-  auto dirs = at::empty({M, 3}, rays_o.options());
-  auto ts = at::empty({M, 2}, rays_o.options());
+  // Without a capacity, the one host sync: the output size. With one (graph replays), rows
+  // past the samples are zeros that belong to no ray, and counter says how many were needed.
+  const int64_t M = capacity >= 0 ? capacity : counter.item<int32_t>();
+  auto make = [&](int64_t k) {
+    return capacity >= 0 ? at::zeros({M, k}, rays_o.options()) : at::empty({M, k}, rays_o.options());
+  };
+  auto xyzs = make(3), dirs = make(3), ts = make(2);
   check_launch(dfk::march_rays_train_write(rays_o.data_ptr<float>(), rays_d.data_ptr<float>(),
                                            nears.data_ptr<float>(), fars.data_ptr<float>(),
                                            noise_ptr, g, s, N, rays.data_ptr<int32_t>(),
                                            xyzs.data_ptr<float>(), dirs.data_ptr<float>(),
                                            ts.data_ptr<float>(), stream()),
                "march_rays_train (write)");
-  return {xyzs, dirs, ts, rays};
+  return {xyzs, dirs, ts, rays, counter};
 }
 
 std::vector<at::Tensor> composite_train_forward(const at::Tensor& sigmas, const at::Tensor& rgbs,
@@ -191,7 +194,8 @@ std::vector<at::Tensor> composite_train_backward(
 }
 
 std::vector<at::Tensor> prune_rays_train(const at::Tensor& sigmas, const at::Tensor& ts,
-                                         const at::Tensor& rays, double T_min) {
+                                         const at::Tensor& rays, double T_min,
+                                         int64_t capacity) {
   DFK_CHECK(sigmas, at::kFloat);
   DFK_CHECK(ts, at::kFloat);
   DFK_CHECK(rays, at::kInt);
@@ -205,15 +209,22 @@ std::vector<at::Tensor> prune_rays_train(const at::Tensor& sigmas, const at::Ten
                                     mask.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), stream()),
                "prune_rays_train (mark)");
   auto csum = mask.cumsum(0, at::kInt);
-  const int64_t kept = M > 0 ? csum[M - 1].item<int32_t>() : 0;  // host sync: output size
-  auto keep = at::empty({kept}, rays.options().dtype(at::kLong));
+  // The kept count: on the device (for a fixed capacity: graph replays), else on the host
+  // (a sync) to size keep.
+  auto total = M > 0 ? csum.narrow(0, M - 1, 1) : at::zeros({1}, rays.options());
+  at::Tensor keep;
+  if (capacity >= 0) {
+    keep = at::zeros({capacity}, rays.options().dtype(at::kLong));
+  } else {
+    keep = at::empty({total.item<int32_t>()}, rays.options().dtype(at::kLong));
+  }
   auto new_rays = at::empty({N, 2}, rays.options());
   check_launch(dfk::prune_rays_write(rays.data_ptr<int32_t>(), mask.data_ptr<int32_t>(),
                                      csum.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), M, N,
                                      keep.data_ptr<int64_t>(), new_rays.data_ptr<int32_t>(),
-                                     stream()),
+                                     capacity, stream()),
                "prune_rays_train (write)");
-  return {keep, new_rays};
+  return {keep, new_rays, total};
 }
 
 std::vector<at::Tensor> march_rays(int64_t n_alive, int64_t n_step, const at::Tensor& rays_alive,
