@@ -386,26 +386,34 @@ def main() -> None:
 
     rows = []
     # (name, backend, cuda_ray, prune, grid-encoder kernel layout {AGG_MODE, SOA} or None,
-    # --graph_pass)
+    # --graph_pass / --graph_render or None)
     variants = [
-        ("run_cuda, CUDA kernels", "auto", True, True, None, False),
-        ("run_cuda, CUDA kernels, graphed network pass (--graph_pass)", "auto", True, True, None, True),
-        ("run_cuda, CUDA kernels, no sample pruning", "auto", True, False, None, False),
-        ("run_cuda, PyTorch twin", "torch", True, True, None, False),
-        ("run (PyTorch sampling)", "torch", False, True, None, False),
+        ("run_cuda, CUDA kernels", "auto", True, True, None, None),
+        (
+            "run_cuda, CUDA kernels, graphed training render (--graph_render)",
+            "auto",
+            True,
+            True,
+            None,
+            "render",
+        ),
+        ("run_cuda, CUDA kernels, graphed network pass (--graph_pass)", "auto", True, True, None, "pass"),
+        ("run_cuda, CUDA kernels, no sample pruning", "auto", True, False, None, None),
+        ("run_cuda, PyTorch twin", "torch", True, True, None, None),
+        ("run (PyTorch sampling)", "torch", False, True, None, None),
     ]
     if device.type != "cuda":
-        variants = variants[3:]
+        variants = variants[4:]
     elif args.kernel_variants:
         default = (gc.AGG_MODE, gc.SOA)
         for agg, soa in GRID_LAYOUTS:
             if (agg, soa) != default:
                 name = f"run_cuda, CUDA kernels, grid AGG_MODE {agg}" + (" SOA" if soa else "")
-                variants.insert(1, (name, "auto", True, True, (agg, soa), False))
+                variants.insert(1, (name, "auto", True, True, (agg, soa), None))
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device=device), dim=-1)
     for name, backend, cuda_ray, prune, layout, graph in variants:
         saved = (gc.AGG_MODE, gc.SOA)
-        model.graph_pass = graph
+        model.graph_pass, model.graph_render = graph == "pass", graph == "render"
         if layout is not None:
             gc.AGG_MODE, gc.SOA = layout
         model.opt.prune_samples = prune
@@ -430,12 +438,17 @@ def main() -> None:
         test_ms, test_mem = timeit(test_frame, reps, device, warmup=1 if reps == 2 else 3)
         alpha = test_frame()["weights_sum"].float().mean().item()
         rows.append((name, train_ms, albedo_ms, train_mem, test_ms, test_mem, alpha))
+        if graph == "render":
+            g = model.render_graphs
+            print(
+                f"--graph_render: {g.captures} captures, {g.overflows} overflows, sizes {list(g.peak.values())}"
+            )
         gc.AGG_MODE, gc.SOA = saved
     raymarching.set_backend("auto")
     gridencoder.set_backend("auto")
     model.cuda_ray = True
     model.opt.prune_samples = True
-    model.graph_pass = False
+    model.graph_pass = model.graph_render = False
     if args.profile:
         profile(model, device, light, args.test_size, Path(args.profile))
     thresh_lines = infer_thresholds(model, device, args.test_size) if device.type == "cuda" else []

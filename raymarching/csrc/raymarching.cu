@@ -363,6 +363,11 @@ DFK_HD int march_train_count_one(int64_t n, const float* rays_o, const float* ra
   return count;
 }
 
+// A ray's count cut to the rows left before a fixed capacity (never negative).
+DFK_HD int64_t clip_count(int64_t count, int64_t room) {
+  return room <= 0 ? 0 : (count < room ? count : room);
+}
+
 __global__ void march_train_count_kernel(const float* __restrict__ rays_o,
                                          const float* __restrict__ rays_d,
                                          const float* __restrict__ nears,
@@ -375,7 +380,7 @@ __global__ void march_train_count_kernel(const float* __restrict__ rays_o,
   int count = march_train_count_one(n, rays_o, rays_d, nears, fars, noise, g, s);
   const int32_t off = count > 0 ? atomicAdd(counter, count) : 0;
   // A fixed capacity (graph replays): the ray keeps the part of its slice that fits.
-  if (capacity >= 0) count = static_cast<int>(max(int64_t{0}, min<int64_t>(count, capacity - off)));
+  if (capacity >= 0) count = static_cast<int>(clip_count(count, capacity - off));
   rays[2 * n] = count > 0 ? off : 0;
   rays[2 * n + 1] = count;
 }
@@ -803,7 +808,7 @@ __global__ void prune_rays_kernel(const int32_t* __restrict__ rays, const int32_
   const int64_t off = rays[2 * r];
   int32_t k = counts[r];
   const int32_t start = k > 0 ? csum[off] - mask[off] : 0;
-  if (capacity >= 0) k = static_cast<int32_t>(max(int64_t{0}, min<int64_t>(k, capacity - start)));
+  if (capacity >= 0) k = static_cast<int32_t>(clip_count(k, capacity - start));
   new_rays[2 * r] = k > 0 ? start : 0;
   new_rays[2 * r + 1] = k;
 }
