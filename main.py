@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="--cuda_ray training on a GPU: replay the whole training render (march, pruning, field, "
         "shading, composite; forward and backward) from CUDA graphs, one per shading, at fixed sizes "
-        "(the largest sample counts seen, plus 30%%), with no host sync. Rows past the samples get "
+        "(the largest sample counts seen, plus 10%%), with no host sync. Rows past the samples get "
         "zero weight and gradient. A step that needs more samples than fit loses the last ones that "
         "step, says so in one line, and the render is captured again larger",
     )

@@ -290,15 +290,23 @@ class GraphedRender:
     counts of the march and of the pruning size their outputs): the host takes longer than the
     GPU. Replayed at fixed sizes it costs one launch each way and no sync. The sizes are the
     largest counts seen (first in ``warmup`` eager renders per setting) times ``headroom``,
-    rounded up to a quarter octave; rows past the samples belong to no ray (weight 0, zero
-    gradient). Each replay's true counts are read back a step later without a sync: a render
+    rounded up to a ``per_octave`` step; rows past the samples belong to no ray (weight 0, zero
+    gradient) but cost GPU time like the others. Each replay's true counts are read back a step later without a sync: a render
     that needed more rows than it had (its last rays lost samples in that one step) is counted
     in ``overflows``, reported in one line, and the setting is captured again larger. Sizes
     shrink again when ``window`` replays in a row needed less than half of them.
     """
 
-    def __init__(self, headroom: float = 1.3, warmup: int = 2, max_graphs: int = 4, window: int = 500):
-        self.headroom, self.warmup, self.max_graphs, self.window = headroom, warmup, max_graphs, window
+    def __init__(
+        self,
+        headroom: float = 1.1,
+        per_octave: int = 16,
+        warmup: int = 2,
+        max_graphs: int = 4,
+        window: int = 500,
+    ):
+        self.headroom, self.per_octave, self.warmup = headroom, per_octave, warmup
+        self.max_graphs, self.window = max_graphs, window
         self.pool = None  # one memory pool for all graphs (one graph replays at a time)
         self.graphs: OrderedDict[RenderKey, tuple] = OrderedDict()
         self.peak: dict[RenderKey, list[int]] = {}  # largest (marched, kept) counts seen
@@ -314,10 +322,8 @@ class GraphedRender:
     def capacity(self, key: RenderKey) -> tuple[int, int]:
         """(march rows, kept rows) a graph of ``key`` is captured with."""
         m, k = self.peak[key]
-        return (
-            sample_bucket(math.ceil(m * self.headroom), 4),
-            sample_bucket(math.ceil(k * self.headroom), 4),
-        )
+        h, b = self.headroom, self.per_octave
+        return (sample_bucket(math.ceil(m * h), b), sample_bucket(math.ceil(k * h), b))
 
     def _note(self, key: RenderKey, m: int, k: int) -> None:
         peak = self.peak.setdefault(key, [0, 0])

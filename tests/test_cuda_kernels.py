@@ -609,6 +609,7 @@ def test_graphed_training_render_equals_eager(shading, capsys):
     # Too small a capture: the overflow comes back a step later and the render is captured
     # again larger.
     key = next(iter(graphs.graphs))
+    graphs._poll(wait=True)  # the counts of the replays so far, before they are forgotten
     graphs.peak[key] = [graphs.peak[key][0] // 4, graphs.peak[key][1] // 4]
     graphs._drop(key)
     for _ in range(3):
