@@ -334,6 +334,10 @@ class GraphedRender:
     def _drop(self, key: RenderKey) -> None:
         if self.graphs.pop(key, None) is not None:
             gc.collect()  # graphed functions sit in reference cycles: free their memory now
+        if not self.graphs:
+            # The last graph of the pool is gone and so is the pool: capturing into its old
+            # handle fails inside the caching allocator ("use_count > 0" assert).
+            self.pool = None
 
     def _poll(self, wait: bool = False) -> None:
         """Read back the counts of finished replays: grow a setting's sizes after an overflow."""
@@ -342,6 +346,9 @@ class GraphedRender:
             event.synchronize()
             m, k = host.tolist()
             self.pinned.append(host)
+            if m > cap[0]:
+                # The pruning saw only the samples that fit: scale its count to all of them.
+                k = math.ceil(k * m / cap[0])
             self._note(key, m, k)
             if m > cap[0] or (key.prune and k > cap[1]):
                 self.overflows += 1
