@@ -92,6 +92,10 @@ class GridEncoder(nn.Module):
             and torch.get_autocast_dtype("cuda") == torch.float16
         ):
             return emb
+        if torch.cuda.is_current_stream_capturing():
+            # A CUDA graph (--graph_render) replays after the weights change without this check:
+            # it converts the table itself at every replay instead of reading a cached copy.
+            return emb.detach().half()
         key = (emb._version, emb.data_ptr())
         cached = getattr(self, "_half", None)
         if cached is None or cached[0] != key:
