@@ -371,6 +371,12 @@ def main() -> None:
         "as Triton kernels (FieldNetwork.fused_mlp, --fused_mlp) against the PyTorch path (_MLPHead, "
         "_FDShade)",
     )
+    ap.add_argument(
+        "--graph_render",
+        action="store_true",
+        help="also time the training renders replayed from CUDA graphs (--graph_render) against the "
+        "eager render, alternating",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -462,6 +468,10 @@ def main() -> None:
     if args.fused_head:
         thresh_lines += ab_rounds(
             model, device, light, args.repeat, "fused_head", (True, False), ("albedo", "lambertian")
+        )
+    if args.graph_render:
+        thresh_lines += ab_rounds(
+            model, device, light, args.repeat, "graph_render", (False, True), ("albedo", "lambertian")
         )
     if args.fused_mlp:
         thresh_lines += ab_rounds(
