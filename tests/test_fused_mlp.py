@@ -207,3 +207,13 @@ def test_triton_fd_shade_matches_the_autograd_node(shading, per_sample_light):
     for a, b in zip((*o1, *g1), (*o0, *g0)):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def test_fd_shade_takes_the_ambient_ratio_as_a_number_or_a_one_element_tensor():
+    """--graph_render passes the ratio as a tensor (a graph input); anything else is refused."""
+    cpu = torch.device("cpu")
+    assert fused_mlp._ratio_ok(0.3, cpu) and fused_mlp._ratio_ok(1, cpu)
+    assert fused_mlp._ratio_ok(torch.tensor(0.3), cpu) and fused_mlp._ratio_ok(torch.tensor([0.3]), cpu)
+    assert not fused_mlp._ratio_ok(torch.tensor([0.3, 0.4]), cpu)
+    assert not fused_mlp._ratio_ok(torch.tensor(0.3, dtype=torch.float64), cpu)
+    assert not fused_mlp._ratio_ok("0.3", cpu)
