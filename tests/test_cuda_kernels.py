@@ -518,7 +518,9 @@ def test_fixed_size_march_and_prune_match_twin(fit):
     nears, fars = rm.near_far_from_aabb(o, d, torch.tensor([-2.0] * 3 + [2.0] * 3), 0.05)
     noise = torch.rand(4096, generator=torch.Generator().manual_seed(0))
     cap = M + 1000 if fit == "room" else M // 2
-    args = [t.to(DEV) for t in (o, d)] + [2.0, bits.to(DEV), 2, 64] + [t.to(DEV) for t in (nears, fars, noise)]
+    args = (
+        [t.to(DEV) for t in (o, d)] + [2.0, bits.to(DEV), 2, 64] + [t.to(DEV) for t in (nears, fars, noise)]
+    )
     fx, _, ft, frays, total = rc.march_rays_train_fixed(*args, 0.0, 1024, cap)
     assert fx.shape == (cap, 3) and ft.shape == (cap, 2) and total.tolist() == [M]
     counts = frays[:, 1].long().cpu()
