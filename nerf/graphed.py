@@ -282,6 +282,78 @@ class _Render(nn.Module):
         return tuple(out[name] for name in _RENDER_KEYS if name in out)
 
 
+class RenderSizes:
+    """The sizes ``GraphedRender`` captures one setting at, from the sample counts it has seen:
+    the largest (marched, kept) counts since the last decision, times ``headroom``, rounded up to
+    a ``per_octave`` step (``sample_bucket``).
+
+    >>> s = RenderSizes(headroom=1.1, per_octave=16, warmup=2, prune=True, window=3)
+    >>> s.eager(1000, 300); s.ready()
+    False
+    >>> s.eager(1200, 250); s.ready(), s.capacity()
+    (True, (1536, 512))
+    >>> s.overflowed((1536, 512), 1400, 400)  # fits
+    False
+    >>> s.overflowed((1536, 512), 3072, 400)  # the march did not fit: kept scaled to all of it
+    True
+    >>> s.need, s.capacity()
+    ([3072, 800], (3584, 1024))
+    >>> cap = s.capacity()  # windows of 3 replays: the first still saw 3072, the second did not
+    >>> [(s.overflowed(cap, 1400, 400), s.replayed(cap)) for _ in range(6)][2::3]
+    [(False, False), (False, True)]
+    >>> s.need, s.capacity()
+    ([1400, 400], (1792, 512))
+    """
+
+    def __init__(self, headroom: float, per_octave: int, warmup: int, prune: bool, window: int):
+        self.headroom, self.per_octave, self.prune, self.window = headroom, per_octave, prune, window
+        self.need = [0, 0]  # largest (marched, kept) counts since the sizes were last lowered
+        self.window_need = [0, 0]  # largest counts in the current window of replays
+        self.eager_left = warmup
+        self.replays = 0
+
+    def _note(self, m: int, k: int) -> None:
+        for counts in (self.need, self.window_need):
+            counts[0], counts[1] = max(counts[0], m), max(counts[1], k)
+
+    def eager(self, m: int, k: int) -> None:
+        """Counts of an eager render (a warm-up one)."""
+        self._note(m, k)
+        self.eager_left -= 1
+
+    def ready(self) -> bool:
+        """Whether the warm-up renders are done, so that a graph can be captured."""
+        return self.eager_left <= 0 and self.need[0] > 0
+
+    def capacity(self) -> tuple[int, int]:
+        """(march rows, kept rows) to capture with."""
+        h, b = self.headroom, self.per_octave
+        return (sample_bucket(math.ceil(self.need[0] * h), b), sample_bucket(math.ceil(self.need[1] * h), b))
+
+    def overflowed(self, cap: tuple[int, int], m: int, k: int) -> bool:
+        """Counts of a replay at sizes ``cap``: whether samples were lost (capture again)."""
+        if m > cap[0]:
+            # The pruning saw only the samples that fit: scale its count to all of them.
+            k = math.ceil(k * m / cap[0])
+        self._note(m, k)
+        return m > cap[0] or (self.prune and k > cap[1])
+
+    def replayed(self, cap: tuple[int, int]) -> bool:
+        """One more replay at sizes ``cap``; every ``window`` replays, whether to capture again
+        smaller (every count of the window fit in half the rows: the scene thinned out)."""
+        self.replays += 1
+        if self.replays < self.window:
+            return False
+        self.replays = 0
+        recent, self.window_need = self.window_need, [0, 0]
+        small = 0 < recent[0] and 2 * recent[0] * self.headroom < cap[0]
+        if self.prune:
+            small = small or (0 < recent[1] and 2 * recent[1] * self.headroom < cap[1])
+        if small:
+            self.need = recent
+        return small
+
+
 class GraphedRender:
     """The whole ``--cuda_ray`` training render (near/far, march, pruning pass, field, shading,
     composite), forward and backward, replayed from one CUDA graph per shading and setting.
@@ -314,27 +386,12 @@ class GraphedRender:
         self.max_graphs, self.window = max_graphs, window
         self.pool = None  # one memory pool for all graphs (one graph replays at a time)
         self.graphs: OrderedDict[RenderKey, tuple] = OrderedDict()
-        self.peak: dict[RenderKey, list[int]] = {}  # largest (marched, kept) counts seen
-        self.recent: dict[RenderKey, list[int]] = {}  # largest counts in the current window
-        self.replays: Counter[RenderKey] = Counter()  # replays in the current window
-        self.eager_left: dict[RenderKey, int] = {}
+        self.sizes: dict[RenderKey, RenderSizes] = {}
         self.pending: deque = deque()  # (key, pinned host counts, event, capacity) in flight
         self.pinned: list[torch.Tensor] = []  # free pinned buffers for the counts
         self.captures = 0  # graphs captured so far (for tests and benchmarks)
         self.overflows = 0  # replays whose samples did not fit
         self.disabled = False
-
-    def capacity(self, key: RenderKey) -> tuple[int, int]:
-        """(march rows, kept rows) a graph of ``key`` is captured with."""
-        m, k = self.peak[key]
-        h, b = self.headroom, self.per_octave
-        return (sample_bucket(math.ceil(m * h), b), sample_bucket(math.ceil(k * h), b))
-
-    def _note(self, key: RenderKey, m: int, k: int) -> None:
-        peak = self.peak.setdefault(key, [0, 0])
-        peak[0], peak[1] = max(peak[0], m), max(peak[1], k)
-        recent = self.recent.setdefault(key, [0, 0])
-        recent[0], recent[1] = max(recent[0], m), max(recent[1], k)
 
     def _drop(self, key: RenderKey) -> None:
         if self.graphs.pop(key, None) is not None:
@@ -351,17 +408,13 @@ class GraphedRender:
             event.synchronize()
             m, k = host.tolist()
             self.pinned.append(host)
-            if m > cap[0]:
-                # The pruning saw only the samples that fit: scale its count to all of them.
-                k = math.ceil(k * m / cap[0])
-            self._note(key, m, k)
-            if m > cap[0] or (key.prune and k > cap[1]):
+            if self.sizes[key].overflowed(cap, m, k):
                 self.overflows += 1
                 self._drop(key)
                 print(
                     f"[speed] --graph_render: a {key.shading} render needed {m} samples ({k} kept) but "
                     f"had room for {cap[0]} ({cap[1]}); some rays lost samples in that step. Captured "
-                    f"again larger: {self.capacity(key)}",
+                    f"again larger: {self.sizes[key].capacity()}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -407,13 +460,15 @@ class GraphedRender:
             getattr(renderer, "max_level", None),
             renderer._prunes(need),
         )
-        if key not in self.graphs:
-            left = self.eager_left.setdefault(key, self.warmup)
-            if left > 0 or key not in self.peak:
-                out, m, k = renderer.train_render(*eager)
-                self._note(key, m, k)
-                self.eager_left[key] = left - 1
-                return out
+        sizes = self.sizes.get(key)
+        if sizes is None:
+            sizes = self.sizes[key] = RenderSizes(
+                self.headroom, self.per_octave, self.warmup, key.prune, self.window
+            )
+        if key not in self.graphs and not sizes.ready():
+            out, m, k = renderer.train_render(*eager)
+            sizes.eager(m, k)
+            return out
         # Drawn before any capture, so that a replay jitters as the eager march would have.
         noise = torch.rand(rays_o.shape[0], device=dev) if perturb else None
         if key not in self.graphs:
@@ -436,21 +491,9 @@ class GraphedRender:
         self.pending.append((key, host, event, cap))
         if len(self.pending) > 8:
             self._poll(wait=True)
-        self._maybe_shrink(key, cap)
+        if sizes.replayed(cap):
+            self._drop(key)  # captured again smaller at the next render
         return out
-
-    def _maybe_shrink(self, key: RenderKey, cap: tuple[int, int]) -> None:
-        """Every ``window`` replays of a setting: captured again smaller when all of them fit
-        in half the rows (the scene's samples thinned out as it trained)."""
-        self.replays[key] += 1
-        if self.replays[key] < self.window:
-            return
-        self.replays[key] = 0
-        recent = self.recent.get(key, [0, 0])
-        self.recent[key] = [0, 0]
-        if 0 < recent[0] and 2 * recent[0] * self.headroom < cap[0]:
-            self.peak[key] = list(recent)
-            self._drop(key)
 
     def _capture(
         self, renderer: nn.Module, key: RenderKey, rays_o: torch.Tensor, rays_d: torch.Tensor, light_d
@@ -459,7 +502,7 @@ class GraphedRender:
         if len(self.graphs) >= self.max_graphs:
             self._drop(next(iter(self.graphs)))
         dev = rays_o.device
-        cap = self.capacity(key)
+        cap = self.sizes[key].capacity()
         module = _Render(renderer, key, cap)
         fn, params = functional_pass(module, n_args=5)
         aliases = tuple(p.detach().requires_grad_() for p in params)

@@ -447,7 +447,7 @@ def main() -> None:
         if graph == "render":
             g = model.render_graphs
             print(
-                f"--graph_render: {g.captures} captures, {g.overflows} overflows, sizes {list(g.peak.values())}"
+                f"--graph_render: {g.captures} captures, {g.overflows} overflows, counts {[s.need for s in g.sizes.values()]}"
             )
         gc.AGG_MODE, gc.SOA = saved
     raymarching.set_backend("auto")

@@ -614,7 +614,7 @@ def test_graphed_training_render_equals_eager(shading, capsys):
     # again larger.
     key = next(iter(graphs.graphs))
     graphs._poll(wait=True)  # the counts of the replays so far, before they are forgotten
-    graphs.peak[key] = [graphs.peak[key][0] // 4, graphs.peak[key][1] // 4]
+    graphs.sizes[key].need = [n // 4 for n in graphs.sizes[key].need]
     graphs._drop(key)
     for _ in range(3):
         step(True, o, d, light, 0.3, 7)
