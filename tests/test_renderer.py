@@ -456,3 +456,18 @@ def test_graph_pass_pads_buckets_and_captures_on_reuse(monkeypatch, capsys):
     assert not graphs.graphs
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 captures in the last 3 passes" in err[0]
+
+
+def test_eval_normals_ground_truth_of_the_ball_on_a_box():
+    """scripts/eval_normals.py's true normals: the ball's radial direction, a box face's axis,
+    and box points near an edge too far from any defined surface to be evaluated."""
+    from scripts.eval_normals import BALL_C, BALL_R, true_normals
+
+    c = torch.tensor(BALL_C)
+    d = torch.nn.functional.normalize(torch.tensor([[0.3, 1.0, -0.2]]), dim=-1)
+    x = torch.cat([c + BALL_R * d, torch.tensor([[0.1, -0.25, 0.3], [0.39, -0.11, 0.0]])])
+    n, ball, dist = true_normals(x)
+    assert ball.tolist()[:2] == [True, False]
+    torch.testing.assert_close(n[0], d[0])
+    assert n[1].tolist() == [0.0, 0.0, 1.0] and float(dist[1]) < 1e-6
+    assert float(dist[2]) > 0.02  # 0.01 from the +x face, 0.04 from the top: an edge, left out
