@@ -285,7 +285,10 @@ class _Render(nn.Module):
 class RenderSizes:
     """The sizes ``GraphedRender`` captures one setting at, from the sample counts it has seen:
     the largest (marched, kept) counts since the last decision, times ``headroom``, rounded up to
-    a ``per_octave`` step (``sample_bucket``).
+    a ``per_octave`` step (``sample_bucket``). The first ``warmup`` renders are eager; so are all
+    renders while they need more than ``max_work`` rows of field evaluation (None: no limit),
+    where the GPU, not the host, bounds the render and padding rows would cost more than the
+    launches saved.
 
     >>> s = RenderSizes(headroom=1.1, per_octave=16, warmup=2, prune=True, window=3)
     >>> s.eager(1000, 300); s.ready()
@@ -303,27 +306,60 @@ class RenderSizes:
     [(False, False), (False, True)]
     >>> s.need, s.capacity()
     ([1400, 400], (1792, 512))
+
+    With a work limit (rows: marched, plus 7 per kept sample for the merged fd call):
+
+    >>> s = RenderSizes(1.1, 16, warmup=2, prune=True, window=3, max_work=5000)
+    >>> s.eager(1000, 300); s.eager(1200, 600); s.ready()  # 1200 + 7 * 600 rows: too many
+    False
+    >>> s.eager(1000, 300); s.eager(900, 300); s.ready()  # the last two: 1000 + 7 * 300 rows
+    True
+    >>> s.overflowed(s.capacity(), 2000, 700), s.ready()  # grown past the limit: eager again
+    (True, False)
     """
 
-    def __init__(self, headroom: float, per_octave: int, warmup: int, prune: bool, window: int):
+    def __init__(
+        self,
+        headroom: float,
+        per_octave: int,
+        warmup: int,
+        prune: bool,
+        window: int,
+        normals: bool = True,
+        max_work: int | None = None,
+    ):
         self.headroom, self.per_octave, self.prune, self.window = headroom, per_octave, prune, window
-        self.need = [0, 0]  # largest (marched, kept) counts since the sizes were last lowered
+        self.normals, self.max_work = normals, max_work
+        self.need = [0, 0]  # largest (marched, kept) counts since the sizes were last set
         self.window_need = [0, 0]  # largest counts in the current window of replays
-        self.eager_left = warmup
         self.replays = 0
+        self.eager_counts: deque[tuple[int, int]] = deque(maxlen=max(warmup, 1))
+        self.armed = False  # sizes set: capture at the next render (again, after an overflow)
+
+    def work(self, m: int, k: int) -> int:
+        """Rows of field evaluation of a render of m marched and k kept samples."""
+        rows = 7 if self.normals else 1  # a sample and its six fd points in one call
+        return m + rows * k if self.prune else rows * m
+
+    def _small(self, m: int, k: int) -> bool:
+        return self.max_work is None or self.work(m, k) <= self.max_work
 
     def _note(self, m: int, k: int) -> None:
         for counts in (self.need, self.window_need):
             counts[0], counts[1] = max(counts[0], m), max(counts[1], k)
 
     def eager(self, m: int, k: int) -> None:
-        """Counts of an eager render (a warm-up one)."""
-        self._note(m, k)
-        self.eager_left -= 1
+        """Counts of an eager render: once the last ``warmup`` of them are small enough, the
+        sizes are set from them."""
+        self.eager_counts.append((m, k))
+        if len(self.eager_counts) == self.eager_counts.maxlen:
+            m, k = (max(c[i] for c in self.eager_counts) for i in (0, 1))
+            if self._small(m, k):
+                self.need, self.window_need, self.replays, self.armed = [m, k], [0, 0], 0, True
 
     def ready(self) -> bool:
-        """Whether the warm-up renders are done, so that a graph can be captured."""
-        return self.eager_left <= 0 and self.need[0] > 0
+        """Whether to render from a graph (captured at ``capacity()`` if there is none)."""
+        return self.armed
 
     def capacity(self) -> tuple[int, int]:
         """(march rows, kept rows) to capture with."""
@@ -331,11 +367,15 @@ class RenderSizes:
         return (sample_bucket(math.ceil(self.need[0] * h), b), sample_bucket(math.ceil(self.need[1] * h), b))
 
     def overflowed(self, cap: tuple[int, int], m: int, k: int) -> bool:
-        """Counts of a replay at sizes ``cap``: whether samples were lost (capture again)."""
+        """Counts of a replay at sizes ``cap``: whether samples were lost (capture again, or
+        render eagerly when the counts outgrew ``max_work``)."""
         if m > cap[0]:
             # The pruning saw only the samples that fit: scale its count to all of them.
             k = math.ceil(k * m / cap[0])
         self._note(m, k)
+        if not self._small(m, k):
+            self.armed = False
+            self.eager_counts.clear()
         return m > cap[0] or (self.prune and k > cap[1])
 
     def replayed(self, cap: tuple[int, int]) -> bool:
@@ -381,9 +421,10 @@ class GraphedRender:
         warmup: int = 2,
         max_graphs: int = 4,
         window: int = 500,
+        max_work: int | None = None,
     ):
         self.headroom, self.per_octave, self.warmup = headroom, per_octave, warmup
-        self.max_graphs, self.window = max_graphs, window
+        self.max_graphs, self.window, self.max_work = max_graphs, window, max_work
         self.pool = None  # one memory pool for all graphs (one graph replays at a time)
         self.graphs: OrderedDict[RenderKey, tuple] = OrderedDict()
         self.sizes: dict[RenderKey, RenderSizes] = {}
@@ -408,16 +449,26 @@ class GraphedRender:
             event.synchronize()
             m, k = host.tolist()
             self.pinned.append(host)
-            if self.sizes[key].overflowed(cap, m, k):
-                self.overflows += 1
+            sizes = self.sizes[key]
+            lost = sizes.overflowed(cap, m, k)
+            self.overflows += lost
+            if lost or not sizes.ready():
                 self._drop(key)
-                print(
-                    f"[speed] --graph_render: a {key.shading} render needed {m} samples ({k} kept) but "
-                    f"had room for {cap[0]} ({cap[1]}); some rays lost samples in that step. Captured "
-                    f"again larger: {self.sizes[key].capacity()}",
-                    file=sys.stderr,
-                    flush=True,
+            if lost:
+                then = f"captured again larger: {sizes.capacity()}" if sizes.ready() else "eager from now"
+                self._say(
+                    f"a {key.shading} render needed {m} samples ({k} kept) but had room for {cap[0]} "
+                    f"({cap[1]}); some rays lost samples in that step, {then}"
                 )
+            if not sizes.ready():
+                self._say(
+                    f"{key.shading} renders needing {sizes.work(m, k)} rows of field evaluation, more than "
+                    f"--graph_render_max_work {sizes.max_work}, run eagerly until they need fewer"
+                )
+
+    @staticmethod
+    def _say(what: str) -> None:
+        print(f"[speed] --graph_render: {what}", file=sys.stderr, flush=True)
 
     def _disable(self, why: str) -> None:
         self.disabled = True
@@ -426,7 +477,7 @@ class GraphedRender:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        print(f"[speed] --graph_render: {why}; the training render runs eagerly", file=sys.stderr, flush=True)
+        self._say(f"{why}; the training render runs eagerly")
 
     def run(
         self,
@@ -463,7 +514,7 @@ class GraphedRender:
         sizes = self.sizes.get(key)
         if sizes is None:
             sizes = self.sizes[key] = RenderSizes(
-                self.headroom, self.per_octave, self.warmup, key.prune, self.window
+                self.headroom, self.per_octave, self.warmup, key.prune, self.window, key.need, self.max_work
             )
         if key not in self.graphs and not sizes.ready():
             out, m, k = renderer.train_render(*eager)
