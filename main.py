@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         "step, says so in one line, and the render is captured again larger",
     )
     g.add_argument(
+        "--graph_render_max_work",
+        type=int,
+        default=0,
+        help="--graph_render: renders needing more rows of field evaluation than this (marched samples, "
+        "plus 7 per kept sample with fd normals) run eagerly, where the GPU bounds the render and "
+        "padding rows would cost more than the launches saved; 0: no limit",
+    )
+    g.add_argument(
         "--prune_samples",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -554,6 +562,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             err(f"--{name} must be positive, got {getattr(opt, name)}")
     if opt.upsample_steps < 0:
         err(f"--upsample_steps must be >= 0, got {opt.upsample_steps}")
+    if opt.graph_render_max_work < 0:
+        err(f"--graph_render_max_work must be >= 0 (0: no limit), got {opt.graph_render_max_work}")
     for name in ("radius_range", "theta_range", "phi_range", "fovy_range", "t_range"):
         lo, hi = getattr(opt, name)
         if lo > hi:

@@ -452,8 +452,12 @@ class GraphedRender:
             sizes = self.sizes[key]
             lost = sizes.overflowed(cap, m, k)
             self.overflows += lost
+            # Replays still in flight after a drop used the same graph: say it once.
+            said = key not in self.graphs or self.graphs[key][3] != cap
             if lost or not sizes.ready():
                 self._drop(key)
+            if said:
+                continue
             if lost:
                 then = f"captured again larger: {sizes.capacity()}" if sizes.ready() else "eager from now"
                 self._say(
