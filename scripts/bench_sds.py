@@ -95,6 +95,12 @@ VARIANTS: dict[str, list[str]] = {
     "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": FUSED_GN,
     "-O default": O_DEFAULT,
     "-O default + graphed training render": [*O_DEFAULT, "--graph_render"],
+    "-O default + graphed training render up to 2M rows": [
+        *O_DEFAULT,
+        "--graph_render",
+        "--graph_render_max_work",
+        str(2**21),
+    ],
     "compiled UNet graph + CL + compiled VAE graph + VAE CL": [*COMPILED_GRAPHS, "--vae_channels_last"],
     "compiled UNet graph + CL + compiled VAE graph + graphed network pass": [
         *COMPILED_GRAPHS,
