@@ -241,17 +241,7 @@ class NeRFRenderer(nn.Module):
         N = rays_o.shape[0]
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         xyzs, dirs, ts, rays = raymarching.march_rays_train(
-            rays_o,
-            rays_d,
-            self.bound,
-            self.density_bitfield,
-            self.cascade,
-            self.grid_size,
-            nears,
-            fars,
-            perturb,
-            opt.dt_gamma,
-            opt.max_steps,
+            rays_o, rays_d, *self._grid(), nears, fars, perturb, opt.dt_gamma, opt.max_steps
         )
         marched = xyzs.shape[0]
         if self._prunes(need) and marched > 0:
@@ -271,6 +261,10 @@ class NeRFRenderer(nn.Module):
             out = self.network_pass(*args)
         out["n_pruned"] = marched - xyzs.shape[0]  # samples dropped with weight 0 (per-sample means)
         return out, marched, xyzs.shape[0]
+
+    def _grid(self) -> tuple[float, torch.Tensor, int, int]:
+        """The occupancy grid as the marchers take it: bound, bitfield, cascades, cells per axis."""
+        return self.bound, self.density_bitfield, self.cascade, self.grid_size
 
     def _prunes(self, need: bool) -> bool:
         return bool(getattr(self.opt, "prune_samples", False)) and need
@@ -299,18 +293,7 @@ class NeRFRenderer(nn.Module):
         N = rays_o.shape[0]
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         xyzs, dirs, ts, rays, marched = raymarching.march_rays_train_fixed(
-            rays_o,
-            rays_d,
-            self.bound,
-            self.density_bitfield,
-            self.cascade,
-            self.grid_size,
-            nears,
-            fars,
-            noise,
-            opt.dt_gamma,
-            opt.max_steps,
-            capacity[0],
+            rays_o, rays_d, *self._grid(), nears, fars, noise, opt.dt_gamma, opt.max_steps, capacity[0]
         )
         rows, kept = capacity[0], marched.clamp(max=capacity[0])
         if self._prunes(need):
