@@ -24,14 +24,12 @@ def test_near_far_known_rays():
 
 
 def test_near_far_behind_camera_is_a_miss():
-    nears, fars = rm.near_far_from_aabb(torch.tensor([[0.0, 0, 3]]), torch.tensor([[0.0, 0, 1]]),
-                                        UNIT_BOX)
+    nears, fars = rm.near_far_from_aabb(torch.tensor([[0.0, 0, 3]]), torch.tensor([[0.0, 0, 1]]), UNIT_BOX)
     assert nears.item() == 1e10 and fars.item() == 1e10
 
 
 def test_morton_known_values_and_round_trip():
-    assert rm.morton3D(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 3, 3]])).tolist() == [
-        1, 2, 4, 63]
+    assert rm.morton3D(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 3, 3]])).tolist() == [1, 2, 4, 63]
     G = 128
     assert rm.morton3D(torch.tensor([[G - 1] * 3])).item() == G**3 - 1
     coords = torch.randint(0, 1024, (1000, 3), generator=torch.Generator().manual_seed(0))
@@ -76,8 +74,7 @@ def test_lattice_is_capped_at_max_steps_and_jittered():
     assert rays.tolist() == [[0, 8]]
     dt = 2 * math.sqrt(3) / 8
     assert ts[-1, 0].item() == pytest.approx(3.0 + 7 * dt)
-    _, _, ts2, _ = _march(o, d, bits, 2, 8, 2.0, max_steps=8, perturb=True,
-                          noise=torch.tensor([0.5]))
+    _, _, ts2, _ = _march(o, d, bits, 2, 8, 2.0, max_steps=8, perturb=True, noise=torch.tensor([0.5]))
     assert ts2[0, 0].item() == pytest.approx(3.0 + 0.5 * dt)  # jitter of the start only
     assert torch.allclose(ts2[1:, 0] - ts2[:-1, 0], torch.full((7,), dt))
 
@@ -141,8 +138,9 @@ def test_composite_matches_hand_computation():
 def test_composite_early_termination():
     sigmas = torch.tensor([1e4, 1.0, 1.0])
     ts = torch.tensor([[1.0, 0.1], [1.1, 0.1], [1.2, 0.1]])
-    w, ws, dep, _ = rm.composite_rays_train(sigmas, torch.ones(3, 3), ts,
-                                            torch.tensor([[0, 3]]), T_thresh=1e-4)
+    w, ws, dep, _ = rm.composite_rays_train(
+        sigmas, torch.ones(3, 3), ts, torch.tensor([[0, 3]]), T_thresh=1e-4
+    )
     assert w.tolist() == [1.0, 0.0, 0.0] and ws.item() == 1.0 and dep.item() == 1.0
 
 
@@ -150,11 +148,9 @@ def test_composite_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     sig = (torch.rand(5, generator=g, dtype=torch.float64) * 5).requires_grad_()
     rgb = torch.rand(5, 3, generator=g, dtype=torch.float64).requires_grad_()
-    ts = torch.tensor([[1.0, 0.1], [1.1, 0.2], [1.3, 0.3], [2.0, 0.2], [2.2, 0.4]],
-                      dtype=torch.float64)
+    ts = torch.tensor([[1.0, 0.1], [1.1, 0.2], [1.3, 0.3], [2.0, 0.2], [2.2, 0.4]], dtype=torch.float64)
     rays = torch.tensor([[0, 3], [3, 2]], dtype=torch.int32)
-    assert torch.autograd.gradcheck(lambda s, c: rm.composite_rays_train(s, c, ts, rays),
-                                    (sig, rgb))
+    assert torch.autograd.gradcheck(lambda s, c: rm.composite_rays_train(s, c, ts, rays), (sig, rgb))
 
 
 def _field(xyz):
@@ -162,28 +158,43 @@ def _field(xyz):
     return (torch.sin(3 * xyz).sum(-1) + 1.5).clamp(min=0) * 8, torch.sigmoid(2 * xyz)
 
 
-def render_inference(o, d, bits, C, G, bound, T_thresh, march=rm.march_rays,
-                     composite=rm.composite_rays, dt_gamma=0.0, max_steps=1024, max_step=8):
+def render_inference(
+    o,
+    d,
+    bits,
+    C,
+    G,
+    bound,
+    T_thresh,
+    march=rm.march_rays,
+    composite=rm.composite_rays,
+    dt_gamma=0.0,
+    max_steps=1024,
+    max_step=8,
+):
     """The renderer's alive-ray loop, run until every ray is finished (``max_step``: the cap
     on samples per alive ray per round)."""
     N = o.shape[0]
     aabb = torch.tensor([-bound] * 3 + [bound] * 3, device=o.device)
     nears, fars = rm.near_far_from_aabb(o.cpu(), d.cpu(), aabb.cpu(), 0.05)
     nears, fars = nears.to(o.device), fars.to(o.device)
-    ws, depth, image = (torch.zeros(N, device=o.device), torch.zeros(N, device=o.device),
-                        torch.zeros(N, 3, device=o.device))
+    ws, depth, image = (
+        torch.zeros(N, device=o.device),
+        torch.zeros(N, device=o.device),
+        torch.zeros(N, 3, device=o.device),
+    )
     alive = torch.arange(N, dtype=torch.int32, device=o.device)
     rays_t = nears.clone()
     rounds = []
     while alive.numel() > 0:
         n_alive = alive.numel()
         n_step = max(min(N // n_alive, max_step), 1)
-        xyzs, dirs, ts = march(n_alive, n_step, alive, rays_t, o, d, bound, bits, C, G, nears,
-                               fars, dt_gamma, max_steps)
+        xyzs, dirs, ts = march(
+            n_alive, n_step, alive, rays_t, o, d, bound, bits, C, G, nears, fars, dt_gamma, max_steps
+        )
         sigma, rgb = _field(xyzs)
         rounds.append((xyzs, ts, rays_t.clone()))
-        composite(n_alive, n_step, alive, rays_t, sigma, rgb, ts, ws, depth, image, fars,
-                  T_thresh)
+        composite(n_alive, n_step, alive, rays_t, sigma, rgb, ts, ws, depth, image, fars, T_thresh)
         alive = alive[alive >= 0]
         assert len(rounds) < 10_000
     return ws, depth, image, rounds
@@ -230,3 +241,33 @@ def assert_mostly_equal(inference, training, label, atol=2e-4, max_fraction=0.01
     bad = (~ok).sum().item()
     print(f"\n[inference vs training, {label}] rays off by more than {atol}: {bad}/{ok.numel()}")
     assert bad <= max_fraction * ok.numel()
+
+
+@pytest.mark.parametrize("room", [1.5, 0.5])
+def test_fixed_size_march_is_the_variable_one_padded_or_clipped(room):
+    """march_rays_train_fixed (--graph_render): exactly `capacity` rows, the true total, zero
+    padding in no ray; past the capacity every ray keeps a front part of its own samples."""
+    o, d, bits = random_scene(512, 2, 32, 2.0, seed=5)
+    nears, fars = rm.near_far_from_aabb(o, d, torch.tensor([-2.0] * 3 + [2.0] * 3), 0.05)
+    noise = torch.rand(512, generator=torch.Generator().manual_seed(1))
+    xyzs, _, ts, rays = rm.march_rays_train(o, d, 2.0, bits, 2, 32, nears, fars, True, 0.0, 256, noise)
+    M = xyzs.shape[0]
+    cap = int(M * room)
+    fx, _, ft, frays, total = rm.march_rays_train_fixed(
+        o, d, 2.0, bits, 2, 32, nears, fars, noise, 0.0, 256, cap
+    )
+    assert fx.shape == (cap, 3) and ft.shape == (cap, 2) and total.tolist() == [M]
+    counts = frays[:, 1].long()
+    assert int(counts.sum()) == min(M, cap) and int((frays[:, 0].long() + counts).max()) <= cap
+    assert (counts <= rays[:, 1].long()).all() and (counts < rays[:, 1].long()).any() == (room < 1)
+    for r in torch.nonzero(counts).squeeze(1).tolist():
+        a, n, b = int(frays[r, 0]), int(counts[r]), int(rays[r, 0])
+        assert torch.equal(ft[a : a + n], ts[b : b + n]) and torch.equal(fx[a : a + n], xyzs[b : b + n])
+    if room > 1:
+        assert not fx[M:].any() and not ft[M:].any()
+        # The pruning at a fixed size keeps what the variable one keeps.
+        sig = torch.nn.functional.softplus(torch.randn(cap, generator=torch.Generator().manual_seed(2))) * 40
+        keep, new_rays = rm.prune_rays_train(sig[:M], ts, rays, 1e-4)
+        fkeep, fnew, kept = rm.prune_rays_train_fixed(sig, ft, frays, 1e-4, keep.numel() + 7)
+        assert kept.tolist() == [keep.numel()] and torch.equal(fkeep[: keep.numel()], keep)
+        assert torch.equal(fnew, new_rays) and not fkeep[keep.numel() :].any()
