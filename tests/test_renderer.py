@@ -471,3 +471,65 @@ def test_eval_normals_ground_truth_of_the_ball_on_a_box():
     torch.testing.assert_close(n[0], d[0])
     assert n[1].tolist() == [0.0, 0.0, 1.0] and float(dist[1]) < 1e-6
     assert float(dist[2]) > 0.02  # 0.01 from the +x face, 0.04 from the top: an edge, left out
+
+
+class _DoneEvent:
+    """torch.cuda.Event stand-in on the CPU: work is done as soon as it is recorded."""
+
+    def record(self):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+
+def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, capsys):
+    """nerf/graphed.py's GraphedRender on the CPU, with the capture replaced by the function
+    itself: warm-up renders are eager, then the fixed-size render gives the eager outputs;
+    an undersized capture loses samples, is reported once (a step later) and captured again
+    larger; renders above --graph_render_max_work stay eager."""
+    from nerf.graphed import GraphedRender
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda fn, args, **kw: fn)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
+    field, o, d = _blob_scene(prune_samples=True)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    light = torch.tensor([[0.3, 0.5, 1.0]])
+
+    def render(graphs, seed):
+        args = (o, d, light, 0.2, "lambertian", True, True, 1e-4)
+        torch.manual_seed(seed)
+        if graphs is None:
+            return field.train_render(*args)[0]
+        graphs.pinned = [torch.zeros(2, dtype=torch.int32) for _ in range(4)]  # no pinned memory here
+        return graphs.run(field, *args)
+
+    graphs = GraphedRender(warmup=2, headroom=1.2)
+    for step in range(4):
+        out, ref = render(graphs, step), render(None, step)
+        assert graphs.captures == (0 if step < 2 else 1)
+        for k in ("image", "depth", "weights_sum", "normal_image", "loss_orient"):
+            torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
+    assert graphs.overflows == 0 and capsys.readouterr().err == ""
+
+    (key,) = graphs.sizes
+    graphs._poll()  # the counts of the replays so far, before they are forgotten
+    graphs.sizes[key].need = [n // 8 for n in graphs.sizes[key].need]
+    graphs._drop(key)
+    short = render(graphs, 9)  # captured too small: rays lose samples
+    assert graphs.captures == 2 and graphs.overflows == 0  # not known yet
+    assert (short["weights_sum"] - render(None, 9)["weights_sum"]).abs().max() > 0.1
+    out = render(graphs, 9)  # the counts of the last step are read: captured again larger
+    assert graphs.overflows == 1 and graphs.captures == 3
+    torch.testing.assert_close(out["image"], render(None, 9)["image"], atol=1e-6, rtol=1e-5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lost samples" in err[0] and "captured again larger" in err[0]
+
+    gated = GraphedRender(warmup=1, max_work=1000)  # far below this render's rows
+    for step in range(3):
+        torch.testing.assert_close(render(gated, step)["image"], render(None, step)["image"])
+    assert gated.captures == 0 and not gated.sizes[key].ready()
