@@ -524,17 +524,17 @@ class GraphedRender:
             out, m, k = renderer.train_render(*eager)
             sizes.eager(m, k)
             return out
-        # Drawn before any capture, so that a replay jitters as the eager march would have.
-        noise = torch.rand(rays_o.shape[0], device=dev) if perturb else None
         if key not in self.graphs:
             try:
                 self._capture(renderer, key, rays_o, rays_d, light_d)
-            except RuntimeError as e:
-                self._disable(f"capture failed ({str(e).strip().splitlines()[0]})")
+            except Exception as e:  # CUDA errors, and a kernel variant first compiled in the warm-up
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self._disable(f"capture failed ({why})")
                 return renderer.train_render(*eager)[0]
         self.graphs.move_to_end(key)
         fn, names, params, cap, static = self.graphs[key]
-        noise = static["noise"] if noise is None else noise
+        # The jitter the eager march would draw (the capture draws no random numbers).
+        noise = torch.rand(rays_o.shape[0], device=dev) if perturb else static["noise"]
         light = light_d.float().contiguous() if light_d is not None else static["light"]
         ratio = torch.full((), float(ambient_ratio), device=dev)
         out = dict(zip(names, fn(rays_o.contiguous(), rays_d.contiguous(), noise, light, ratio, *params)))

@@ -529,6 +529,17 @@ def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lost samples" in err[0] and "captured again larger" in err[0]
 
+    def broken(fn, args, **kw):
+        raise ValueError("no kernel for this GPU")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", broken)
+    failing = GraphedRender(warmup=1)
+    for step in range(2):  # eager warm-up, then the failed capture: eager from then on
+        torch.testing.assert_close(render(failing, step)["image"], render(None, step)["image"])
+    assert failing.disabled and failing.captures == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "capture failed (no kernel for this GPU)" in err[0] and "runs eagerly" in err[0]
+
     gated = GraphedRender(warmup=1, max_work=1000)  # far below this render's rows
     for step in range(3):
         torch.testing.assert_close(render(gated, step)["image"], render(None, step)["image"])
