@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="--graph_render: renders needing more rows of field evaluation than this (marched samples, "
         "plus 7 per kept sample with fd normals) run eagerly, where the GPU bounds the render and "
-        "padding rows would cost more than the launches saved; 0: no limit",
+        "the launches saved matter little; 0: no limit",
     )
     g.add_argument(
         "--prune_samples",

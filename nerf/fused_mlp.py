@@ -133,7 +133,7 @@ def _head_works(device: torch.device, dtype: torch.dtype, F: int, H: int) -> boo
         ]
         feat = torch.randn(100, F, device=device, generator=g).to(dtype).requires_grad_()
         with torch.enable_grad():
-            out = _FusedHead.apply(feat, torch.zeros(100, device=device), "exp", *params)
+            out = _FusedHead.apply(feat, torch.zeros(100, device=device), "exp", None, *params)
             grads = torch.autograd.grad(out[0].sum() + out[1].float().sum(), [feat, *params])
         return (*out, *grads)
 
@@ -164,9 +164,14 @@ def _programs(device_index: int) -> int:
     return _PROGRAMS_PER_SM * _sm_count(device_index)
 
 
+def _live_args(live: tuple[torch.Tensor, int] | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(count pointer, period) of the kernels' live rows; any tensor and 1 when every row is."""
+    return (fallback, 1) if live is None else (live[0], int(live[1]))
+
+
 class _FusedHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, feat, blob, activation, *params):
+    def forward(ctx, feat, blob, activation, live, *params):
         k = _kernels()
         n, F = feat.shape
         dtype = gemm_dtype(feat)
@@ -179,11 +184,11 @@ class _FusedHead(torch.autograd.Function):
             with torch.cuda.device(feat.device):  # Triton launches on the current device
                 k.head_forward_kernel[(_cdiv(n, _BM),)](
                     feat, feat.stride(0), feat.stride(1), blob, *params, sigma, albedo, n, F,
-                    EXP=activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
-                    DT=_tl_dtype(dtype), num_warps=_WARPS,
+                    *_live_args(live, sigma), EXP=activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE,
+                    BM=_BM, DT=_tl_dtype(dtype), HAS_LIVE=live is not None, num_warps=_WARPS,
                 )  # fmt: skip
         ctx.save_for_backward(feat, blob, *params)
-        ctx.activation, ctx.dtype = activation, dtype
+        ctx.activation, ctx.dtype, ctx.live = activation, dtype, live
         return sigma, albedo
 
     @staticmethod
@@ -210,27 +215,34 @@ class _FusedHead(torch.autograd.Function):
                 k.head_backward_kernel[(programs,)](
                     feat, feat.stride(0), feat.stride(1), blob, *params,
                     g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *rows, n, F, tiles,
-                    total, EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
-                    DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx, num_warps=_WARPS,
+                    total, *_live_args(ctx.live, partial), EXP=ctx.activation == "exp", F_P=_f_pad(F),
+                    H=H, O=_O_TILE, BM=_BM, DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx,
+                    HAS_LIVE=ctx.live is not None, num_warps=_WARPS,
                 )  # fmt: skip
         flat = partial.sum(0) if programs > 1 else partial[0]
         grads, at = [], 0
         for p in params:
             grads.append(flat[at : at + p.numel()].view(p.shape).to(p.dtype))
             at += p.numel()
-        return (gx if want_gx else None, None, None, *grads)
+        return (gx if want_gx else None, None, None, None, *grads)
 
 
 def mlp_head(
-    feat: torch.Tensor, blob: torch.Tensor, activation: str, params: list[torch.Tensor]
+    feat: torch.Tensor,
+    blob: torch.Tensor,
+    activation: str,
+    params: list[torch.Tensor],
+    live: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sigma [N] fp32 and albedo [N,3] (GEMM dtype) of encoder features feat [N,F].
 
     blob: [N] density prior added to the logit; activation: "exp" (trunc_exp) or "softplus";
-    params: (W0, b0, W1, b1, W2, b2) of the [F -> H -> H -> 4] ReLU MLP. Check ``supported``
-    first.
+    params: (W0, b0, W1, b1, W2, b2) of the [F -> H -> H -> 4] ReLU MLP; live: (count [1]
+    int32, period) to compute only rows r with r % period < count (the padding rows of a
+    fixed-size graph replay get zeros and pass no gradient), or None for every row. Check
+    ``supported`` first.
     """
-    return _FusedHead.apply(feat, blob, activation, *params)
+    return _FusedHead.apply(feat, blob, activation, live, *params)
 
 
 _SHADE_BLOCK = 256

@@ -287,8 +287,7 @@ class RenderSizes:
     the largest (marched, kept) counts since the last decision, times ``headroom``, rounded up to
     a ``per_octave`` step (``sample_bucket``). The first ``warmup`` renders are eager; so are all
     renders while they need more than ``max_work`` rows of field evaluation (None: no limit),
-    where the GPU, not the host, bounds the render and padding rows would cost more than the
-    launches saved.
+    where the GPU, not the host, bounds the render and the launches saved matter little.
 
     >>> s = RenderSizes(headroom=1.1, per_octave=16, warmup=2, prune=True, window=3)
     >>> s.eager(1000, 300); s.ready()
@@ -403,10 +402,11 @@ class GraphedRender:
     GPU. Replayed at fixed sizes it costs one launch each way and no sync. The sizes are the
     largest counts seen (first in ``warmup`` eager renders per setting) times ``headroom``,
     rounded up to a ``per_octave`` step; rows past the samples belong to no ray (weight 0, zero
-    gradient) but cost GPU time like the others. Each replay's true counts are read back a step
-    later without a sync: a render that needed more rows than it had (the rays that came last
-    lost samples in that one step) is counted in ``overflows``, reported in one line, and the
-    setting is captured again larger. Sizes shrink again when ``window`` replays in a row needed
+    gradient), and the hash-grid and MLP kernels skip them (``live_count``: the counts stay on
+    the device), while the pass's elementwise ops still touch them. Each replay's true counts
+    are read back a step later without a sync: a render that needed more rows than it had (the
+    rays that came last lost samples in that one step) is counted in ``overflows``, reported in
+    one line, and the setting is captured again larger. Sizes shrink again when ``window`` replays in a row needed
     less than half of them.
 
     Worth it where the render is bound by the host (a trained scene's 64x64 render: 4.6 -> 2.9

@@ -200,15 +200,18 @@ class NeRFRenderer(nn.Module):
         need: bool,
         T_thresh: float,
         N: int,
+        live_count: torch.Tensor | None = None,
     ) -> dict:
         """The field on packed training samples and their composite (``run_cuda``'s training
         step after marching): xyzs, dirs [M,3], ts [M,2], rays [N,2] (offset, count; rows in no
-        ray, such as padding, get weight 0 and zero gradient); light_d [1,3] or [N,3]."""
+        ray, such as padding, get weight 0 and zero gradient); light_d [1,3] or [N,3];
+        live_count [1] int32: the rows from it on are padding the field's kernels may skip."""
         M = xyzs.shape[0]
         light = light_d
         if light_d is not None and light_d.shape[0] > 1:
             light = light_d[_ray_ids(rays, M).clamp(min=0)]
-        sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
+        live = {} if live_count is None else {"live_count": live_count}
+        sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need, **live)
         weights, weights_sum, depth, image = raymarching.composite_rays_train(
             sigma.float(), color.float(), ts, rays, T_thresh
         )
@@ -298,14 +301,17 @@ class NeRFRenderer(nn.Module):
         rows, kept = capacity[0], marched.clamp(max=capacity[0])
         if self._prunes(need):
             with torch.no_grad():
-                sigma_pre = self.density(xyzs)["sigma"].float()
+                sigma_pre = self.density(xyzs, live_count=kept)["sigma"].float()
             keep, rays, kept = raymarching.prune_rays_train_fixed(
                 sigma_pre, ts, rays, 0.1 * T_thresh, capacity[1]
             )
             xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
             rows = capacity[1]
-        out = self.network_pass(xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N)
         in_rays = kept.clamp(max=rows)
+        # The padding rows' field evaluation is skipped by the CUDA and Triton kernels.
+        out = self.network_pass(
+            xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N, live_count=in_rays
+        )
         out["n_pruned"] = (marched.clamp(max=capacity[0]) - in_rays).reshape(())
         out["n_padding"] = (rows - in_rays).reshape(())
         out["totals"] = torch.cat([marched, kept])
