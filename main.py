@@ -236,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         "step, says so in one line, and the render is captured again larger",
     )
     g.add_argument(
+        "--graph_render_headroom",
+        type=float,
+        default=1.1,
+        help="--graph_render: graph sizes are the largest sample counts seen times this (more: fewer "
+        "steps that lose samples and new captures, more memory; the field's kernels skip the padding)",
+    )
+    g.add_argument(
         "--graph_render_max_work",
         type=int,
         default=0,
@@ -562,6 +569,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             err(f"--{name} must be positive, got {getattr(opt, name)}")
     if opt.upsample_steps < 0:
         err(f"--upsample_steps must be >= 0, got {opt.upsample_steps}")
+    if opt.graph_render_headroom < 1:
+        err(f"--graph_render_headroom must be at least 1, got {opt.graph_render_headroom}")
     if opt.graph_render_max_work < 0:
         err(f"--graph_render_max_work must be >= 0 (0: no limit), got {opt.graph_render_max_work}")
     for name in ("radius_range", "theta_range", "phi_range", "fovy_range", "t_range"):

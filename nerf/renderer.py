@@ -101,7 +101,10 @@ class NeRFRenderer(nn.Module):
         self.graphs = GraphedPasses(per_octave=int(getattr(opt, "graph_buckets", 8)))
         # --graph_render: the whole training render replayed from CUDA graphs at fixed sizes.
         self.graph_render = bool(getattr(opt, "graph_render", False))
-        self.render_graphs = GraphedRender(max_work=int(getattr(opt, "graph_render_max_work", 0)) or None)
+        self.render_graphs = GraphedRender(
+            headroom=float(getattr(opt, "graph_render_headroom", 1.1)),
+            max_work=int(getattr(opt, "graph_render_max_work", 0)) or None,
+        )
         b = self.bound
         self.register_buffer("aabb", torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32))
         if self.cuda_ray:

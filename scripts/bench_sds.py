@@ -95,6 +95,12 @@ VARIANTS: dict[str, list[str]] = {
     "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": FUSED_GN,
     "-O default": O_DEFAULT,
     "-O default + graphed training render": [*O_DEFAULT, "--graph_render"],
+    "-O default + graphed training render with 50% headroom": [
+        *O_DEFAULT,
+        "--graph_render",
+        "--graph_render_headroom",
+        "1.5",
+    ],
     "-O default + graphed training render up to 2M rows": [
         *O_DEFAULT,
         "--graph_render",
