@@ -70,6 +70,16 @@ def _live_rows(rows, ok, LIVE, live_period, HAS_LIVE: tl.constexpr):
 
 
 @triton.jit
+def _any_live(live, HAS_LIVE: tl.constexpr):
+    """Whether a tile has a live row; without HAS_LIVE a constant, so that the branch on it
+    leaves the kernels' code as it was."""
+    if HAS_LIVE:
+        return tl.max(live.to(tl.int32), axis=0) > 0
+    else:
+        return True
+
+
+@triton.jit
 def head_forward_kernel(
     X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, SIGMA, ALB, n, F, LIVE, live_period,
     EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
@@ -82,7 +92,7 @@ def head_forward_kernel(
     live = _live_rows(rows, ok, LIVE, live_period, HAS_LIVE)
     oc = tl.arange(0, O)[None, :]
     alb_mask = ok[:, None] & (oc >= 1) & (oc < 4)
-    if tl.max(live.to(tl.int32), axis=0) > 0:
+    if _any_live(live, HAS_LIVE):
         w0t = _load_wt(W0, F_P, H, F, H, DT)
         w1t = _load_wt(W1, H, H, H, H, DT)
         w2t = _load_wt(W2, H, O, H, 4, DT)
@@ -133,7 +143,7 @@ def head_backward_kernel(
         ok = rows < n
         live = _live_rows(rows, ok, LIVE, live_period, HAS_LIVE)
         msk = ok[:, None] & (fc[None, :] < F)
-        if tl.max(live.to(tl.int32), axis=0) > 0:
+        if _any_live(live, HAS_LIVE):
             # Rows that are not live read zero gradients: they add nothing below.
             x, h1, h2, out = _tile_forward(X, sxr, sxc, rows, live, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
             logit = _logit(out, BLOB, rows, live, O)
