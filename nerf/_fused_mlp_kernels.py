@@ -52,10 +52,22 @@ def _tile_forward(X, sxr, sxc, rows, ok, F, w0t, b0, w1t, b1, w2t, b2, F_P: tl.c
 
 
 @triton.jit
-def _logit(out, BLOB, rows, ok, O: tl.constexpr):
-    """The density logit [BM] fp32: head column 0 plus the density blob."""
+def _logit(out, BLOB, rows, ok, bd, bk, O: tl.constexpr, BLOB_MODE: tl.constexpr):
+    """The density logit [BM] fp32: head column 0 plus the density blob, read from BLOB [n]
+    (BLOB_MODE 0) or computed from the points BLOB [n,3] as ``FieldNetwork.density_blob`` does:
+    bd * exp(-|p|^2 / bk) (1; bk = 2 r^2) or bd * (1 - sqrt(|p|^2 + 1e-12) / bk) (2; bk = r)."""
     oc = tl.arange(0, O)
-    blob = tl.load(BLOB + rows, mask=ok, other=0.0)
+    if BLOB_MODE == 0:
+        blob = tl.load(BLOB + rows, mask=ok, other=0.0)
+    else:
+        px = tl.load(BLOB + 3 * rows, mask=ok, other=0.0)
+        py = tl.load(BLOB + 3 * rows + 1, mask=ok, other=0.0)
+        pz = tl.load(BLOB + 3 * rows + 2, mask=ok, other=0.0)
+        d = px * px + py * py + pz * pz
+        if BLOB_MODE == 1:
+            blob = bd * tl.exp(-d / bk)
+        else:
+            blob = bd * (1.0 - tl.sqrt(d + 1e-12) / bk)
     return tl.sum(tl.where(oc[None, :] == 0, out.to(tl.float32), 0.0), axis=1) + blob
 
 
@@ -81,9 +93,9 @@ def _any_live(live, HAS_LIVE: tl.constexpr):
 
 @triton.jit
 def head_forward_kernel(
-    X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, SIGMA, ALB, n, F, LIVE, live_period,
+    X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, SIGMA, ALB, n, F, LIVE, live_period, bd, bk,
     EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
-    DT: tl.constexpr, HAS_LIVE: tl.constexpr,
+    DT: tl.constexpr, HAS_LIVE: tl.constexpr, BLOB_MODE: tl.constexpr,
 ):  # fmt: skip
     """sigma [n] fp32 (exp or softplus of the logit) and albedo [n,3] DT (sigmoid); zeros for
     rows that are not live."""
@@ -98,7 +110,7 @@ def head_forward_kernel(
         w2t = _load_wt(W2, H, O, H, 4, DT)
         b0, b1, b2 = _load_b(B0, H, H, DT), _load_b(B1, H, H, DT), _load_b(B2, O, 4, DT)
         _, _, _, out = _tile_forward(X, sxr, sxc, rows, live, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
-        logit = _logit(out, BLOB, rows, live, O)
+        logit = _logit(out, BLOB, rows, live, bd, bk, O, BLOB_MODE)
         if EXP:
             sigma = tl.exp(logit)
         else:  # F.softplus (beta 1, threshold 20)
@@ -114,9 +126,9 @@ def head_forward_kernel(
 @triton.jit
 def head_backward_kernel(
     X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, GSIG, GALB, GX, DW0, DB0, DW1, DB1, DW2, DB2,
-    n, F, n_tiles, part_stride, LIVE, live_period,
+    n, F, n_tiles, part_stride, LIVE, live_period, bd, bk,
     EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
-    DT: tl.constexpr, WANT_GX: tl.constexpr, HAS_LIVE: tl.constexpr,
+    DT: tl.constexpr, WANT_GX: tl.constexpr, HAS_LIVE: tl.constexpr, BLOB_MODE: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the head's outputs -> the input gradient GX [n,F] and each program's partial
     sums of the weight gradients (fp32). Each program walks tiles pid, pid + P, ...,
@@ -146,7 +158,7 @@ def head_backward_kernel(
         if _any_live(live, HAS_LIVE):
             # Rows that are not live read zero gradients: they add nothing below.
             x, h1, h2, out = _tile_forward(X, sxr, sxc, rows, live, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
-            logit = _logit(out, BLOB, rows, live, O)
+            logit = _logit(out, BLOB, rows, live, bd, bk, O, BLOB_MODE)
             gs = tl.load(GSIG + rows, mask=live, other=0.0)
             if EXP:  # trunc_exp: the derivative is clamped at exp(15)
                 gl = gs * tl.exp(tl.minimum(logit, 15.0))

@@ -318,6 +318,9 @@ class FieldNetwork(NeRFRenderer):
         # The MLP + head, and the fd shading of a merged call, as Triton kernels where they
         # apply (--fused_mlp; nerf/fused_mlp.py).
         self.fused_mlp = bool(getattr(opt, "fused_mlp", False))
+        # With --fused_mlp, the density blob computed inside the kernels from the points (five
+        # tensor ops fewer per field call); False: passed to them as a tensor (A/B benchmarks).
+        self.blob_in_kernel = True
         self.max_level: float | None = None  # fraction of encoder levels in use
         if opt.bg_radius > 0:
             self.encoder_bg = FreqEncoder(3, bg_multires)
@@ -347,7 +350,11 @@ class FieldNetwork(NeRFRenderer):
             if self.fused_mlp and fused_mlp.supported(x, params[0::2]):
                 # Triton kernels: no GEMM algorithm choice per shape, so no padding either.
                 feat = self._encode(x, live)
-                blob = self.density_blob(x.float())
+                if self.blob_in_kernel:
+                    gaussian = self.density_activation == "exp"  # density_blob's two forms
+                    blob = fused_mlp.BlobSpec(x, self.blob_density, self.blob_radius, gaussian)
+                else:
+                    blob = self.density_blob(x.float())
                 return fused_mlp.mlp_head(feat, blob, self.density_activation, params, live)
             # Padding rows (at the origin) make the GEMM shapes repeat (bucket_rows).
             n = x.shape[0]
