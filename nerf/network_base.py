@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from gridencoder import GridEncoder
+
 from . import fused_mlp
 from .encoding import FreqEncoder
 from .provider import safe_normalize
@@ -374,7 +376,7 @@ class FieldNetwork(NeRFRenderer):
         return sigma, albedo
 
     def _encode(self, x: torch.Tensor, live: tuple[torch.Tensor, int] | None) -> torch.Tensor:
-        if live is None:  # encoders other than the hash grid take no live rows
+        if live is None or not isinstance(self.encoder, GridEncoder):  # only the grid skips rows
             return self.encoder(x, bound=self.bound, max_level=self.max_level)
         return self.encoder(x, bound=self.bound, max_level=self.max_level, live=live)
 
