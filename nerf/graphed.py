@@ -106,12 +106,69 @@ def functional_pass(
     return fn, tuple(p for _, p in named)
 
 
-class GraphedPasses:
+class _GraphSet:
+    """CUDA graphs (forward and backward) kept by key in one shared memory pool, the least
+    recently used dropped first, and turned off for good, in one line, when a capture fails:
+    what ``GraphedPasses`` and ``GraphedRender`` share.
+
+    All graphs share one memory pool: a graph's temporaries may then overlap another's saved
+    activations, which is safe because a training step replays one graph's forward and then its
+    backward before any other graph runs (outputs are read in that step)."""
+
+    option = ""  # the command-line option, for messages
+    eager_part = ""  # what runs eagerly once graphs are off
+
+    def __init__(self, max_graphs: int):
+        self.max_graphs = max_graphs
+        self.pool = None
+        self.graphs: OrderedDict = OrderedDict()
+        self.captures = 0  # graphs captured so far (for tests and benchmarks)
+        self.disabled = False  # a capture failed (or, for passes, captures came too often)
+
+    def _say(self, what: str) -> None:
+        print(f"[speed] --{self.option}: {what}", file=sys.stderr, flush=True)
+
+    def _drop(self, key=None) -> None:
+        """Drop ``key``'s graph (by default the least recently used one) and free its memory."""
+        if key is None and self.graphs:
+            key = next(iter(self.graphs))
+        if self.graphs.pop(key, None) is not None:
+            gc.collect()  # graphed functions sit in reference cycles: free their memory now
+        if not self.graphs:
+            # The last graph of the pool is gone and so is the pool: capturing into its old
+            # handle fails inside the caching allocator ("use_count > 0" assert).
+            self.pool = None
+
+    def _disable(self, why: str) -> None:
+        """Eager from now on: drop every graph and its memory, and say why in one line."""
+        self.disabled = True
+        self.graphs.clear()
+        self.pool = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._say(f"{why}; {self.eager_part} runs eagerly")
+
+    def _capture_failed(self, e: Exception) -> None:
+        # CUDA errors, and a kernel variant first compiled in the capture's warm-up.
+        self._disable(f"capture failed ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
+
+    def _graphed(self, fn: Callable[..., tuple], args: tuple) -> Callable[..., tuple]:
+        """``fn`` with its forward and backward replayed from CUDA graphs captured on ``args``."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.autocast("cuda", enabled=False):  # make_graphed_callables refuses autocast's cache
+            return torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True, pool=self.pool)
+
+
+class GraphedPasses(_GraphSet):
     """One CUDA graph (forward and backward) of the training network pass per shading, sample
     bucket and shape of the inputs; ``run`` has ``network_pass``'s signature and result.
 
     A replay's outputs live in the graph's memory: they hold until the next pass, so a training
     step reads them (loss, backward) before it renders again, as the Trainer does."""
+
+    option, eager_part = "graph_pass", "the network pass"
 
     def __init__(
         self,
@@ -123,29 +180,16 @@ class GraphedPasses:
     ):
         if per_octave < 1:
             raise ValueError(f"--graph_buckets must be at least 1, got {per_octave}")
-        self.max_graphs, self.per_octave = max_graphs, per_octave
-        self.pool = None  # one memory pool for all graphs (see _capture)
-        self.graphs: OrderedDict[tuple, tuple[Callable[..., tuple], list[str], tuple]] = OrderedDict()
-        self.captures = 0  # graphs captured so far (for tests and benchmarks)
+        super().__init__(max_graphs)
+        self.per_octave = per_octave
         self.min_uses = min_uses
         self.uses: Counter[tuple] = Counter()  # requests per key (cleared when large)
         self.eager_runs = 0  # passes run eagerly (their bucket not yet asked for min_uses times)
-        self.disabled = False  # a capture failed, or captures came too often: eager from then on
         # Churn guard: a run whose sample counts rarely repeat (random cameras on a changing
         # field) pays a capture at most steps and keeps a pool of dead graphs; more than
         # ``max_captures`` captures in the last ``window`` passes turn graphs off for good.
         self.window, self.max_captures = window, max_captures
         self.recent: deque[bool] = deque(maxlen=window)  # whether each recent pass captured
-
-    def _disable(self, why: str) -> None:
-        """Eager from now on: drop every graph and its memory, and say why in one line."""
-        self.disabled = True
-        self.graphs.clear()
-        self.pool = None
-        gc.collect()  # graphed functions sit in reference cycles: free their pool now
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        print(f"[speed] --graph_pass: {why}; the network pass runs eagerly", file=sys.stderr, flush=True)
 
     def run(
         self,
@@ -198,10 +242,7 @@ class GraphedPasses:
                 self.recent.append(False)
                 return renderer.network_pass(*eager)
             if len(self.graphs) >= self.max_graphs:
-                self.graphs.popitem(last=False)
-                # Graphed functions sit in reference cycles: only the cycle collector frees
-                # their graphs' memory.
-                gc.collect()
+                self._drop()
             try:
                 module = _Pass(renderer, shading, need, light_d is not None, T_thresh, N, dtype)
                 fn, params = functional_pass(module)
@@ -209,8 +250,8 @@ class GraphedPasses:
                 keys = list(_OUT_KEYS if need else _OUT_KEYS[:4])  # normals when needed
                 self.graphs[key] = (self._capture(fn, args + aliases), keys, params)
                 self.captures += 1
-            except RuntimeError as e:
-                self._disable(f"capture failed ({str(e).strip().splitlines()[0]})")
+            except Exception as e:
+                self._capture_failed(e)
                 return renderer.network_pass(*eager)
             self.recent.append(True)
             n_captures = sum(self.recent)
@@ -228,14 +269,7 @@ class GraphedPasses:
         return out
 
     def _capture(self, fn: Callable[..., tuple], args: tuple) -> Callable[..., tuple]:
-        """``fn`` with its forward and backward replayed from CUDA graphs captured on ``args``."""
-        # All graphs share one memory pool: a graph's temporaries may then overlap another's
-        # saved activations, which is safe because a training step replays one graph's forward
-        # and then its backward before any other graph runs (outputs are read in that step).
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.autocast("cuda", enabled=False):  # make_graphed_callables refuses autocast's cache
-            return torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True, pool=self.pool)
+        return self._graphed(fn, args)
 
 
 _RENDER_KEYS = (*_OUT_KEYS, "n_pruned", "n_padding", "totals")
@@ -393,7 +427,7 @@ class RenderSizes:
         return small
 
 
-class GraphedRender:
+class GraphedRender(_GraphSet):
     """The whole ``--cuda_ray`` training render (near/far, march, pruning pass, field, shading,
     composite), forward and backward, replayed from one CUDA graph per shading and setting.
 
@@ -414,6 +448,8 @@ class GraphedRender:
     field: 24.3 -> 29.3 ms per step), hence opt-in (``--graph_render``).
     """
 
+    option, eager_part = "graph_render", "the training render"
+
     def __init__(
         self,
         headroom: float = 1.1,
@@ -423,24 +459,13 @@ class GraphedRender:
         window: int = 500,
         max_work: int | None = None,
     ):
+        super().__init__(max_graphs)
         self.headroom, self.per_octave, self.warmup = headroom, per_octave, warmup
-        self.max_graphs, self.window, self.max_work = max_graphs, window, max_work
-        self.pool = None  # one memory pool for all graphs (one graph replays at a time)
-        self.graphs: OrderedDict[RenderKey, tuple] = OrderedDict()
+        self.window, self.max_work = window, max_work
         self.sizes: dict[RenderKey, RenderSizes] = {}
         self.pending: deque = deque()  # (key, pinned host counts, event, capacity) in flight
         self.pinned: list[torch.Tensor] = []  # free pinned buffers for the counts
-        self.captures = 0  # graphs captured so far (for tests and benchmarks)
         self.overflows = 0  # replays whose samples did not fit
-        self.disabled = False
-
-    def _drop(self, key: RenderKey) -> None:
-        if self.graphs.pop(key, None) is not None:
-            gc.collect()  # graphed functions sit in reference cycles: free their memory now
-        if not self.graphs:
-            # The last graph of the pool is gone and so is the pool: capturing into its old
-            # handle fails inside the caching allocator ("use_count > 0" assert).
-            self.pool = None
 
     def _poll(self, wait: bool = False) -> None:
         """Read back the counts of finished replays: grow a setting's sizes after an overflow."""
@@ -469,19 +494,6 @@ class GraphedRender:
                     f"{key.shading} renders needing {sizes.work(m, k)} rows of field evaluation, more than "
                     f"--graph_render_max_work {sizes.max_work}, run eagerly until they need fewer"
                 )
-
-    @staticmethod
-    def _say(what: str) -> None:
-        print(f"[speed] --graph_render: {what}", file=sys.stderr, flush=True)
-
-    def _disable(self, why: str) -> None:
-        self.disabled = True
-        self.graphs.clear()
-        self.pool = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self._say(f"{why}; the training render runs eagerly")
 
     def run(
         self,
@@ -527,9 +539,8 @@ class GraphedRender:
         if key not in self.graphs:
             try:
                 self._capture(renderer, key, rays_o, rays_d, light_d)
-            except Exception as e:  # CUDA errors, and a kernel variant first compiled in the warm-up
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                self._disable(f"capture failed ({why})")
+            except Exception as e:
+                self._capture_failed(e)
                 return renderer.train_render(*eager)[0]
         self.graphs.move_to_end(key)
         fn, names, params, cap, static = self.graphs[key]
@@ -555,7 +566,7 @@ class GraphedRender:
     ) -> None:
         """Capture ``key``'s render at its current capacity on copies of this step's inputs."""
         if len(self.graphs) >= self.max_graphs:
-            self._drop(next(iter(self.graphs)))
+            self._drop()
         dev = rays_o.device
         cap = self.sizes[key].capacity()
         module = _Render(renderer, key, cap)
@@ -571,11 +582,5 @@ class GraphedRender:
             torch.full((), 0.5, device=dev),
         )
         names = [n for n in _RENDER_KEYS if key.need or n not in ("normal_image", "loss_orient")]
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.autocast("cuda", enabled=False):  # make_graphed_callables refuses autocast's cache
-            graphed = torch.cuda.make_graphed_callables(
-                fn, args + aliases, allow_unused_input=True, pool=self.pool
-            )
-        self.graphs[key] = (graphed, names, params, cap, static)
+        self.graphs[key] = (self._graphed(fn, args + aliases), names, params, cap, static)
         self.captures += 1

@@ -301,10 +301,11 @@ class NeRFRenderer(nn.Module):
         xyzs, dirs, ts, rays, marched = raymarching.march_rays_train_fixed(
             rays_o, rays_d, *self._grid(), nears, fars, noise, opt.dt_gamma, opt.max_steps, capacity[0]
         )
-        rows, kept = capacity[0], marched.clamp(max=capacity[0])
+        fit = marched.clamp(max=capacity[0])  # samples in the march's rows
+        rows, kept = capacity[0], fit
         if self._prunes(need):
             with torch.no_grad():
-                sigma_pre = self.density(xyzs, live_count=kept)["sigma"].float()
+                sigma_pre = self.density(xyzs, live_count=fit)["sigma"].float()
             keep, rays, kept = raymarching.prune_rays_train_fixed(
                 sigma_pre, ts, rays, 0.1 * T_thresh, capacity[1]
             )
@@ -315,7 +316,7 @@ class NeRFRenderer(nn.Module):
         out = self.network_pass(
             xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N, live_count=in_rays
         )
-        out["n_pruned"] = (marched.clamp(max=capacity[0]) - in_rays).reshape(())
+        out["n_pruned"] = (fit - in_rays).reshape(())
         out["n_padding"] = (rows - in_rays).reshape(())
         out["totals"] = torch.cat([marched, kept])
         return out

@@ -95,19 +95,21 @@ def march_rays_train(
     if not _is_f32_cuda(rays_o, rays_d, nears, fars):
         return _torch_impl.march_rays_train(rays_o, rays_d, bound, density_bitfield, C, G, nears,
                                             fars, perturb, dt_gamma, max_steps, noise)
+    if perturb and noise is None:
+        noise = torch.rand(rays_o.shape[0], device=rays_o.device)
+    return tuple(_march_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars,
+                              noise if perturb else None, dt_gamma, max_steps, -1)[:4])
+
+
+def _march_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma,
+                 max_steps, capacity):
+    """The kernels of both training marches; capacity -1: sized by the count (a host sync)."""
     dt_min, dt_max = _torch_impl._step_params(bound, C, G, max_steps)
-    if perturb:
-        if noise is None:
-            noise = torch.rand(rays_o.shape[0], device=rays_o.device)
-        noise = _f32(noise)
-    else:
-        noise = None
-    xyzs, dirs, ts, rays, _ = _ext().march_rays_train(
-        rays_o.contiguous(), rays_d.contiguous(), nears.contiguous(), fars.contiguous(), noise,
-        density_bitfield.contiguous(), float(bound), int(C), int(G), float(dt_gamma),
-        int(max_steps), dt_min, dt_max, -1,
+    return _ext().march_rays_train(
+        rays_o.contiguous(), rays_d.contiguous(), nears.contiguous(), fars.contiguous(),
+        None if noise is None else _f32(noise), density_bitfield.contiguous(), float(bound), int(C),
+        int(G), float(dt_gamma), int(max_steps), dt_min, dt_max, int(capacity),
     )
-    return xyzs, dirs, ts, rays
 
 
 def march_rays_train_fixed(
@@ -132,13 +134,8 @@ def march_rays_train_fixed(
     if not _is_f32_cuda(rays_o, rays_d, nears, fars):
         return _torch_impl.march_rays_train_fixed(rays_o, rays_d, bound, density_bitfield, C, G, nears,
                                                   fars, noise, dt_gamma, max_steps, capacity)
-    dt_min, dt_max = _torch_impl._step_params(bound, C, G, max_steps)
-    xyzs, dirs, ts, rays, total = _ext().march_rays_train(
-        rays_o.contiguous(), rays_d.contiguous(), nears.contiguous(), fars.contiguous(),
-        None if noise is None else _f32(noise), density_bitfield.contiguous(), float(bound), int(C),
-        int(G), float(dt_gamma), int(max_steps), dt_min, dt_max, int(capacity),
-    )
-    return xyzs, dirs, ts, rays, total
+    return tuple(_march_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise,
+                              dt_gamma, max_steps, capacity))
 
 
 class _CompositeRaysTrain(torch.autograd.Function):
@@ -202,12 +199,21 @@ def prune_rays_train(
     order and new_rays [N,2] int32. Three kernels and one host sync (the kept count) instead
     of the twin's ~50 tensor ops (a sort and a binary search among them).
     """
-    if not _is_f32_cuda(sigmas, ts) or sigmas.dim() != 1 or sigmas.shape[0] == 0:
+    if not _prune_on_gpu(sigmas, ts):
         return _torch_impl.prune_rays_train(sigmas, ts, rays, T_min)
-    keep, new_rays, _ = _ext().prune_rays_train(
-        sigmas.contiguous(), ts.contiguous(), rays.to(torch.int32).contiguous(), float(T_min), -1
+    return tuple(_prune_train(sigmas, ts, rays, T_min, -1)[:2])
+
+
+def _prune_on_gpu(sigmas: torch.Tensor, ts: torch.Tensor) -> bool:
+    return _is_f32_cuda(sigmas, ts) and sigmas.dim() == 1 and sigmas.shape[0] > 0
+
+
+def _prune_train(sigmas, ts, rays, T_min, capacity):  # noqa: N803 - the twin's name
+    """The kernels of both prunings; capacity -1: keep sized by the kept count (a host sync)."""
+    return _ext().prune_rays_train(
+        sigmas.contiguous(), ts.contiguous(), rays.to(torch.int32).contiguous(), float(T_min),
+        int(capacity),
     )
-    return keep, new_rays
 
 
 def prune_rays_train_fixed(
@@ -222,13 +228,9 @@ def prune_rays_train_fixed(
     Returns keep [capacity] int64 (zeros past the kept ones), new_rays [N,2] int32 and total [1]
     int32 (the samples kept before clipping to the capacity).
     """
-    if not _is_f32_cuda(sigmas, ts) or sigmas.dim() != 1 or sigmas.shape[0] == 0:
+    if not _prune_on_gpu(sigmas, ts):
         return _torch_impl.prune_rays_train_fixed(sigmas, ts, rays, T_min, capacity)
-    keep, new_rays, total = _ext().prune_rays_train(
-        sigmas.contiguous(), ts.contiguous(), rays.to(torch.int32).contiguous(), float(T_min),
-        int(capacity),
-    )
-    return keep, new_rays, total
+    return tuple(_prune_train(sigmas, ts, rays, T_min, capacity))
 
 
 def march_rays(

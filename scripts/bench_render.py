@@ -38,11 +38,16 @@ from scripts.trace_stats import summary  # noqa: E402
 GRID_LAYOUTS = ((0, False), (1, False), (0, True), (1, True))
 
 
+# The fitted object: a ball (centre, radius) on a box (centre, half sizes).
+BALL_C, BALL_R = (0.0, 0.2, 0.0), 0.35
+BOX_C, BOX_H = (0.0, -0.25, 0.0), (0.4, 0.15, 0.3)
+
+
 def target_field(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A ball (r 0.35 at y=0.2) on a box (0.8 x 0.3 x 0.6 below y=-0.05): sigma, albedo."""
-    ball = (x - torch.tensor([0.0, 0.2, 0.0], device=x.device)).norm(dim=-1) < 0.35
-    q = (x - torch.tensor([0.0, -0.25, 0.0], device=x.device)).abs()
-    box = (q < torch.tensor([0.4, 0.15, 0.3], device=x.device)).all(-1)
+    ball = (x - torch.tensor(BALL_C, device=x.device)).norm(dim=-1) < BALL_R
+    q = (x - torch.tensor(BOX_C, device=x.device)).abs()
+    box = (q < torch.tensor(BOX_H, device=x.device)).all(-1)
     sigma = 100.0 * (ball | box).float()
     albedo = torch.where(
         ball[:, None],

@@ -26,10 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from main import parse_args  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
-from scripts.bench_render import fit, rays  # noqa: E402
-
-BALL_C, BALL_R = (0.0, 0.2, 0.0), 0.35
-BOX_C, BOX_H = (0.0, -0.25, 0.0), (0.4, 0.15, 0.3)
+from scripts.bench_render import BALL_C, BALL_R, BOX_C, BOX_H, fit, rays  # noqa: E402
 
 
 def true_normals(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +62,6 @@ def angles(model, ro, rd, method: str) -> tuple[torch.Tensor, torch.Tensor, torc
     model.normal_method = method
     model.train()
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device=ro.device), dim=-1)
-    torch.manual_seed(0)  # the same march jitter for every method
     out = model.render(ro, rd, light_d=light, ambient_ratio=0.3, shading="lambertian", perturb=False)
     ws = out["weights_sum"].reshape(-1).detach().float()
     hit = ws > 0.9

@@ -92,13 +92,19 @@ def empty_block_fraction(bits: torch.Tensor) -> float:
     return (bits.reshape(-1, 64) == 0).all(1).float().mean().item()
 
 
-def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0):
+def march_inputs(C, G, bound, perturb, p=0.05, N=4096, seed=0):
+    """A random scene's rays o, d, bitfield, nears, fars and jitter (None without perturb)."""
     o, d, bits = random_scene(N, C, G, bound, seed=seed + C * 7 + G, p=p)
     if p < 1e-3:
         assert empty_block_fraction(bits) > 0.3  # the case exercises block skipping
     aabb = torch.tensor([-bound] * 3 + [bound] * 3)
     nears, fars = rm.near_far_from_aabb(o, d, aabb, 0.05)
     noise = torch.rand(N, generator=torch.Generator().manual_seed(seed)) if perturb else None
+    return o, d, bits, nears, fars, noise
+
+
+def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0):
+    o, d, bits, nears, fars, noise = march_inputs(C, G, bound, perturb, p, N, seed)
     ref = rm.march_rays_train(o, d, bound, bits, C, G, nears, fars, perturb, dt_gamma, max_steps, noise)
     got = rc.march_rays_train(
         o.to(DEV),
@@ -536,9 +542,7 @@ def test_fixed_size_march_and_prune_match_twin(fit):
     case = (2, 64, 2.0, 0.0, 1024, True)
     (_, _, ts_t, rays_t), (xyzs, _, ts, rays) = march_both(*case)  # twin, CUDA
     M = xyzs.shape[0]
-    o, d, bits = random_scene(4096, 2, 64, 2.0, seed=0 + 2 * 7 + 64, p=0.05)  # march_both's scene
-    nears, fars = rm.near_far_from_aabb(o, d, torch.tensor([-2.0] * 3 + [2.0] * 3), 0.05)
-    noise = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    o, d, bits, nears, fars, noise = march_inputs(2, 64, 2.0, True)  # march_both's scene
     cap = M + 1000 if fit == "room" else M // 2
     args = (
         [t.to(DEV) for t in (o, d)] + [2.0, bits.to(DEV), 2, 64] + [t.to(DEV) for t in (nears, fars, noise)]

@@ -264,14 +264,18 @@ def test_fixed_size_training_render_equals_the_variable_one(shading):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
 
 
-def test_fixed_size_training_render_past_its_capacity_drops_samples_and_says_so():
+def test_fixed_size_training_render_past_its_capacity_drops_samples_and_reports_the_totals():
+    """Too small a march or pruning capacity: finite outputs of the fixed sizes, and the true
+    totals (the march's always; the pruning's when the march fit) above the capacity."""
     field, o, d = _blob_scene(prune_samples=True)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     light = torch.tensor([[0.3, 0.5, 1.0]])
     _, marched, kept = field.train_render(o, d, light, 0.2, "lambertian", False, True, 1e-4)
     for cap in ((marched // 2, kept), (marched, kept // 2)):
         got = field.train_render_fixed(o, d, None, light, 0.2, "lambertian", True, 1e-4, cap)
-        assert got["totals"].tolist() == [marched, kept if cap[0] == marched else got["totals"][1]]
+        assert int(got["totals"][0]) == marched
+        if cap[0] == marched:  # the pruning saw every sample
+            assert int(got["totals"][1]) == kept
         assert got["totals"][0] > cap[0] or got["totals"][1] > cap[1]
         assert got["weights"].shape == (cap[1],) and torch.isfinite(got["image"]).all()
         assert int(got["n_padding"]) >= 0 and int(got["n_pruned"]) >= 0
