@@ -237,17 +237,19 @@ class NeRFRenderer(nn.Module):
         perturb: bool,
         need: bool,
         T_thresh: float,
+        noise: torch.Tensor | None = None,
     ) -> tuple[dict, int, int]:
         """``run_cuda``'s training render: march, prune (``--prune_samples``), the network pass.
 
-        rays_o, rays_d: [N,3]; light_d: [N,3], [1,3] or None. Returns the outputs and the sample
-        counts marched and kept (host numbers: the march and the pruning each sync once).
+        rays_o, rays_d: [N,3]; light_d: [N,3], [1,3] or None; noise: [N] the march's jitter in
+        [0,1) (None: drawn here when ``perturb``). Returns the outputs and the sample counts
+        marched and kept (host numbers: the march and the pruning each sync once).
         """
         opt = self.opt
         N = rays_o.shape[0]
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         xyzs, dirs, ts, rays = raymarching.march_rays_train(
-            rays_o, rays_d, *self._grid(), nears, fars, perturb, opt.dt_gamma, opt.max_steps
+            rays_o, rays_d, *self._grid(), nears, fars, perturb, opt.dt_gamma, opt.max_steps, noise
         )
         marched = xyzs.shape[0]
         if self._prunes(need) and marched > 0:

@@ -101,6 +101,12 @@ VARIANTS: dict[str, list[str]] = {
         "--graph_render_headroom",
         "1.5",
     ],
+    "-O default + graphed training render up to 1M rows": [
+        *O_DEFAULT,
+        "--graph_render",
+        "--graph_render_max_work",
+        str(2**20),
+    ],
     "-O default + graphed training render up to 2M rows": [
         *O_DEFAULT,
         "--graph_render",
