@@ -231,16 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="--cuda_ray training on a GPU: replay the whole training render (march, pruning, field, "
         "shading, composite; forward and backward) from CUDA graphs, one per shading, at fixed sizes "
-        "(the largest sample counts seen, plus 10%%), with one host sync (eager: two). Rows past the "
-        "samples get zero weight and gradient. A step that needs more samples than fit is rendered "
-        "eagerly instead (nothing is lost), one line says so, and the render is captured again larger",
+        "(the largest sample counts seen, plus 10%%), with no host sync. Rows past the samples get "
+        "zero weight and gradient. A step that needs more samples than fit loses the last ones that "
+        "step, says so in one line, and the render is captured again larger",
     )
     g.add_argument(
         "--graph_render_headroom",
         type=float,
         default=1.1,
         help="--graph_render: graph sizes are the largest sample counts seen times this (more: fewer "
-        "eager steps and new captures, more memory; the field's kernels skip the padding)",
+        "steps that lose samples and new captures, more memory; the field's kernels skip the padding)",
     )
     g.add_argument(
         "--graph_render_max_work",

@@ -272,7 +272,7 @@ class GraphedPasses(_GraphSet):
         return self._graphed(fn, args)
 
 
-_RENDER_KEYS = (*_OUT_KEYS, "n_pruned", "n_padding", "totals")
+_RENDER_KEYS = (*_OUT_KEYS, "n_pruned", "n_padding", "complete", "totals")
 
 
 class RenderKey(NamedTuple):
@@ -433,17 +433,19 @@ class GraphedRender(_GraphSet):
 
     A 64x64 training render launches a few hundred small kernels and syncs twice (the sample
     counts of the march and of the pruning size their outputs): the host takes longer than the
-    GPU. Replayed at fixed sizes it costs one launch each way and one sync. The sizes are the
+    GPU. Replayed at fixed sizes it costs one launch each way and no sync. The sizes are the
     largest counts seen (first in ``warmup`` eager renders per setting) times ``headroom``,
     rounded up to a ``per_octave`` step; rows past the samples belong to no ray (weight 0, zero
     gradient), and the hash-grid and MLP kernels skip them (``live_count``: the counts stay on
     the device), while the pass's elementwise ops still touch them.
 
-    Lossless: after the forward replay the true counts are read (the one sync, where the eager
-    render has two). A replay that needed more rows than it had is discarded before anything
-    reads it, the step renders eagerly with the same jitter, the setting is captured again
-    larger at its next render, and one line says so (``overflows`` counts them). Sizes shrink
-    again when ``window`` replays in a row needed less than half of them.
+    No sync: each replay's true counts are read back a step later (pinned buffer + event). A
+    render that needed more rows than it had (the rays that came last lost samples) says so on
+    the device: its ``complete`` output is False, and the Trainer then skips that step's update
+    on the device as it skips a non-finite one, so no gradient of a clipped render is applied.
+    When the counts come back the overflow is counted in ``overflows``, reported in one line,
+    and the setting is captured again larger. Sizes shrink again when ``window`` replays in a
+    row needed less than half of them.
 
     Worth it where the render is bound by the host (a trained scene's 64x64 render: 4.6 -> 2.9
     ms lambertian on the H100), not where the GPU is busy and the counts grow (bench_sds's fresh
@@ -465,7 +467,37 @@ class GraphedRender(_GraphSet):
         self.headroom, self.per_octave, self.warmup = headroom, per_octave, warmup
         self.window, self.max_work = window, max_work
         self.sizes: dict[RenderKey, RenderSizes] = {}
-        self.overflows = 0  # replays discarded because their samples did not fit
+        self.pending: deque = deque()  # (key, pinned host counts, event, capacity) in flight
+        self.pinned: list[torch.Tensor] = []  # free pinned buffers for the counts
+        self.overflows = 0  # replays whose samples did not fit (their outputs: complete False)
+
+    def _poll(self, wait: bool = False) -> None:
+        """Read back the counts of finished replays: grow a setting's sizes after an overflow."""
+        while self.pending and (wait or self.pending[0][2].query()):
+            key, host, event, cap = self.pending.popleft()
+            event.synchronize()
+            m, k = host.tolist()
+            self.pinned.append(host)
+            sizes = self.sizes[key]
+            lost = sizes.overflowed(cap, m, k)
+            self.overflows += lost
+            # Replays still in flight after a drop used the same graph: say it once.
+            said = key not in self.graphs or self.graphs[key][3] != cap
+            if lost or not sizes.ready():
+                self._drop(key)
+            if said:
+                continue
+            if lost:
+                then = f"captured again larger: {sizes.capacity()}" if sizes.ready() else "eager from now"
+                self._say(
+                    f"a {key.shading} render needed {m} samples ({k} kept) but had room for {cap[0]} "
+                    f"({cap[1]}): its outputs are marked incomplete (training skips that step), {then}"
+                )
+            if not sizes.ready():
+                self._say(
+                    f"{key.shading} renders needing {sizes.work(m, k)} rows of field evaluation, more than "
+                    f"--graph_render_max_work {sizes.max_work}, run eagerly until they need fewer"
+                )
 
     def run(
         self,
@@ -485,6 +517,7 @@ class GraphedRender(_GraphSet):
         eager = (rays_o, rays_d, light_d, ambient_ratio, shading, perturb, need, T_thresh)
         if self.disabled:
             return renderer.train_render(*eager)[0]
+        self._poll()
         dev = rays_o.device
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = RenderKey(
@@ -520,29 +553,15 @@ class GraphedRender(_GraphSet):
         light = light_d.float().contiguous() if light_d is not None else static["light"]
         ratio = torch.full((), float(ambient_ratio), device=dev)
         out = dict(zip(names, fn(rays_o.contiguous(), rays_d.contiguous(), noise, light, ratio, *params)))
-        m, k = out.pop("totals").tolist()  # the one sync
-        if sizes.overflowed(cap, m, k):
-            # Some rays lost samples: nothing has read this replay yet, so render the step
-            # eagerly instead, with the same jitter.
-            self.overflows += 1
-            self._drop(key)
-            then = (
-                f"captured again larger: {sizes.capacity()}"
-                if sizes.ready()
-                else f"eager while renders need more than --graph_render_max_work {sizes.max_work} rows"
-            )
-            self._say(
-                f"a {shading} render needed {m} samples ({k} kept), more than its graph's {cap[0]} "
-                f"({cap[1]}): rendered eagerly in that step, {then}"
-            )
-            return renderer.train_render(*eager, noise=noise if perturb else None)[0]
-        if not sizes.ready():
-            self._drop(key)
-            self._say(
-                f"{shading} renders needing {sizes.work(m, k)} rows of field evaluation, more than "
-                f"--graph_render_max_work {sizes.max_work}, run eagerly until they need fewer"
-            )
-        elif sizes.replayed(cap):
+        # The counts come back a step later, without a sync (pinned buffer + event).
+        host = self.pinned.pop() if self.pinned else torch.empty(2, dtype=torch.int32, pin_memory=True)
+        host.copy_(out.pop("totals"), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((key, host, event, cap))
+        if len(self.pending) > 8:
+            self._poll(wait=True)
+        if sizes.replayed(cap):
             self._drop(key)  # captured again smaller at the next render
         return out
 

@@ -237,19 +237,17 @@ class NeRFRenderer(nn.Module):
         perturb: bool,
         need: bool,
         T_thresh: float,
-        noise: torch.Tensor | None = None,
     ) -> tuple[dict, int, int]:
         """``run_cuda``'s training render: march, prune (``--prune_samples``), the network pass.
 
-        rays_o, rays_d: [N,3]; light_d: [N,3], [1,3] or None; noise: [N] the march's jitter in
-        [0,1) (None: drawn here when ``perturb``). Returns the outputs and the sample counts
-        marched and kept (host numbers: the march and the pruning each sync once).
+        rays_o, rays_d: [N,3]; light_d: [N,3], [1,3] or None. Returns the outputs and the sample
+        counts marched and kept (host numbers: the march and the pruning each sync once).
         """
         opt = self.opt
         N = rays_o.shape[0]
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         xyzs, dirs, ts, rays = raymarching.march_rays_train(
-            rays_o, rays_d, *self._grid(), nears, fars, perturb, opt.dt_gamma, opt.max_steps, noise
+            rays_o, rays_d, *self._grid(), nears, fars, perturb, opt.dt_gamma, opt.max_steps
         )
         marched = xyzs.shape[0]
         if self._prunes(need) and marched > 0:
@@ -294,8 +292,8 @@ class NeRFRenderer(nn.Module):
         The march fills ``capacity[0]`` rows and the pruning keeps up to ``capacity[1]``; padding
         rows belong to no ray (weight 0, no gradient). noise: [N] jitter or None. Besides the
         outputs: ``n_pruned`` and ``n_padding`` [] (device counts for per-sample means over the
-        padded ``weights``) and ``totals`` [2] int32, the samples marched and kept before any
-        clipping (above a capacity: samples were dropped).
+        padded ``weights``), ``complete`` [] bool (every sample fit: the outputs are the eager
+        render's) and ``totals`` [2] int32, the samples marched and kept before any clipping.
         """
         opt = self.opt
         N = rays_o.shape[0]
@@ -320,6 +318,7 @@ class NeRFRenderer(nn.Module):
         )
         out["n_pruned"] = (fit - in_rays).reshape(())
         out["n_padding"] = (rows - in_rays).reshape(())
+        out["complete"] = ((marched <= capacity[0]) & (kept <= rows)).reshape(())
         out["totals"] = torch.cat([marched, kept])
         return out
 
@@ -458,7 +457,7 @@ class NeRFRenderer(nn.Module):
         }
         if "normal_image" in out:
             res["normal_image"] = out["normal_image"].reshape(B, n, 3)
-        for k in ("weights", "loss_orient", "n_pruned", "n_padding"):
+        for k in ("weights", "loss_orient", "n_pruned", "n_padding", "complete"):
             if k in out:
                 res[k] = out[k]
         return res

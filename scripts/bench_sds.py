@@ -37,6 +37,7 @@ from main import build_guidance, configure_cuda_allocator, parse_args  # noqa: E
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
+from scripts.bench_render import fit  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
 
 OFF = [
@@ -300,6 +301,9 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
     torch.manual_seed(0)
     opt, model, sd, trainer, train_set = build(args, model_path, extra, tmp / f"ws{len(name)}", device)
     trainer.prepare_embeddings()
+    if args.fitted:
+        # A formed object (bench_render's ball on a box) instead of the fresh field's fog.
+        fit(model, device, args.fitted)
     # The RGB phase (80% of a default run): past the latent warm-up, after a few grid refreshes.
     trainer.global_step = opt.iters // 2
     for _ in range(4):
@@ -479,11 +483,20 @@ def main() -> None:
     ap.add_argument("--model", default="sd2.1-base", help="sd_factory config (random weights)")
     ap.add_argument("--hf_key", default=None, help="use this model folder instead of building one")
     ap.add_argument(
-        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated of {list(VARIANTS)}"
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated of " + str(list(VARIANTS)).replace("%", "%%"),
     )
     ap.add_argument("--extra", default="", help="more main.py options for every variant (e.g. a small grid)")
     ap.add_argument("--iters", type=int, default=40, help="timed iterations per variant")
     ap.add_argument("--warmup", type=int, default=8, help="untimed iterations first (graph capture)")
+    ap.add_argument(
+        "--fitted",
+        type=int,
+        default=0,
+        help="first fit the field to bench_render's ball on a box in this many Adam steps (500 there): "
+        "the render of a formed object, as in most of a run, instead of a fresh field's fog (0: fresh)",
+    )
     ap.add_argument("--part_repeat", type=int, default=15, help="repeats of each breakdown part")
     ap.add_argument("--flops", action="store_true", help="count the UNet and VAE FLOPs (first variant)")
     ap.add_argument("--profile", default=None, help="write a profiler table of one variant here")
@@ -512,7 +525,8 @@ def main() -> None:
             )
             results.append(r)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    md = f"device: {name}, torch {torch.__version__}, model {args.model}\n\n{table(results, device)}\n"
+    field = f"fitted ball on a box ({args.fitted} steps)" if args.fitted else "fresh"
+    md = f"device: {name}, torch {torch.__version__}, model {args.model}, field {field}\n\n{table(results, device)}\n"
     if args.flop_counts:
         md += f"\nGFLOP: UNet CFG call {args.flop_counts['unet']:.0f}, VAE encode fwd+bwd {args.flop_counts['vae']:.0f}\n"
     print(md)

@@ -477,16 +477,29 @@ def test_eval_normals_ground_truth_of_the_ball_on_a_box():
     assert float(dist[2]) > 0.02  # 0.01 from the +x face, 0.04 from the top: an edge, left out
 
 
+class _DoneEvent:
+    """torch.cuda.Event stand-in on the CPU: work is done as soon as it is recorded."""
+
+    def record(self):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+
 def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, capsys):
     """nerf/graphed.py's GraphedRender on the CPU, with the capture replaced by the function
     itself: warm-up renders are eager, then the fixed-size render gives the eager outputs;
-    an undersized capture loses no samples (the replay is discarded, that step renders eagerly
-    with the same jitter), is reported in one line and captured again larger; renders above
-    --graph_render_max_work stay eager."""
+    an undersized capture loses samples, marks its outputs incomplete (on the device), is
+    reported once (a step later) and captured again larger; renders above --graph_render_max_work stay eager."""
     from nerf.graphed import GraphedRender
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda fn, args, **kw: fn)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
     field, o, d = _blob_scene(prune_samples=True)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     light = torch.tensor([[0.3, 0.5, 1.0]])
@@ -496,31 +509,31 @@ def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, cap
         torch.manual_seed(seed)
         if graphs is None:
             return field.train_render(*args)[0]
+        graphs.pinned = [torch.zeros(2, dtype=torch.int32) for _ in range(4)]  # no pinned memory here
         return graphs.run(field, *args)
 
-    keys = ("image", "depth", "weights_sum", "normal_image", "loss_orient")
     graphs = GraphedRender(warmup=2, headroom=1.2)
     for step in range(4):
         out, ref = render(graphs, step), render(None, step)
         assert graphs.captures == (0 if step < 2 else 1)
-        assert ("n_padding" in out) == (step >= 2)  # replayed at a fixed size from the third on
-        for k in keys:
+        for k in ("image", "depth", "weights_sum", "normal_image", "loss_orient"):
             torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
+        assert step < 2 or bool(out["complete"])
     assert graphs.overflows == 0 and capsys.readouterr().err == ""
 
     (key,) = graphs.sizes
+    graphs._poll()  # the counts of the replays so far, before they are forgotten
     graphs.sizes[key].need = [n // 8 for n in graphs.sizes[key].need]
     graphs._drop(key)
-    short = render(graphs, 9)  # captured too small: the replay is discarded, eager instead
-    assert graphs.captures == 2 and graphs.overflows == 1 and "n_padding" not in short
-    ref = render(None, 9)
-    for k in keys:
-        torch.testing.assert_close(short[k], ref[k], atol=1e-6, rtol=1e-5)
+    short = render(graphs, 9)  # captured too small: rays lose samples
+    assert graphs.captures == 2 and graphs.overflows == 0  # not known yet on the host
+    assert not bool(short["complete"])  # but marked on the device: training skips the step
+    assert (short["weights_sum"] - render(None, 9)["weights_sum"]).abs().max() > 0.1
+    out = render(graphs, 9)  # the counts of the last step are read: captured again larger
+    assert graphs.overflows == 1 and graphs.captures == 3
+    torch.testing.assert_close(out["image"], render(None, 9)["image"], atol=1e-6, rtol=1e-5)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "rendered eagerly in that step" in err[0] and "captured again larger" in err[0]
-    out = render(graphs, 9)  # captured again larger: replayed, and it fits
-    assert graphs.overflows == 1 and graphs.captures == 3 and "n_padding" in out
-    torch.testing.assert_close(out["image"], ref["image"], atol=1e-6, rtol=1e-5)
+    assert len(err) == 1 and "marked incomplete" in err[0] and "captured again larger" in err[0]
 
     def broken(fn, args, **kw):
         raise ValueError("no kernel for this GPU")
