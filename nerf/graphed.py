@@ -340,15 +340,21 @@ class RenderSizes:
     >>> s.need, s.capacity()
     ([1400, 400], (1792, 512))
 
-    With a work limit (rows: marched, plus 7 per kept sample for the merged fd call):
+    With a work limit (rows: marched, plus 7 per kept sample for the merged fd call), and
+    ``rearm``: after a render past the limit, that many small renders in a row before graphs
+    again (counts that straddle the limit stay eager instead of capturing again and again):
 
-    >>> s = RenderSizes(1.1, 16, warmup=2, prune=True, window=3, max_work=5000)
+    >>> s = RenderSizes(1.1, 16, warmup=2, prune=True, window=3, max_work=5000, rearm=3)
     >>> s.eager(1000, 300); s.eager(1200, 600); s.ready()  # 1200 + 7 * 600 rows: too many
     False
     >>> s.eager(1000, 300); s.eager(900, 300); s.ready()  # the last two: 1000 + 7 * 300 rows
     True
     >>> s.overflowed(s.capacity(), 2000, 700), s.ready()  # grown past the limit: eager again
     (True, False)
+    >>> s.eager(900, 300); s.eager(900, 300); s.ready()  # two small ones are not enough now
+    False
+    >>> s.eager(900, 300); s.ready()
+    True
     """
 
     def __init__(
@@ -360,9 +366,10 @@ class RenderSizes:
         window: int,
         normals: bool = True,
         max_work: int | None = None,
+        rearm: int = 32,
     ):
         self.headroom, self.per_octave, self.prune, self.window = headroom, per_octave, prune, window
-        self.normals, self.max_work = normals, max_work
+        self.normals, self.max_work, self.rearm = normals, max_work, rearm
         self.need = [0, 0]  # largest (marched, kept) counts since the sizes were last set
         self.window_need = [0, 0]  # largest counts in the current window of replays
         self.replays = 0
@@ -408,7 +415,7 @@ class RenderSizes:
         self._note(m, k)
         if not self._small(m, k):
             self.armed = False
-            self.eager_counts.clear()
+            self.eager_counts = deque(maxlen=max(self.rearm, 1))
         return m > cap[0] or (self.prune and k > cap[1])
 
     def replayed(self, cap: tuple[int, int]) -> bool:

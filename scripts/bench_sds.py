@@ -47,6 +47,7 @@ OFF = [
     "--no-channels_last",
     "--no-vae_fused_gn",
     "--no-fused_mlp",
+    "--no-graph_render",
     "--unet_traced",
     "off",
 ]
@@ -62,8 +63,10 @@ COMPILED_GRAPHS = [
 ]
 # The -O default's levers before the fused MLP (run 11's default).
 FUSED_GN = [*COMPILED_GRAPHS, "--vae_fused_gn"]
+# The -O default's levers before the graphed training render (runs 12-14's default).
+FUSED_MLP = [*FUSED_GN, "--fused_mlp"]
 # The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
-O_DEFAULT = [*FUSED_GN, "--fused_mlp"]
+O_DEFAULT = [*FUSED_MLP, "--graph_render"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
@@ -95,21 +98,26 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": FUSED_GN,
     "-O default": O_DEFAULT,
-    "-O default + graphed training render": [*O_DEFAULT, "--graph_render"],
+    "-O default without the graphed render": FUSED_MLP,
+    # --graph_render beside run 12's default: without a work limit, with more headroom, and
+    # with other limits than -O's 3M rows.
+    "-O default + graphed training render": [*FUSED_MLP, "--graph_render", "--graph_render_max_work", "0"],
     "-O default + graphed training render with 50% headroom": [
-        *O_DEFAULT,
+        *FUSED_MLP,
         "--graph_render",
         "--graph_render_headroom",
         "1.5",
+        "--graph_render_max_work",
+        "0",
     ],
     "-O default + graphed training render up to 1M rows": [
-        *O_DEFAULT,
+        *FUSED_MLP,
         "--graph_render",
         "--graph_render_max_work",
         str(2**20),
     ],
     "-O default + graphed training render up to 2M rows": [
-        *O_DEFAULT,
+        *FUSED_MLP,
         "--graph_render",
         "--graph_render_max_work",
         str(2**21),
