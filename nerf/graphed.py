@@ -18,9 +18,11 @@ from __future__ import annotations
 import gc
 import math
 import sys
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,7 @@ class _GraphSet:
         self.pool = None
         self.graphs: OrderedDict = OrderedDict()
         self.captures = 0  # graphs captured so far (for tests and benchmarks)
+        self.capture_s = 0.0  # seconds spent capturing them
         self.disabled = False  # a capture failed (or, for passes, captures came too often)
 
     def _say(self, what: str) -> None:
@@ -157,8 +160,18 @@ class _GraphSet:
         """``fn`` with its forward and backward replayed from CUDA graphs captured on ``args``."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.autocast("cuda", enabled=False):  # make_graphed_callables refuses autocast's cache
-            return torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True, pool=self.pool)
+        # Each torch.cuda.graph capture (two here) runs gc.collect() and empty_cache() first:
+        # with a compiled UNet's objects in the process, collecting costs far more than the
+        # capture, and this capture needs neither (its pool is private).
+        t0 = time.perf_counter()
+        with (
+            torch.autocast("cuda", enabled=False),  # make_graphed_callables refuses autocast's cache
+            mock.patch.object(gc, "collect", lambda *a, **k: 0),
+            mock.patch.object(torch.cuda, "empty_cache", lambda: None),
+        ):
+            graphed = torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True, pool=self.pool)
+        self.capture_s += time.perf_counter() - t0
+        return graphed
 
 
 class GraphedPasses(_GraphSet):

@@ -382,6 +382,12 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         "batch_ms": batch_ms,
         "block_batch_ms": block_batch_ms,
         "graph_captures": model.graphs.captures,  # --graph_pass: network-pass graphs captured
+        # --graph_render: renders captured, seconds capturing, replays that did not fit
+        "render_graphs": (
+            model.render_graphs.captures,
+            model.render_graphs.capture_s,
+            model.render_graphs.overflows,
+        ),
         "step_ms_all": sorted(round(x, 1) for x in times),
         "warmup_s": warm_s,
     }
@@ -528,7 +534,9 @@ def main() -> None:
                 f"alloc {r.get('alloc_gib', 0):.2f} GiB, reserved {r.get('reserved_gib', 0):.2f} GiB; "
                 f"cameras drawn per step {r['its_step_draw']:.2f} it/s, predrawn {r['its_predrawn']:.2f} it/s; "
                 f"one batch {r['batch_ms']:.2f} ms, in a block {r['block_batch_ms']:.3f} ms per batch; "
-                f"network-pass graphs captured {r['graph_captures']}; step times {r['step_ms_all']}",
+                f"network-pass graphs captured {r['graph_captures']}; render graphs captured {r['render_graphs'][0]} "
+                f"in {r['render_graphs'][1]:.2f} s, {r['render_graphs'][2]} did not fit; "
+                f"step times {r['step_ms_all']}",
                 flush=True,
             )
             results.append(r)

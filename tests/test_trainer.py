@@ -16,6 +16,7 @@ def _trainer(tmp_path, device: str, defer: bool, nan_steps: set[int], monkeypatc
     ws = tmp_path / f"ws{defer}{tag}"
     opt, _ = parse_args(["--text", "a cube", "--workspace", str(ws), "-O", *TINY_RUN])
     opt.precision = "fp32"
+    opt.graph_render = False  # these tests are about the readback; --graph_render has its own
     torch.manual_seed(0)
     model = NeRFNetwork(opt)
     trainer = Trainer(opt, model, {}, torch.device(device))  # regularizers only: no guidance
