@@ -117,6 +117,7 @@ class _GraphSet:
     activations, which is safe because a training step replays one graph's forward and then its
     backward before any other graph runs (outputs are read in that step)."""
 
+    frozen = False  # gc.freeze() done (once per process, at the first capture)
     option = ""  # the command-line option, for messages
     eager_part = ""  # what runs eagerly once graphs are off
 
@@ -125,7 +126,7 @@ class _GraphSet:
         self.pool = None
         self.graphs: OrderedDict = OrderedDict()
         self.captures = 0  # graphs captured so far (for tests and benchmarks)
-        self.capture_s = 0.0  # seconds spent capturing them
+        self.capture_s = 0.0  # seconds spent capturing them and dropping them
         self.disabled = False  # a capture failed (or, for passes, captures came too often)
 
     def _say(self, what: str) -> None:
@@ -136,7 +137,11 @@ class _GraphSet:
         if key is None and self.graphs:
             key = next(iter(self.graphs))
         if self.graphs.pop(key, None) is not None:
+            t0 = time.perf_counter()
             gc.collect()  # graphed functions sit in reference cycles: free their memory now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # and give the dropped graph's pool back
+            self.capture_s += time.perf_counter() - t0
         if not self.graphs:
             # The last graph of the pool is gone and so is the pool: capturing into its old
             # handle fails inside the caching allocator ("use_count > 0" assert).
@@ -160,10 +165,16 @@ class _GraphSet:
         """``fn`` with its forward and backward replayed from CUDA graphs captured on ``args``."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        # Each torch.cuda.graph capture (two here) runs gc.collect() and empty_cache() first:
-        # with a compiled UNet's objects in the process, collecting costs far more than the
-        # capture, and this capture needs neither (its pool is private).
         t0 = time.perf_counter()
+        if not _GraphSet.frozen:
+            # The objects alive at the first capture (models, a compiled UNet's code) live as
+            # long as the run; frozen, later collections (each drop's, Python's own) skip them:
+            # a collection in bench_sds's process took about a second per drop before.
+            gc.collect()
+            gc.freeze()
+            _GraphSet.frozen = True
+        # Each torch.cuda.graph capture (two here) runs gc.collect() and empty_cache() first;
+        # this capture needs neither (its pool is private; a drop empties the cache itself).
         with (
             torch.autocast("cuda", enabled=False),  # make_graphed_callables refuses autocast's cache
             mock.patch.object(gc, "collect", lambda *a, **k: 0),
