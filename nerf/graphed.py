@@ -108,6 +108,17 @@ def functional_pass(
     return fn, tuple(p for _, p in named)
 
 
+def thaw() -> None:
+    """Undo the ``gc.freeze()`` of the first graph capture (at the end of a run): the objects
+    frozen then are collected again once they are garbage. A later capture freezes anew.
+
+    >>> thaw()  # harmless when nothing is frozen
+    """
+    if _GraphSet.frozen:
+        gc.unfreeze()
+        _GraphSet.frozen = False
+
+
 class _GraphSet:
     """CUDA graphs (forward and backward) kept by key in one shared memory pool, the least
     recently used dropped first, and turned off for good, in one line, when a capture fails:
@@ -168,8 +179,9 @@ class _GraphSet:
         t0 = time.perf_counter()
         if not _GraphSet.frozen:
             # The objects alive at the first capture (models, a compiled UNet's code) live as
-            # long as the run; frozen, later collections (each drop's, Python's own) skip them:
-            # a collection in bench_sds's process took about a second per drop before.
+            # long as the run; frozen, later collections (each drop's, Python's own) skip them.
+            # In bench_sds's process a drop's collection took about a second without this.
+            # ``thaw()`` (the end of Trainer.train) undoes it.
             gc.collect()
             gc.freeze()
             _GraphSet.frozen = True

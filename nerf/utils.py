@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .graphed import thaw
 from .optimizer import EMA, Adan
 from .provider import (
     BACK,
@@ -540,6 +541,16 @@ class Trainer:
         kill_at = int(os.environ.get("DREAMFUSION_KILL_AFTER_STEP", "0"))  # fault injection for tests
         self.prepare_embeddings()
         start = time.time()
+        try:
+            self._train_epochs(train_set, valid_set, test_set, max_epoch, per_epoch, kill_at)
+        finally:
+            thaw()  # --graph_render froze the run's objects for cheap collections: not past the run
+        self.log(f"[done] {self.global_step} steps in {time.time() - start:.1f} s", echo=not opt.quiet)
+
+    def _train_epochs(
+        self, train_set, valid_set, test_set, max_epoch: int, per_epoch: int, kill_at: int
+    ) -> None:
+        opt = self.opt
         while self.epoch < max_epoch and self.global_step < opt.iters:
             self.epoch += 1
             steps = min(per_epoch, opt.iters - self.global_step)
@@ -585,7 +596,6 @@ class Trainer:
                 self.evaluate(valid_set)
             if test_set is not None and (self.epoch % opt.test_interval == 0 or last):
                 self.test(test_set)
-        self.log(f"[done] {self.global_step} steps in {time.time() - start:.1f} s", echo=not opt.quiet)
 
     def _render_frame(self, data: dict, shading: str = "albedo", need_normal: bool = False) -> dict:
         with (

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.sd_factory import build_sd  # noqa: E402
 from guidance.sd_utils import StableDiffusion  # noqa: E402
 from main import build_guidance, configure_cuda_allocator, parse_args  # noqa: E402
+from nerf.graphed import thaw  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
@@ -302,6 +303,7 @@ class Marks:
 
 
 def run_variant(name: str, extra: list[str], args, model_path: str, device: torch.device, tmp: Path) -> dict:
+    thaw()  # the last variant's objects, frozen by its first graph capture, can go now
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

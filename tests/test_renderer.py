@@ -520,6 +520,15 @@ def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, cap
             torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
         assert step < 2 or bool(out["complete"])
     assert graphs.overflows == 0 and capsys.readouterr().err == ""
+    # The first capture froze the objects alive then (cheap collections at each drop);
+    # thaw() (the end of Trainer.train) undoes it.
+    import gc
+
+    from nerf.graphed import thaw
+
+    assert gc.get_freeze_count() > 0
+    thaw()
+    assert gc.get_freeze_count() == 0
 
     (key,) = graphs.sizes
     graphs._poll()  # the counts of the replays so far, before they are forgotten
