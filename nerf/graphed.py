@@ -490,9 +490,10 @@ class GraphedRender(_GraphSet):
     and the setting is captured again larger. Sizes shrink again when ``window`` replays in a
     row needed less than half of them.
 
-    Worth it where the render is bound by the host (a trained scene's 64x64 render: 4.6 -> 2.9
-    ms lambertian on the H100), not where the GPU is busy and the counts grow (bench_sds's fresh
-    field: 24.3 -> 29.3 ms per step), hence opt-in (``--graph_render``).
+    Worth it where the render is bound by the host (a fitted scene's 64x64 lambertian render and
+    backward: 4.4-5.5 -> 2.9-3.2 ms on an H100; its SDS step 18.5-21.2 -> 17.9-18.8 ms), not
+    where the GPU is busy with padding (bench_sds's fresh field, without a work limit: 24.3 ->
+    29.3 ms per step). Hence on under ``-O`` only up to ``max_work`` rows of field evaluation.
     """
 
     option, eager_part = "graph_render", "the training render"
