@@ -104,11 +104,18 @@ class GridEncoder(nn.Module):
         return cached[1]
 
     def forward(
-        self, inputs: torch.Tensor, bound: float = 1.0, max_level: float | None = None
+        self,
+        inputs: torch.Tensor,
+        bound: float = 1.0,
+        max_level: float | None = None,
+        live: tuple[torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
         """[..., D] points in [-bound, bound] to [..., L*level_dim] features.
 
         ``max_level`` is the fraction of levels in use (1 = all), for coarse-to-fine training.
+        ``live``: (count [1] int32, period): the CUDA kernels compute only rows n with
+        n % period < count and give the others zero features and no gradient (padding rows of
+        a fixed-size graph replay); the twin computes every row.
         """
         shape = inputs.shape[:-1]
         x = ((inputs.reshape(-1, self.input_dim) + bound) / (2 * bound)).clamp(0, 1)
@@ -132,7 +139,7 @@ class GridEncoder(nn.Module):
             # MLP would cast them anyway, and a float32 copy of [N, L*F] (and of its gradient)
             # is memory the fd normals' 7x samples make large.
             half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-            out = cuda.grid_encode(*args, out_dtype=half)
+            out = cuda.grid_encode(*args, out_dtype=half, live=live)
         return out.reshape(*shape, self.output_dim)
 
 

@@ -72,13 +72,15 @@ def _layout(
 class _GridEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, embeddings, offsets_t, points_t, scales, align_corners, smoothstep,
-                max_level, out_dtype, twin_args):
+                max_level, out_dtype, twin_args, live):
         soa = bool(SOA)
+        live_t, period = live if live is not None else (None, 1)
         out = _ext().grid_encode_forward(inputs, embeddings, offsets_t, points_t, scales,
-                                         align_corners, smoothstep, max_level, soa, out_dtype)
+                                         align_corners, smoothstep, max_level, soa, out_dtype,
+                                         live_t, period)
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
         ctx.cfg = (align_corners, smoothstep, max_level)
-        ctx.twin_args = twin_args
+        ctx.twin_args, ctx.live = twin_args, (live_t, period)
         return out.t() if soa else out
 
     @staticmethod
@@ -89,7 +91,7 @@ class _GridEncode(torch.autograd.Function):
             # create_graph: the kernels have no backward of their own, so the twin recomputes
             # the encoding and differentiates it with a graph (exact second derivatives).
             return (*_twin_backward(grad_out, inputs, embeddings, ctx.twin_args, need_inputs,
-                                    need_emb), None, None, None, None, None, None, None, None)
+                                    need_emb), None, None, None, None, None, None, None, None, None)
         # The kernel reads the gradient in either layout, so no transposed copy is made (a
         # Linear's backward gives [N, L*F] row-major even when the forward wrote [L*F, N]).
         g = grad_out
@@ -99,10 +101,10 @@ class _GridEncode(torch.autograd.Function):
         g = g.t() if g_soa else g.contiguous()
         grad_emb, grad_in = _ext().grid_encode_backward(
             g, inputs, embeddings, offsets_t, points_t, scales, *ctx.cfg, need_emb, need_inputs,
-            int(AGG_MODE), int(AGG_MAX_POINTS), g_soa,
+            int(AGG_MODE), int(AGG_MAX_POINTS), g_soa, *ctx.live,
         )
         return (grad_in if need_inputs else None, grad_emb if need_emb else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def _twin_backward(
@@ -132,6 +134,7 @@ def grid_encode(
     interpolation: str = "linear",
     max_level: int | None = None,
     out_dtype: torch.dtype | None = None,
+    live: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """The twin's ``grid_encode`` on GPU tensors.
 
@@ -144,6 +147,9 @@ def grid_encode(
         out_dtype: the features' dtype: the table's (None), or float16/bfloat16 for a float32
             table (what autocast would cast them to: interpolated in float32, rounded once,
             and their gradient read in that dtype; saves the cast and its memory).
+        live: (count [1] int32 on the GPU, period): only rows n with n % period < count are
+            computed; the others give zero features and pass no gradient (padding rows of a
+            fixed-size CUDA graph replay). None: every row. The twin computes every row.
 
     Returns:
         [N, L*F] in the embeddings' dtype (a transposed view with ``SOA``), differentiable in
@@ -169,4 +175,4 @@ def grid_encode(
     return _GridEncode.apply(inputs.contiguous(), embeddings.contiguous(), offsets_t, points_t,
                              scales, bool(align_corners), interpolation == "smoothstep", levels,
                              out_dtype, (offsets, points, per_level_scale, base_resolution,
-                                         align_corners, interpolation, max_level))
+                                         align_corners, interpolation, max_level), live)

@@ -52,44 +52,83 @@ def _tile_forward(X, sxr, sxc, rows, ok, F, w0t, b0, w1t, b1, w2t, b2, F_P: tl.c
 
 
 @triton.jit
-def _logit(out, BLOB, rows, ok, O: tl.constexpr):
-    """The density logit [BM] fp32: head column 0 plus the density blob."""
+def _logit(out, BLOB, rows, ok, bd, bk, O: tl.constexpr, BLOB_MODE: tl.constexpr):
+    """The density logit [BM] fp32: head column 0 plus the density blob, read from BLOB [n]
+    (BLOB_MODE 0) or computed from the points BLOB [n,3] as ``FieldNetwork.density_blob`` does:
+    bd * exp(-|p|^2 / bk) (1; bk = 2 r^2) or bd * (1 - sqrt(|p|^2 + 1e-12) / bk) (2; bk = r)."""
     oc = tl.arange(0, O)
-    blob = tl.load(BLOB + rows, mask=ok, other=0.0)
+    if BLOB_MODE == 0:
+        blob = tl.load(BLOB + rows, mask=ok, other=0.0)
+    else:
+        px = tl.load(BLOB + 3 * rows, mask=ok, other=0.0)
+        py = tl.load(BLOB + 3 * rows + 1, mask=ok, other=0.0)
+        pz = tl.load(BLOB + 3 * rows + 2, mask=ok, other=0.0)
+        d = px * px + py * py + pz * pz
+        if BLOB_MODE == 1:
+            blob = bd * tl.exp(-d / bk)
+        else:
+            blob = bd * (1.0 - tl.sqrt(d + 1e-12) / bk)
     return tl.sum(tl.where(oc[None, :] == 0, out.to(tl.float32), 0.0), axis=1) + blob
 
 
 @triton.jit
+def _live_rows(rows, ok, LIVE, live_period, HAS_LIVE: tl.constexpr):
+    """Which rows to compute: all of them, or (HAS_LIVE) rows r with r % live_period < *LIVE
+    (the padding rows of a fixed-size CUDA graph replay are not)."""
+    if HAS_LIVE:
+        return ok & ((rows % live_period) < tl.load(LIVE))
+    else:
+        return ok
+
+
+@triton.jit
+def _any_live(live, HAS_LIVE: tl.constexpr):
+    """Whether a tile has a live row; without HAS_LIVE a constant, so that the branch on it
+    leaves the kernels' code as it was."""
+    if HAS_LIVE:
+        return tl.max(live.to(tl.int32), axis=0) > 0
+    else:
+        return True
+
+
+@triton.jit
 def head_forward_kernel(
-    X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, SIGMA, ALB, n, F,
+    X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, SIGMA, ALB, n, F, LIVE, live_period, bd, bk,
     EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
-    DT: tl.constexpr,
+    DT: tl.constexpr, HAS_LIVE: tl.constexpr, BLOB_MODE: tl.constexpr,
 ):  # fmt: skip
-    """sigma [n] fp32 (exp or softplus of the logit) and albedo [n,3] DT (sigmoid)."""
+    """sigma [n] fp32 (exp or softplus of the logit) and albedo [n,3] DT (sigmoid); zeros for
+    rows that are not live."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     ok = rows < n
-    w0t = _load_wt(W0, F_P, H, F, H, DT)
-    w1t = _load_wt(W1, H, H, H, H, DT)
-    w2t = _load_wt(W2, H, O, H, 4, DT)
-    b0, b1, b2 = _load_b(B0, H, H, DT), _load_b(B1, H, H, DT), _load_b(B2, O, 4, DT)
-    _, _, _, out = _tile_forward(X, sxr, sxc, rows, ok, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
-    logit = _logit(out, BLOB, rows, ok, O)
-    if EXP:
-        sigma = tl.exp(logit)
-    else:  # F.softplus (beta 1, threshold 20)
-        sigma = tl.where(logit > 20.0, logit, tl.log(1.0 + tl.exp(tl.minimum(logit, 20.0))))
-    tl.store(SIGMA + rows, sigma, mask=ok)
+    live = _live_rows(rows, ok, LIVE, live_period, HAS_LIVE)
     oc = tl.arange(0, O)[None, :]
-    alb = tl.sigmoid(out.to(tl.float32)).to(DT)
-    tl.store(ALB + rows[:, None] * 3 + (oc - 1), alb, mask=ok[:, None] & (oc >= 1) & (oc < 4))
+    alb_mask = ok[:, None] & (oc >= 1) & (oc < 4)
+    if _any_live(live, HAS_LIVE):
+        w0t = _load_wt(W0, F_P, H, F, H, DT)
+        w1t = _load_wt(W1, H, H, H, H, DT)
+        w2t = _load_wt(W2, H, O, H, 4, DT)
+        b0, b1, b2 = _load_b(B0, H, H, DT), _load_b(B1, H, H, DT), _load_b(B2, O, 4, DT)
+        _, _, _, out = _tile_forward(X, sxr, sxc, rows, live, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
+        logit = _logit(out, BLOB, rows, live, bd, bk, O, BLOB_MODE)
+        if EXP:
+            sigma = tl.exp(logit)
+        else:  # F.softplus (beta 1, threshold 20)
+            sigma = tl.where(logit > 20.0, logit, tl.log(1.0 + tl.exp(tl.minimum(logit, 20.0))))
+        tl.store(SIGMA + rows, tl.where(live, sigma, 0.0), mask=ok)
+        alb = tl.where(live[:, None], tl.sigmoid(out.to(tl.float32)), 0.0).to(DT)
+        tl.store(ALB + rows[:, None] * 3 + (oc - 1), alb, mask=alb_mask)
+    else:  # a tile of padding rows only
+        tl.store(SIGMA + rows, tl.zeros([BM], dtype=tl.float32), mask=ok)
+        tl.store(ALB + rows[:, None] * 3 + (oc - 1), tl.zeros([BM, O], dtype=DT), mask=alb_mask)
 
 
 @triton.jit
 def head_backward_kernel(
     X, sxr, sxc, BLOB, W0, B0, W1, B1, W2, B2, GSIG, GALB, GX, DW0, DB0, DW1, DB1, DW2, DB2,
-    n, F, n_tiles, part_stride,
+    n, F, n_tiles, part_stride, LIVE, live_period, bd, bk,
     EXP: tl.constexpr, F_P: tl.constexpr, H: tl.constexpr, O: tl.constexpr, BM: tl.constexpr,
-    DT: tl.constexpr, WANT_GX: tl.constexpr,
+    DT: tl.constexpr, WANT_GX: tl.constexpr, HAS_LIVE: tl.constexpr, BLOB_MODE: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the head's outputs -> the input gradient GX [n,F] and each program's partial
     sums of the weight gradients (fp32). Each program walks tiles pid, pid + P, ...,
@@ -114,33 +153,43 @@ def head_backward_kernel(
     for t in range(pid, n_tiles, tl.num_programs(0)):
         rows = t * BM + tl.arange(0, BM)
         ok = rows < n
-        x, h1, h2, out = _tile_forward(X, sxr, sxc, rows, ok, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
-        logit = _logit(out, BLOB, rows, ok, O)
-        gs = tl.load(GSIG + rows, mask=ok, other=0.0)
-        if EXP:  # trunc_exp: the derivative is clamped at exp(15)
-            gl = gs * tl.exp(tl.minimum(logit, 15.0))
-        else:
-            gl = gs * tl.sigmoid(logit)
-        col = oc[None, :]
-        ga = tl.load(
-            GALB + rows[:, None] * 3 + (col - 1), mask=ok[:, None] & (col >= 1) & (col < 4), other=0.0
-        )
-        a = tl.sigmoid(out.to(tl.float32)).to(DT).to(tl.float32)
-        g = tl.where(col == 0, gl[:, None], ga.to(tl.float32) * (a * (1.0 - a))).to(DT)  # [BM,O]
-        dw2 = tl.dot(tl.trans(g), h2, dw2)
-        db2 += tl.sum(g.to(tl.float32), axis=0)
-        g2 = tl.dot(g, w2).to(DT)
-        g2 = tl.where(h2 > 0, g2, 0.0).to(DT)  # ReLU: the gradient passes where h2 > 0
-        dw1 = tl.dot(tl.trans(g2), h1, dw1)
-        db1 += tl.sum(g2.to(tl.float32), axis=0)
-        g1 = tl.dot(g2, w1).to(DT)
-        g1 = tl.where(h1 > 0, g1, 0.0).to(DT)
-        dw0 = tl.dot(tl.trans(g1), x, dw0)
-        db0 += tl.sum(g1.to(tl.float32), axis=0)
-        if WANT_GX:
-            gx = tl.dot(g1, w0)
-            msk = ok[:, None] & (fc[None, :] < F)
-            tl.store(GX + rows[:, None] * F + fc[None, :], gx.to(GX.dtype.element_ty), mask=msk)
+        live = _live_rows(rows, ok, LIVE, live_period, HAS_LIVE)
+        msk = ok[:, None] & (fc[None, :] < F)
+        if _any_live(live, HAS_LIVE):
+            # Rows that are not live read zero gradients: they add nothing below.
+            x, h1, h2, out = _tile_forward(X, sxr, sxc, rows, live, F, w0t, b0, w1t, b1, w2t, b2, F_P, DT)
+            logit = _logit(out, BLOB, rows, live, bd, bk, O, BLOB_MODE)
+            gs = tl.load(GSIG + rows, mask=live, other=0.0)
+            if EXP:  # trunc_exp: the derivative is clamped at exp(15)
+                gl = gs * tl.exp(tl.minimum(logit, 15.0))
+            else:
+                gl = gs * tl.sigmoid(logit)
+            col = oc[None, :]
+            ga = tl.load(
+                GALB + rows[:, None] * 3 + (col - 1), mask=live[:, None] & (col >= 1) & (col < 4), other=0.0
+            )
+            a = tl.sigmoid(out.to(tl.float32)).to(DT).to(tl.float32)
+            g = tl.where(col == 0, gl[:, None], ga.to(tl.float32) * (a * (1.0 - a))).to(DT)  # [BM,O]
+            dw2 = tl.dot(tl.trans(g), h2, dw2)
+            db2 += tl.sum(g.to(tl.float32), axis=0)
+            g2 = tl.dot(g, w2).to(DT)
+            g2 = tl.where(h2 > 0, g2, 0.0).to(DT)  # ReLU: the gradient passes where h2 > 0
+            dw1 = tl.dot(tl.trans(g2), h1, dw1)
+            db1 += tl.sum(g2.to(tl.float32), axis=0)
+            g1 = tl.dot(g2, w1).to(DT)
+            g1 = tl.where(h1 > 0, g1, 0.0).to(DT)
+            dw0 = tl.dot(tl.trans(g1), x, dw0)
+            db0 += tl.sum(g1.to(tl.float32), axis=0)
+            if WANT_GX:
+                gx = tl.dot(g1, w0)
+                tl.store(GX + rows[:, None] * F + fc[None, :], gx.to(GX.dtype.element_ty), mask=msk)
+        else:  # a tile of padding rows only: no gradient
+            if WANT_GX:
+                tl.store(
+                    GX + rows[:, None] * F + fc[None, :],
+                    tl.zeros([BM, F_P], dtype=GX.dtype.element_ty),
+                    mask=msk,
+                )
     # This program's partial sums, one row of the [programs, weights] buffer: summed by the
     # caller in a fixed order, so that the gradients do not depend on atomics' timing.
     part = pid * part_stride

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -132,8 +133,9 @@ def _head_works(device: torch.device, dtype: torch.dtype, F: int, H: int) -> boo
             (torch.randn(s, device=device, generator=g) * 0.1).requires_grad_() for s in param_shapes(F, H)
         ]
         feat = torch.randn(100, F, device=device, generator=g).to(dtype).requires_grad_()
+        blob = BlobSpec(torch.rand(100, 3, device=device, generator=g), 1.0, 0.5, True)  # as fields call it
         with torch.enable_grad():
-            out = _FusedHead.apply(feat, torch.zeros(100, device=device), "exp", *params)
+            out = _FusedHead.apply(feat, blob, "exp", None, *params)
             grads = torch.autograd.grad(out[0].sum() + out[1].float().sum(), [feat, *params])
         return (*out, *grads)
 
@@ -164,26 +166,53 @@ def _programs(device_index: int) -> int:
     return _PROGRAMS_PER_SM * _sm_count(device_index)
 
 
+class BlobSpec(NamedTuple):
+    """The density blob computed inside the kernels from the points, as
+    ``FieldNetwork.density_blob`` computes it (five tensor ops fewer per field call):
+    ``density * exp(-|p|^2 / (2 radius^2))`` (gaussian) or ``density * (1 - |p| / radius)``."""
+
+    points: torch.Tensor  # [N,3] fp32
+    density: float
+    radius: float
+    gaussian: bool
+
+
+def _blob_args(blob: torch.Tensor | BlobSpec) -> tuple[torch.Tensor, float, float, int]:
+    """(tensor, bd, bk, BLOB_MODE) of the kernels for a blob [N] or a ``BlobSpec``."""
+    if isinstance(blob, BlobSpec):
+        points = blob.points.float().contiguous()
+        if blob.gaussian:
+            return points, float(blob.density), 2.0 * float(blob.radius) ** 2, 1
+        return points, float(blob.density), float(blob.radius), 2
+    return blob.float().contiguous(), 0.0, 1.0, 0
+
+
+def _live_args(live: tuple[torch.Tensor, int] | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(count pointer, period) of the kernels' live rows; any tensor and 1 when every row is."""
+    return (fallback, 1) if live is None else (live[0], int(live[1]))
+
+
 class _FusedHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, feat, blob, activation, *params):
+    def forward(ctx, feat, blob, activation, live, *params):
         k = _kernels()
         n, F = feat.shape
         dtype = gemm_dtype(feat)
         H = params[0].shape[0]
         sigma = torch.empty(n, dtype=torch.float32, device=feat.device)
         albedo = torch.empty(n, 3, dtype=dtype, device=feat.device)
-        blob = blob.float().contiguous()
+        blob, bd, bk, mode = _blob_args(blob)
         params = [p.contiguous() for p in params]
         if n > 0:
             with torch.cuda.device(feat.device):  # Triton launches on the current device
                 k.head_forward_kernel[(_cdiv(n, _BM),)](
                     feat, feat.stride(0), feat.stride(1), blob, *params, sigma, albedo, n, F,
-                    EXP=activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
-                    DT=_tl_dtype(dtype), num_warps=_WARPS,
+                    *_live_args(live, sigma), bd, bk, EXP=activation == "exp", F_P=_f_pad(F), H=H,
+                    O=_O_TILE, BM=_BM, DT=_tl_dtype(dtype), HAS_LIVE=live is not None, BLOB_MODE=mode,
+                    num_warps=_WARPS,
                 )  # fmt: skip
         ctx.save_for_backward(feat, blob, *params)
-        ctx.activation, ctx.dtype = activation, dtype
+        ctx.activation, ctx.dtype, ctx.live, ctx.blob = activation, dtype, live, (bd, bk, mode)
         return sigma, albedo
 
     @staticmethod
@@ -210,27 +239,36 @@ class _FusedHead(torch.autograd.Function):
                 k.head_backward_kernel[(programs,)](
                     feat, feat.stride(0), feat.stride(1), blob, *params,
                     g_sigma.float().contiguous(), g_albedo.contiguous(), gx, *rows, n, F, tiles,
-                    total, EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
-                    DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx, num_warps=_WARPS,
+                    total, *_live_args(ctx.live, partial), ctx.blob[0], ctx.blob[1],
+                    EXP=ctx.activation == "exp", F_P=_f_pad(F), H=H, O=_O_TILE, BM=_BM,
+                    DT=_tl_dtype(ctx.dtype), WANT_GX=want_gx, HAS_LIVE=ctx.live is not None,
+                    BLOB_MODE=ctx.blob[2], num_warps=_WARPS,
                 )  # fmt: skip
         flat = partial.sum(0) if programs > 1 else partial[0]
         grads, at = [], 0
         for p in params:
             grads.append(flat[at : at + p.numel()].view(p.shape).to(p.dtype))
             at += p.numel()
-        return (gx if want_gx else None, None, None, *grads)
+        return (gx if want_gx else None, None, None, None, *grads)
 
 
 def mlp_head(
-    feat: torch.Tensor, blob: torch.Tensor, activation: str, params: list[torch.Tensor]
+    feat: torch.Tensor,
+    blob: torch.Tensor | BlobSpec,
+    activation: str,
+    params: list[torch.Tensor],
+    live: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sigma [N] fp32 and albedo [N,3] (GEMM dtype) of encoder features feat [N,F].
 
-    blob: [N] density prior added to the logit; activation: "exp" (trunc_exp) or "softplus";
-    params: (W0, b0, W1, b1, W2, b2) of the [F -> H -> H -> 4] ReLU MLP. Check ``supported``
-    first.
+    blob: the density prior added to the logit, [N] or computed in the kernels from the points
+    (``BlobSpec``); activation: "exp" (trunc_exp) or "softplus";
+    params: (W0, b0, W1, b1, W2, b2) of the [F -> H -> H -> 4] ReLU MLP; live: (count [1]
+    int32, period) to compute only rows r with r % period < count (the padding rows of a
+    fixed-size graph replay get zeros and pass no gradient), or None for every row. Check
+    ``supported`` first.
     """
-    return _FusedHead.apply(feat, blob, activation, *params)
+    return _FusedHead.apply(feat, blob, activation, live, *params)
 
 
 _SHADE_BLOCK = 256

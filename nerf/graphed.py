@@ -18,9 +18,11 @@ from __future__ import annotations
 import gc
 import math
 import sys
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,17 @@ def functional_pass(
     return fn, tuple(p for _, p in named)
 
 
+def thaw() -> None:
+    """Undo the ``gc.freeze()`` of the first graph capture (at the end of a run): the objects
+    frozen then are collected again once they are garbage. A later capture freezes anew.
+
+    >>> thaw()  # harmless when nothing is frozen
+    """
+    if _GraphSet.frozen:
+        gc.unfreeze()
+        _GraphSet.frozen = False
+
+
 class _GraphSet:
     """CUDA graphs (forward and backward) kept by key in one shared memory pool, the least
     recently used dropped first, and turned off for good, in one line, when a capture fails:
@@ -115,6 +128,7 @@ class _GraphSet:
     activations, which is safe because a training step replays one graph's forward and then its
     backward before any other graph runs (outputs are read in that step)."""
 
+    frozen = False  # gc.freeze() done (once per process, at the first capture)
     option = ""  # the command-line option, for messages
     eager_part = ""  # what runs eagerly once graphs are off
 
@@ -123,6 +137,7 @@ class _GraphSet:
         self.pool = None
         self.graphs: OrderedDict = OrderedDict()
         self.captures = 0  # graphs captured so far (for tests and benchmarks)
+        self.capture_s = 0.0  # seconds spent capturing them and dropping them
         self.disabled = False  # a capture failed (or, for passes, captures came too often)
 
     def _say(self, what: str) -> None:
@@ -133,7 +148,11 @@ class _GraphSet:
         if key is None and self.graphs:
             key = next(iter(self.graphs))
         if self.graphs.pop(key, None) is not None:
+            t0 = time.perf_counter()
             gc.collect()  # graphed functions sit in reference cycles: free their memory now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # and give the dropped graph's pool back
+            self.capture_s += time.perf_counter() - t0
         if not self.graphs:
             # The last graph of the pool is gone and so is the pool: capturing into its old
             # handle fails inside the caching allocator ("use_count > 0" assert).
@@ -157,8 +176,25 @@ class _GraphSet:
         """``fn`` with its forward and backward replayed from CUDA graphs captured on ``args``."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.autocast("cuda", enabled=False):  # make_graphed_callables refuses autocast's cache
-            return torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True, pool=self.pool)
+        t0 = time.perf_counter()
+        if not _GraphSet.frozen:
+            # The objects alive at the first capture (models, a compiled UNet's code) live as
+            # long as the run; frozen, later collections (each drop's, Python's own) skip them.
+            # In bench_sds's process a drop's collection took about a second without this.
+            # ``thaw()`` (the end of Trainer.train) undoes it.
+            gc.collect()
+            gc.freeze()
+            _GraphSet.frozen = True
+        # Each torch.cuda.graph capture (two here) runs gc.collect() and empty_cache() first;
+        # this capture needs neither (its pool is private; a drop empties the cache itself).
+        with (
+            torch.autocast("cuda", enabled=False),  # make_graphed_callables refuses autocast's cache
+            mock.patch.object(gc, "collect", lambda *a, **k: 0),
+            mock.patch.object(torch.cuda, "empty_cache", lambda: None),
+        ):
+            graphed = torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True, pool=self.pool)
+        self.capture_s += time.perf_counter() - t0
+        return graphed
 
 
 class GraphedPasses(_GraphSet):
@@ -272,7 +308,7 @@ class GraphedPasses(_GraphSet):
         return self._graphed(fn, args)
 
 
-_RENDER_KEYS = (*_OUT_KEYS, "n_pruned", "n_padding", "totals")
+_RENDER_KEYS = (*_OUT_KEYS, "n_pruned", "n_padding", "complete", "totals")
 
 
 class RenderKey(NamedTuple):
@@ -321,8 +357,7 @@ class RenderSizes:
     the largest (marched, kept) counts since the last decision, times ``headroom``, rounded up to
     a ``per_octave`` step (``sample_bucket``). The first ``warmup`` renders are eager; so are all
     renders while they need more than ``max_work`` rows of field evaluation (None: no limit),
-    where the GPU, not the host, bounds the render and padding rows would cost more than the
-    launches saved.
+    where the GPU, not the host, bounds the render and the launches saved matter little.
 
     >>> s = RenderSizes(headroom=1.1, per_octave=16, warmup=2, prune=True, window=3)
     >>> s.eager(1000, 300); s.ready()
@@ -341,15 +376,21 @@ class RenderSizes:
     >>> s.need, s.capacity()
     ([1400, 400], (1792, 512))
 
-    With a work limit (rows: marched, plus 7 per kept sample for the merged fd call):
+    With a work limit (rows: marched, plus 7 per kept sample for the merged fd call), and
+    ``rearm``: after a render past the limit, that many small renders in a row before graphs
+    again (counts that straddle the limit stay eager instead of capturing again and again):
 
-    >>> s = RenderSizes(1.1, 16, warmup=2, prune=True, window=3, max_work=5000)
+    >>> s = RenderSizes(1.1, 16, warmup=2, prune=True, window=3, max_work=5000, rearm=3)
     >>> s.eager(1000, 300); s.eager(1200, 600); s.ready()  # 1200 + 7 * 600 rows: too many
     False
     >>> s.eager(1000, 300); s.eager(900, 300); s.ready()  # the last two: 1000 + 7 * 300 rows
     True
     >>> s.overflowed(s.capacity(), 2000, 700), s.ready()  # grown past the limit: eager again
     (True, False)
+    >>> s.eager(900, 300); s.eager(900, 300); s.ready()  # two small ones are not enough now
+    False
+    >>> s.eager(900, 300); s.ready()
+    True
     """
 
     def __init__(
@@ -361,9 +402,10 @@ class RenderSizes:
         window: int,
         normals: bool = True,
         max_work: int | None = None,
+        rearm: int = 32,
     ):
         self.headroom, self.per_octave, self.prune, self.window = headroom, per_octave, prune, window
-        self.normals, self.max_work = normals, max_work
+        self.normals, self.max_work, self.rearm = normals, max_work, rearm
         self.need = [0, 0]  # largest (marched, kept) counts since the sizes were last set
         self.window_need = [0, 0]  # largest counts in the current window of replays
         self.replays = 0
@@ -409,7 +451,7 @@ class RenderSizes:
         self._note(m, k)
         if not self._small(m, k):
             self.armed = False
-            self.eager_counts.clear()
+            self.eager_counts = deque(maxlen=max(self.rearm, 1))
         return m > cap[0] or (self.prune and k > cap[1])
 
     def replayed(self, cap: tuple[int, int]) -> bool:
@@ -437,15 +479,21 @@ class GraphedRender(_GraphSet):
     GPU. Replayed at fixed sizes it costs one launch each way and no sync. The sizes are the
     largest counts seen (first in ``warmup`` eager renders per setting) times ``headroom``,
     rounded up to a ``per_octave`` step; rows past the samples belong to no ray (weight 0, zero
-    gradient) but cost GPU time like the others. Each replay's true counts are read back a step
-    later without a sync: a render that needed more rows than it had (the rays that came last
-    lost samples in that one step) is counted in ``overflows``, reported in one line, and the
-    setting is captured again larger. Sizes shrink again when ``window`` replays in a row needed
-    less than half of them.
+    gradient), and the hash-grid and MLP kernels skip them (``live_count``: the counts stay on
+    the device), while the pass's elementwise ops still touch them.
 
-    Worth it where the render is bound by the host (a trained scene's 64x64 render: 4.6 -> 2.9
-    ms lambertian on the H100), not where the GPU is busy and the counts grow (bench_sds's fresh
-    field: 24.3 -> 29.3 ms per step), hence opt-in (``--graph_render``).
+    No sync: each replay's true counts are read back a step later (pinned buffer + event). A
+    render that needed more rows than it had (the rays that came last lost samples) says so on
+    the device: its ``complete`` output is False, and the Trainer then skips that step's update
+    on the device as it skips a non-finite one, so no gradient of a clipped render is applied.
+    When the counts come back the overflow is counted in ``overflows``, reported in one line,
+    and the setting is captured again larger. Sizes shrink again when ``window`` replays in a
+    row needed less than half of them.
+
+    Worth it where the render is bound by the host (a fitted scene's 64x64 lambertian render and
+    backward: 4.4-5.5 -> 2.9-3.2 ms on an H100; its SDS step 18.5-21.2 -> 17.9-18.8 ms), not
+    where the GPU is busy with padding (bench_sds's fresh field, without a work limit: 24.3 ->
+    29.3 ms per step). Hence on under ``-O`` only up to ``max_work`` rows of field evaluation.
     """
 
     option, eager_part = "graph_render", "the training render"
@@ -465,7 +513,7 @@ class GraphedRender(_GraphSet):
         self.sizes: dict[RenderKey, RenderSizes] = {}
         self.pending: deque = deque()  # (key, pinned host counts, event, capacity) in flight
         self.pinned: list[torch.Tensor] = []  # free pinned buffers for the counts
-        self.overflows = 0  # replays whose samples did not fit
+        self.overflows = 0  # replays whose samples did not fit (their outputs: complete False)
 
     def _poll(self, wait: bool = False) -> None:
         """Read back the counts of finished replays: grow a setting's sizes after an overflow."""
@@ -487,7 +535,7 @@ class GraphedRender(_GraphSet):
                 then = f"captured again larger: {sizes.capacity()}" if sizes.ready() else "eager from now"
                 self._say(
                     f"a {key.shading} render needed {m} samples ({k} kept) but had room for {cap[0]} "
-                    f"({cap[1]}); some rays lost samples in that step, {then}"
+                    f"({cap[1]}): its outputs are marked incomplete (training skips that step), {then}"
                 )
             if not sizes.ready():
                 self._say(

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from gridencoder import GridEncoder
+
 from . import fused_mlp
 from .encoding import FreqEncoder
 from .provider import safe_normalize
@@ -318,6 +320,9 @@ class FieldNetwork(NeRFRenderer):
         # The MLP + head, and the fd shading of a merged call, as Triton kernels where they
         # apply (--fused_mlp; nerf/fused_mlp.py).
         self.fused_mlp = bool(getattr(opt, "fused_mlp", False))
+        # With --fused_mlp, the density blob computed inside the kernels from the points (five
+        # tensor ops fewer per field call); False: passed to them as a tensor (A/B benchmarks).
+        self.blob_in_kernel = True
         self.max_level: float | None = None  # fraction of encoder levels in use
         if opt.bg_radius > 0:
             self.encoder_bg = FreqEncoder(3, bg_multires)
@@ -333,14 +338,26 @@ class FieldNetwork(NeRFRenderer):
             return self.blob_density * torch.exp(-d / (2 * self.blob_radius**2))
         return self.blob_density * (1 - torch.sqrt(d + 1e-12) / self.blob_radius)
 
-    def common_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N,3] -> sigma [N] (activated, >= 0) and albedo [N,3] in [0,1]."""
+    def common_forward(
+        self, x: torch.Tensor, live: tuple[torch.Tensor, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N,3] -> sigma [N] (activated, >= 0) and albedo [N,3] in [0,1].
+
+        live: (count [1] int32, period): rows r with r % period >= count are padding (of a
+        fixed-size graph replay, ``--graph_render``); the CUDA and Triton kernels skip them
+        (zeros, no gradient), other paths compute them. None: no padding.
+        """
         if self.fused_head and not self.sigma_net.residual and not x.requires_grad and _FUSED_RELU:
             params = [t for layer in self.sigma_net.layers for t in (layer.weight, layer.bias)]
             if self.fused_mlp and fused_mlp.supported(x, params[0::2]):
                 # Triton kernels: no GEMM algorithm choice per shape, so no padding either.
-                feat = self.encoder(x, bound=self.bound, max_level=self.max_level)
-                return fused_mlp.mlp_head(feat, self.density_blob(x.float()), self.density_activation, params)
+                feat = self._encode(x, live)
+                if self.blob_in_kernel:
+                    gaussian = self.density_activation == "exp"  # density_blob's two forms
+                    blob = fused_mlp.BlobSpec(x, self.blob_density, self.blob_radius, gaussian)
+                else:
+                    blob = self.density_blob(x.float())
+                return fused_mlp.mlp_head(feat, blob, self.density_activation, params, live)
             # Padding rows (at the origin) make the GEMM shapes repeat (bucket_rows).
             n = x.shape[0]
             pad = x.is_cuda if self.pad_rows is None else self.pad_rows
@@ -358,15 +375,23 @@ class FieldNetwork(NeRFRenderer):
         albedo = torch.sigmoid(h[..., 1:])
         return sigma, albedo
 
-    def density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        sigma, albedo = self.common_forward(x)
+    def _encode(self, x: torch.Tensor, live: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+        if live is None or not isinstance(self.encoder, GridEncoder):  # only the grid skips rows
+            return self.encoder(x, bound=self.bound, max_level=self.max_level)
+        return self.encoder(x, bound=self.bound, max_level=self.max_level, live=live)
+
+    def density(self, x: torch.Tensor, live_count: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """sigma [N] and albedo [N,3] at [N,3] points; live_count: [1] int32, rows from it on are
+        padding (see ``common_forward``)."""
+        live = None if live_count is None else (live_count, x.shape[0])
+        sigma, albedo = self.common_forward(x, live)
         return {"sigma": sigma, "albedo": albedo}
 
     # --- normals -----------------------------------------------------------------------
-    def _sigma(self, x: torch.Tensor) -> torch.Tensor:
-        return self.common_forward(x)[0]
+    def _sigma(self, x: torch.Tensor, live: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        return self.common_forward(x, live)[0]
 
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
+    def normal(self, x: torch.Tensor, live: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """[N,3] -> [N,3] unit normals, the negated density gradient.
 
         "fd": central differences (6 extra density passes, error O(eps^2)); "tetra": a
@@ -380,7 +405,7 @@ class FieldNetwork(NeRFRenderer):
                 sigma = self._sigma(xg)
                 grad = torch.autograd.grad(sigma.sum(), xg, create_graph=self.training)[0]
         else:
-            grad = self._stencil_gradient(self._sigma(self._stencil_points(x)))
+            grad = self._stencil_gradient(self._sigma(self._stencil_points(x), live))
         return safe_normalize(-torch.nan_to_num(grad))
 
     def _stencil_offsets(self, device) -> torch.Tensor:
@@ -428,6 +453,7 @@ class FieldNetwork(NeRFRenderer):
         ratio: float = 1.0,
         shading: str = "albedo",
         need_normal: bool = False,
+        live_count: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Density, shaded colour and normals at [N,3] points.
 
@@ -437,6 +463,7 @@ class FieldNetwork(NeRFRenderer):
             ratio: ambient ratio; lambertian = ratio + (1 - ratio) * max(0, n.l).
             shading: one of "albedo", "lambertian", "textureless", "normal".
             need_normal: compute normals even for albedo shading (orientation loss, normal maps).
+            live_count: [1] int32: rows from it on are padding (``common_forward``), or None.
 
         Returns:
             sigma [N], color [N,3], normal [N,3] or None.
@@ -447,12 +474,13 @@ class FieldNetwork(NeRFRenderer):
             raise ValueError(f"{shading} shading needs a light direction")
         normal = None
         wants = shading != "albedo" or need_normal
+        live = None if live_count is None else (live_count, x.shape[0])  # stencil rows too
         if wants and self.normal_method != "autograd" and x.shape[0] <= self.merge_stencil_max:
             # Few samples: they and their stencil points go through the field in one call (one
             # hash-grid forward/backward, half the launches): a 64x64 lambertian render of a
             # fitted scene (98k samples) took 10.1-10.9 ms instead of 12.5-13.3 on the H100.
             N = x.shape[0]
-            sigma_all, albedo_all = self.common_forward(torch.cat([x.float(), self._stencil_points(x)]))
+            sigma_all, albedo_all = self.common_forward(torch.cat([x.float(), self._stencil_points(x)]), live)
             if self.fused_head and self.normal_method == "fd":
                 light = None if l is None else l.float().reshape(-1, 3)
                 if self.fused_mlp and fused_mlp.supported_fd_shade(sigma_all, albedo_all, ratio):
@@ -465,9 +493,9 @@ class FieldNetwork(NeRFRenderer):
         else:
             # Many samples (a fresh, foggy field): two calls. One call was no faster in
             # bench_sds and raised its peak memory by 0.19 GiB (5.39 -> 5.58 GiB allocated).
-            sigma, albedo = self.common_forward(x)
+            sigma, albedo = self.common_forward(x, live)
             if wants:
-                normal = self.normal(x)
+                normal = self.normal(x, live)
         return sigma, _shade(albedo, normal, l, ratio, shading)[0], normal
 
     def background(self, d: torch.Tensor) -> torch.Tensor:

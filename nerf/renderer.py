@@ -101,7 +101,10 @@ class NeRFRenderer(nn.Module):
         self.graphs = GraphedPasses(per_octave=int(getattr(opt, "graph_buckets", 8)))
         # --graph_render: the whole training render replayed from CUDA graphs at fixed sizes.
         self.graph_render = bool(getattr(opt, "graph_render", False))
-        self.render_graphs = GraphedRender(max_work=int(getattr(opt, "graph_render_max_work", 0)) or None)
+        self.render_graphs = GraphedRender(
+            headroom=float(getattr(opt, "graph_render_headroom", 1.1)),
+            max_work=int(getattr(opt, "graph_render_max_work", 0)) or None,
+        )
         b = self.bound
         self.register_buffer("aabb", torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32))
         if self.cuda_ray:
@@ -200,15 +203,18 @@ class NeRFRenderer(nn.Module):
         need: bool,
         T_thresh: float,
         N: int,
+        live_count: torch.Tensor | None = None,
     ) -> dict:
         """The field on packed training samples and their composite (``run_cuda``'s training
         step after marching): xyzs, dirs [M,3], ts [M,2], rays [N,2] (offset, count; rows in no
-        ray, such as padding, get weight 0 and zero gradient); light_d [1,3] or [N,3]."""
+        ray, such as padding, get weight 0 and zero gradient); light_d [1,3] or [N,3];
+        live_count [1] int32: the rows from it on are padding the field's kernels may skip."""
         M = xyzs.shape[0]
         light = light_d
         if light_d is not None and light_d.shape[0] > 1:
             light = light_d[_ray_ids(rays, M).clamp(min=0)]
-        sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need)
+        live = {} if live_count is None else {"live_count": live_count}
+        sigma, color, normal = self(xyzs, dirs, light, ambient_ratio, shading, need_normal=need, **live)
         weights, weights_sum, depth, image = raymarching.composite_rays_train(
             sigma.float(), color.float(), ts, rays, T_thresh
         )
@@ -286,8 +292,8 @@ class NeRFRenderer(nn.Module):
         The march fills ``capacity[0]`` rows and the pruning keeps up to ``capacity[1]``; padding
         rows belong to no ray (weight 0, no gradient). noise: [N] jitter or None. Besides the
         outputs: ``n_pruned`` and ``n_padding`` [] (device counts for per-sample means over the
-        padded ``weights``) and ``totals`` [2] int32, the samples marched and kept before any
-        clipping (above a capacity: samples were dropped).
+        padded ``weights``), ``complete`` [] bool (every sample fit: the outputs are the eager
+        render's) and ``totals`` [2] int32, the samples marched and kept before any clipping.
         """
         opt = self.opt
         N = rays_o.shape[0]
@@ -299,16 +305,20 @@ class NeRFRenderer(nn.Module):
         rows, kept = capacity[0], fit
         if self._prunes(need):
             with torch.no_grad():
-                sigma_pre = self.density(xyzs)["sigma"].float()
+                sigma_pre = self.density(xyzs, live_count=fit)["sigma"].float()
             keep, rays, kept = raymarching.prune_rays_train_fixed(
                 sigma_pre, ts, rays, 0.1 * T_thresh, capacity[1]
             )
             xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
             rows = capacity[1]
-        out = self.network_pass(xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N)
         in_rays = kept.clamp(max=rows)
+        # The padding rows' field evaluation is skipped by the CUDA and Triton kernels.
+        out = self.network_pass(
+            xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N, live_count=in_rays
+        )
         out["n_pruned"] = (fit - in_rays).reshape(())
         out["n_padding"] = (rows - in_rays).reshape(())
+        out["complete"] = ((marched <= capacity[0]) & (kept <= rows)).reshape(())
         out["totals"] = torch.cat([marched, kept])
         return out
 
@@ -447,7 +457,7 @@ class NeRFRenderer(nn.Module):
         }
         if "normal_image" in out:
             res["normal_image"] = out["normal_image"].reshape(B, n, 3)
-        for k in ("weights", "loss_orient", "n_pruned", "n_padding"):
+        for k in ("weights", "loss_orient", "n_pruned", "n_padding", "complete"):
             if k in out:
                 res[k] = out[k]
         return res

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .graphed import thaw
 from .optimizer import EMA, Adan
 from .provider import (
     BACK,
@@ -49,7 +50,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class _StepRecord:
-    """A training step's results on their way to the host: [ok, loss, *parts] values."""
+    """A training step's results on their way to the host: [ok, complete, loss, *parts] values."""
 
     step: int  # global step index (before the step)
     shading: str
@@ -198,6 +199,7 @@ class Trainer:
         self.global_step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.incomplete_total = 0  # steps skipped because a --graph_render replay lost samples
         self.writer = None
         self.embeddings: dict[str, torch.Tensor] = {}
         self.log(f"[command] {' '.join(sys.argv)}")
@@ -369,7 +371,12 @@ class Trainer:
             if k != "sds":
                 loss = loss + v
         # Detached 0-d tensors, not floats: train_one_step reads them all in one device->host copy.
-        return loss, {**{k: v.detach() for k, v in parts.items()}, "shading": shading}
+        # "complete" (--graph_render): False when the fixed-size render had too few rows.
+        return loss, {
+            **{k: v.detach() for k, v in parts.items()},
+            "shading": shading,
+            "complete": out.get("complete"),
+        }
 
     def _grads_finite_flag(self) -> torch.Tensor:
         """0-d bool tensor on the device: every gradient is finite (no host sync)."""
@@ -416,13 +423,18 @@ class Trainer:
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
             loss, parts = self.train_step(data, save_guidance_path=save_path)
+        complete = parts.pop("complete", None)
         # Backward runs before the loss is checked (a non-finite loss gives non-finite
         # gradients, so the step is skipped all the same); the loss, its parts and the
         # finiteness flag come back in a single device->host copy.
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         finite = torch.isfinite(loss.detach()) & self._grads_finite_flag()
-        rec = self._readback(finite, loss, parts)
+        if complete is not None:
+            # A graph-replayed render that lost samples is skipped like a non-finite step: its
+            # gradient is never applied, and the decision stays on the device.
+            finite = finite & complete
+        rec = self._readback(finite, loss, parts, complete)
         done: _StepRecord | dict | None
         if self._gated():
             if opt.grad_clip > 0:
@@ -457,10 +469,15 @@ class Trainer:
         rec, self._pending = self._pending, None
         return None if rec is None else self._finish(rec)
 
-    def _readback(self, finite: torch.Tensor, loss: torch.Tensor, parts: dict) -> _StepRecord:
-        """Start copying the step's flag, loss and parts to the host (no wait on a GPU)."""
+    def _readback(
+        self, finite: torch.Tensor, loss: torch.Tensor, parts: dict, complete: torch.Tensor | None = None
+    ) -> _StepRecord:
+        """Start copying the step's flags, loss and parts to the host (no wait on a GPU)."""
         names = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
-        values = torch.stack([finite.float(), loss.detach().float(), *(parts[k].float() for k in names)])
+        whole = torch.ones_like(finite) if complete is None else complete
+        values = torch.stack(
+            [finite.float(), whole.float(), loss.detach().float(), *(parts[k].float() for k in names)]
+        )
         event = None
         if values.is_cuda:
             values = values.to("cpu", non_blocking=True)
@@ -472,12 +489,17 @@ class Trainer:
         """Read a step's values (waiting for its copy), count skips; may stop the run."""
         if rec.event is not None:
             rec.event.synchronize()
-        ok_flag, loss_value, *part_values = rec.values.tolist()
+        ok_flag, whole, loss_value, *part_values = rec.values.tolist()
         ok = ok_flag > 0
         parts: dict = dict(zip(rec.names, part_values))
         parts.update(shading=rec.shading, step=rec.step + 1, ok=ok, loss=loss_value if ok else float("nan"))
         if ok:
             self.nonfinite_run = 0
+            return parts
+        if whole == 0:
+            # Not a divergence: the graphed render is captured again larger (it says so).
+            self.incomplete_total += 1
+            self.log(f"[step {rec.step}] the graph-replayed render had too few rows: step skipped")
             return parts
         self.nonfinite_total += 1
         self.nonfinite_run += 1
@@ -519,6 +541,16 @@ class Trainer:
         kill_at = int(os.environ.get("DREAMFUSION_KILL_AFTER_STEP", "0"))  # fault injection for tests
         self.prepare_embeddings()
         start = time.time()
+        try:
+            self._train_epochs(train_set, valid_set, test_set, max_epoch, per_epoch, kill_at)
+        finally:
+            thaw()  # --graph_render froze the run's objects for cheap collections: not past the run
+        self.log(f"[done] {self.global_step} steps in {time.time() - start:.1f} s", echo=not opt.quiet)
+
+    def _train_epochs(
+        self, train_set, valid_set, test_set, max_epoch: int, per_epoch: int, kill_at: int
+    ) -> None:
+        opt = self.opt
         while self.epoch < max_epoch and self.global_step < opt.iters:
             self.epoch += 1
             steps = min(per_epoch, opt.iters - self.global_step)
@@ -554,7 +586,8 @@ class Trainer:
                 )
             self.log(
                 f"[epoch {self.epoch}] step {self.global_step} loss {mean_loss:.5g} "
-                f"({steps / max(time.time() - t0, 1e-9):.2f} it/s, skipped {self.nonfinite_total}{mem})",
+                f"({steps / max(time.time() - t0, 1e-9):.2f} it/s, skipped {self.nonfinite_total}"
+                f"{f' + {self.incomplete_total} incomplete renders' if self.incomplete_total else ''}{mem})",
                 echo=not opt.quiet,
             )
             self.save_checkpoint()
@@ -563,7 +596,6 @@ class Trainer:
                 self.evaluate(valid_set)
             if test_set is not None and (self.epoch % opt.test_interval == 0 or last):
                 self.test(test_set)
-        self.log(f"[done] {self.global_step} steps in {time.time() - start:.1f} s", echo=not opt.quiet)
 
     def _render_frame(self, data: dict, shading: str = "albedo", need_normal: bool = False) -> dict:
         with (

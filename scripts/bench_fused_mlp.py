@@ -97,6 +97,7 @@ def host_times(params: list[torch.Tensor], dev: torch.device) -> None:
     n, F = 256, params[0].shape[1]
     feat = (torch.randn(n, F, device=dev) * 0.5).half().requires_grad_()
     blob = torch.randn(n, device=dev)
+    pts = torch.rand(n, 3, device=dev) * 2 - 1
     sig = torch.rand(7 * n, device=dev).requires_grad_()
     alb = torch.rand(7 * n, 3, device=dev).half().requires_grad_()
     light = torch.nn.functional.normalize(torch.ones(1, 3, device=dev), dim=-1)
@@ -119,6 +120,19 @@ def host_times(params: list[torch.Tensor], dev: torch.device) -> None:
             lambda b: head(lambda: _MLPHead.apply(feat, blob, n, "exp", True, *params), b),
         ),
         ("head, Triton", lambda b: head(lambda: fused_mlp.mlp_head(feat, blob, "exp", params), b)),
+        (
+            "head + density blob as tensor ops, Triton",
+            lambda b: head(
+                lambda: fused_mlp.mlp_head(feat, 2.0 * torch.exp(-(pts * pts).sum(-1) / 0.5), "exp", params),
+                b,
+            ),
+        ),
+        (
+            "head + density blob from the points (BlobSpec), Triton",
+            lambda b: head(
+                lambda: fused_mlp.mlp_head(feat, fused_mlp.BlobSpec(pts, 2.0, 0.5, True), "exp", params), b
+            ),
+        ),
         ("fd shading, PyTorch (_FDShade)", lambda b: shade(_FDShade.apply, b)),
         ("fd shading, Triton", lambda b: shade(fused_mlp.fd_shade, b)),
     ]

@@ -382,6 +382,14 @@ def main() -> None:
         help="also time the training renders replayed from CUDA graphs (--graph_render) against the "
         "eager render, alternating",
     )
+    ap.add_argument(
+        "--ab",
+        action="append",
+        default=[],
+        metavar="ATTR",
+        help="also time the training renders with the model's boolean attribute ATTR off and on, "
+        "alternating (e.g. blob_in_kernel); repeatable",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -473,6 +481,10 @@ def main() -> None:
     if args.fused_head:
         thresh_lines += ab_rounds(
             model, device, light, args.repeat, "fused_head", (True, False), ("albedo", "lambertian")
+        )
+    for attr in args.ab:
+        thresh_lines += ab_rounds(
+            model, device, light, args.repeat, attr, (False, True), ("albedo", "lambertian")
         )
     if args.graph_render:
         thresh_lines += ab_rounds(

@@ -34,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.sd_factory import build_sd  # noqa: E402
 from guidance.sd_utils import StableDiffusion  # noqa: E402
 from main import build_guidance, configure_cuda_allocator, parse_args  # noqa: E402
+from nerf.graphed import thaw  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
+from scripts.bench_render import fit  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
 
 OFF = [
@@ -46,6 +48,7 @@ OFF = [
     "--no-channels_last",
     "--no-vae_fused_gn",
     "--no-fused_mlp",
+    "--no-graph_render",
     "--unet_traced",
     "off",
 ]
@@ -61,8 +64,10 @@ COMPILED_GRAPHS = [
 ]
 # The -O default's levers before the fused MLP (run 11's default).
 FUSED_GN = [*COMPILED_GRAPHS, "--vae_fused_gn"]
+# The -O default's levers before the graphed training render (runs 12-14's default).
+FUSED_MLP = [*FUSED_GN, "--fused_mlp"]
 # The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
-O_DEFAULT = [*FUSED_GN, "--fused_mlp"]
+O_DEFAULT = [*FUSED_MLP, "--graph_render"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
@@ -94,9 +99,26 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": FUSED_GN,
     "-O default": O_DEFAULT,
-    "-O default + graphed training render": [*O_DEFAULT, "--graph_render"],
+    "-O default without the graphed render": FUSED_MLP,
+    # --graph_render beside run 12's default: without a work limit, with more headroom, and
+    # with other limits than -O's 3M rows.
+    "-O default + graphed training render": [*FUSED_MLP, "--graph_render", "--graph_render_max_work", "0"],
+    "-O default + graphed training render with 50% headroom": [
+        *FUSED_MLP,
+        "--graph_render",
+        "--graph_render_headroom",
+        "1.5",
+        "--graph_render_max_work",
+        "0",
+    ],
+    "-O default + graphed training render up to 1M rows": [
+        *FUSED_MLP,
+        "--graph_render",
+        "--graph_render_max_work",
+        str(2**20),
+    ],
     "-O default + graphed training render up to 2M rows": [
-        *O_DEFAULT,
+        *FUSED_MLP,
         "--graph_render",
         "--graph_render_max_work",
         str(2**21),
@@ -281,6 +303,7 @@ class Marks:
 
 
 def run_variant(name: str, extra: list[str], args, model_path: str, device: torch.device, tmp: Path) -> dict:
+    thaw()  # the last variant's objects, frozen by its first graph capture, can go now
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -288,6 +311,9 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
     torch.manual_seed(0)
     opt, model, sd, trainer, train_set = build(args, model_path, extra, tmp / f"ws{len(name)}", device)
     trainer.prepare_embeddings()
+    if args.fitted:
+        # A formed object (bench_render's ball on a box) instead of the fresh field's fog.
+        fit(model, device, args.fitted)
     # The RGB phase (80% of a default run): past the latent warm-up, after a few grid refreshes.
     trainer.global_step = opt.iters // 2
     for _ in range(4):
@@ -358,6 +384,12 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         "batch_ms": batch_ms,
         "block_batch_ms": block_batch_ms,
         "graph_captures": model.graphs.captures,  # --graph_pass: network-pass graphs captured
+        # --graph_render: renders captured, seconds capturing, replays that did not fit
+        "render_graphs": (
+            model.render_graphs.captures,
+            model.render_graphs.capture_s,
+            model.render_graphs.overflows,
+        ),
         "step_ms_all": sorted(round(x, 1) for x in times),
         "warmup_s": warm_s,
     }
@@ -467,11 +499,20 @@ def main() -> None:
     ap.add_argument("--model", default="sd2.1-base", help="sd_factory config (random weights)")
     ap.add_argument("--hf_key", default=None, help="use this model folder instead of building one")
     ap.add_argument(
-        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated of {list(VARIANTS)}"
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated of " + str(list(VARIANTS)).replace("%", "%%"),
     )
     ap.add_argument("--extra", default="", help="more main.py options for every variant (e.g. a small grid)")
     ap.add_argument("--iters", type=int, default=40, help="timed iterations per variant")
     ap.add_argument("--warmup", type=int, default=8, help="untimed iterations first (graph capture)")
+    ap.add_argument(
+        "--fitted",
+        type=int,
+        default=0,
+        help="first fit the field to bench_render's ball on a box in this many Adam steps (500 there): "
+        "the render of a formed object, as in most of a run, instead of a fresh field's fog (0: fresh)",
+    )
     ap.add_argument("--part_repeat", type=int, default=15, help="repeats of each breakdown part")
     ap.add_argument("--flops", action="store_true", help="count the UNet and VAE FLOPs (first variant)")
     ap.add_argument("--profile", default=None, help="write a profiler table of one variant here")
@@ -495,12 +536,15 @@ def main() -> None:
                 f"alloc {r.get('alloc_gib', 0):.2f} GiB, reserved {r.get('reserved_gib', 0):.2f} GiB; "
                 f"cameras drawn per step {r['its_step_draw']:.2f} it/s, predrawn {r['its_predrawn']:.2f} it/s; "
                 f"one batch {r['batch_ms']:.2f} ms, in a block {r['block_batch_ms']:.3f} ms per batch; "
-                f"network-pass graphs captured {r['graph_captures']}; step times {r['step_ms_all']}",
+                f"network-pass graphs captured {r['graph_captures']}; render graphs captured {r['render_graphs'][0]} "
+                f"in {r['render_graphs'][1]:.2f} s, {r['render_graphs'][2]} did not fit; "
+                f"step times {r['step_ms_all']}",
                 flush=True,
             )
             results.append(r)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    md = f"device: {name}, torch {torch.__version__}, model {args.model}\n\n{table(results, device)}\n"
+    field = f"fitted ball on a box ({args.fitted} steps)" if args.fitted else "fresh"
+    md = f"device: {name}, torch {torch.__version__}, model {args.model}, field {field}\n\n{table(results, device)}\n"
     if args.flop_counts:
         md += f"\nGFLOP: UNet CFG call {args.flop_counts['unet']:.0f}, VAE encode fwd+bwd {args.flop_counts['vae']:.0f}\n"
     print(md)

@@ -38,7 +38,7 @@ def main() -> None:
     F, H, n = 32, 64, 4096
     params = [(torch.randn(s, device=dev) * 0.1).requires_grad_() for s in fused_mlp.param_shapes(F, H)]
     feat = torch.randn(n, F, device=dev).half().requires_grad_()
-    blob = torch.zeros(n, device=dev)
+    blob = fused_mlp.BlobSpec(torch.rand(n, 3, device=dev), 1.0, 0.5, True)  # as -O's field calls it
     sig = torch.rand(7 * n, device=dev).requires_grad_()
     alb = torch.rand(7 * n, 3, device=dev).half().requires_grad_()
     light = torch.ones(1, 3, device=dev)

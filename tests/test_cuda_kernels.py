@@ -286,6 +286,28 @@ def test_grid_encode_matches_twin(case):
     assert max(errs.values()) <= 1e-4
 
 
+@pytest.mark.parametrize("count", [0, 1300, 2000])
+def test_grid_encode_skips_rows_that_are_not_live(count):
+    """live=(count, period) (--graph_render's padding rows): rows n with n % period < count are
+    computed as without it; the others give zero features and pass no gradient (the embedding
+    and input gradients are those of the live rows alone)."""
+    offsets, points, scale, emb, x = grid_setup(3, 16, 2, 19, 16, 2048, False, N=7 * 2000)
+    period = 2000
+    live_rows = ((torch.arange(x.shape[0]) % period) < count).to(DEV)
+    up = torch.randn(x.shape[0], 32, generator=torch.Generator().manual_seed(1)).to(DEV)
+    outs = []
+    for live in (None, (torch.tensor([count], dtype=torch.int32, device=DEV), period)):
+        e, xx = emb.to(DEV).requires_grad_(), x.to(DEV).requires_grad_()
+        out = gc.grid_encode(xx, e, offsets, points, scale, 16, False, "linear", live=live)
+        # Without live rows, the upstream gradient of the padding rows is zero instead.
+        (out * (up if live is not None else up * live_rows[:, None])).sum().backward()
+        outs.append((out.detach(), e.grad, xx.grad))
+    (ref, ref_e, ref_x), (got, got_e, got_x) = outs
+    assert torch.equal(got[live_rows], ref[live_rows]) and not got[~live_rows].any()
+    assert rel_err(got_e, ref_e) <= 1e-5 and rel_err(got_x, ref_x) <= 1e-5
+    assert not got_x[~live_rows].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grid_encode_low_precision_tables(dtype):
     offsets, points, scale, emb, x = grid_setup(3, 16, 2, 19, 16, 2048, False)

@@ -128,6 +128,80 @@ def test_triton_head_matches_cublas_head(dtype, activation):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("count", [0, 40, 1000, 1024])
+def test_head_skips_rows_that_are_not_live(count):
+    """live=(count, period) (--graph_render's padding rows, period-long segments as in a merged
+    fd call): rows r with r % period < count as without it, the others zero with no gradient;
+    the weight gradients are those of the live rows alone."""
+    if fused_mlp._kernels() is None:
+        pytest.skip("Triton is not available")
+    torch.manual_seed(0)
+    period, F, H = 1024, 32, 64
+    n = 7 * period
+    feat = (torch.randn(n, F, device="cuda") * 0.7).half().requires_grad_()
+    blob = torch.randn(n, device="cuda")
+    params = _params(F, H, "cuda")
+    live_rows = (torch.arange(n, device="cuda") % period) < count
+    g_sigma, g_albedo = torch.randn(n, device="cuda"), torch.randn(n, 3, device="cuda").half()
+    outs = []
+    for live in (None, (torch.tensor([count], dtype=torch.int32, device="cuda"), period)):
+        with torch.autocast("cuda", dtype=torch.float16):
+            sigma, albedo = fused_mlp.mlp_head(feat, blob, "exp", params, live)
+        m = live_rows if live is None else torch.ones_like(live_rows)
+        loss = (sigma * g_sigma * m).sum() + (albedo.float() * g_albedo.float() * m[:, None]).sum()
+        outs.append([sigma, albedo, *torch.autograd.grad(loss, [feat, *params])])
+    (ref_s, ref_a, *ref_g), (got_s, got_a, *got_g) = outs
+    assert torch.equal(got_s[live_rows], ref_s[live_rows]) and not got_s[~live_rows].any()
+    assert torch.equal(got_a[live_rows], ref_a[live_rows]) and not got_a[~live_rows].any()
+    assert not got_g[0][~live_rows].any()
+    for a, b in zip(got_g, ref_g):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("activation", ["exp", "softplus"])
+def test_head_computes_the_density_blob_from_the_points(activation):
+    """fused_mlp.BlobSpec: the kernels compute FieldNetwork.density_blob (gaussian under exp,
+    the cone under softplus) from the points; sigma, albedo and every gradient as with the blob
+    passed as a tensor."""
+    from main import parse_args
+    from nerf.network_grid import NeRFNetwork
+
+    if fused_mlp._kernels() is None:
+        pytest.skip("Triton is not available")
+    torch.manual_seed(0)
+    args = [
+        "--text",
+        "x",
+        "-O",
+        "--density_activation",
+        activation,
+        "--blob_density",
+        "5",
+        "--blob_radius",
+        "0.4",
+    ]
+    field = NeRFNetwork(parse_args(args)[0]).cuda()
+    n, F, H = 5000, 32, 64
+    x = torch.rand(n, 3, device="cuda") * 2 - 1
+    feat = (torch.randn(n, F, device="cuda") * 0.7).half().requires_grad_()
+    params = _params(F, H, "cuda")
+    g_sigma, g_albedo = torch.randn(n, device="cuda"), torch.randn(n, 3, device="cuda").half()
+    outs = []
+    blob = fused_mlp.BlobSpec(x, field.blob_density, field.blob_radius, activation == "exp")
+    for b in (field.density_blob(x), blob):
+        with torch.autocast("cuda", dtype=torch.float16):
+            sigma, albedo = fused_mlp.mlp_head(feat, b, activation, params)
+        loss = (sigma * g_sigma).sum() + (albedo.float() * g_albedo.float()).sum()
+        outs.append([sigma, albedo, *torch.autograd.grad(loss, [feat, *params])])
+    for i, (a, b) in enumerate(zip(*outs)):
+        scale = b.float().abs().max().clamp(min=1e-12)
+        assert ((a.float() - b.float()).abs().max() / scale).item() <= 1e-5, i
+
+
+@pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("shading", ["lambertian", "albedo"])
 def test_fused_mlp_training_render_matches(shading):

@@ -145,6 +145,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_sd, tmp_path, monkeypa
         (["--text", "x", "--t_range", "0.5", "1.5"], "--t_range must lie in [0, 1]"),
         (["--file", "/nonexistent/args.txt"], "argument file /nonexistent/args.txt not found"),
         (["--text", "x", "--graph_render_max_work", "-1"], "--graph_render_max_work must be >= 0"),
+        (["--text", "x", "--graph_render_headroom", "0.9"], "--graph_render_headroom must be at least 1"),
     ],
 )
 def test_bad_input_fails_at_parse_time_in_one_line(args, message, capsys):

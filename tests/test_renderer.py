@@ -493,8 +493,8 @@ class _DoneEvent:
 def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, capsys):
     """nerf/graphed.py's GraphedRender on the CPU, with the capture replaced by the function
     itself: warm-up renders are eager, then the fixed-size render gives the eager outputs;
-    an undersized capture loses samples, is reported once (a step later) and captured again
-    larger; renders above --graph_render_max_work stay eager."""
+    an undersized capture loses samples, marks its outputs incomplete (on the device), is
+    reported once (a step later) and captured again larger; renders above --graph_render_max_work stay eager."""
     from nerf.graphed import GraphedRender
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda fn, args, **kw: fn)
@@ -518,20 +518,31 @@ def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, cap
         assert graphs.captures == (0 if step < 2 else 1)
         for k in ("image", "depth", "weights_sum", "normal_image", "loss_orient"):
             torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
+        assert step < 2 or bool(out["complete"])
     assert graphs.overflows == 0 and capsys.readouterr().err == ""
+    # The first capture froze the objects alive then (cheap collections at each drop);
+    # thaw() (the end of Trainer.train) undoes it.
+    import gc
+
+    from nerf.graphed import thaw
+
+    assert gc.get_freeze_count() > 0
+    thaw()
+    assert gc.get_freeze_count() == 0
 
     (key,) = graphs.sizes
     graphs._poll()  # the counts of the replays so far, before they are forgotten
     graphs.sizes[key].need = [n // 8 for n in graphs.sizes[key].need]
     graphs._drop(key)
     short = render(graphs, 9)  # captured too small: rays lose samples
-    assert graphs.captures == 2 and graphs.overflows == 0  # not known yet
+    assert graphs.captures == 2 and graphs.overflows == 0  # not known yet on the host
+    assert not bool(short["complete"])  # but marked on the device: training skips the step
     assert (short["weights_sum"] - render(None, 9)["weights_sum"]).abs().max() > 0.1
     out = render(graphs, 9)  # the counts of the last step are read: captured again larger
     assert graphs.overflows == 1 and graphs.captures == 3
     torch.testing.assert_close(out["image"], render(None, 9)["image"], atol=1e-6, rtol=1e-5)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lost samples" in err[0] and "captured again larger" in err[0]
+    assert len(err) == 1 and "marked incomplete" in err[0] and "captured again larger" in err[0]
 
     def broken(fn, args, **kw):
         raise ValueError("no kernel for this GPU")

@@ -16,6 +16,7 @@ def _trainer(tmp_path, device: str, defer: bool, nan_steps: set[int], monkeypatc
     ws = tmp_path / f"ws{defer}{tag}"
     opt, _ = parse_args(["--text", "a cube", "--workspace", str(ws), "-O", *TINY_RUN])
     opt.precision = "fp32"
+    opt.graph_render = False  # these tests are about the readback; --graph_render has its own
     torch.manual_seed(0)
     model = NeRFNetwork(opt)
     trainer = Trainer(opt, model, {}, torch.device(device))  # regularizers only: no guidance
@@ -84,3 +85,34 @@ def test_gradient_finiteness_flag(tmp_path, monkeypatch):
         params[-1].grad = torch.zeros_like(params[-1])
         params[-1].grad.view(-1)[-1] = bad
         assert not bool(trainer._grads_finite_flag())
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_incomplete_graphed_render_skips_the_step(tmp_path, monkeypatch, defer, capsys):
+    """A --graph_render replay that lost samples marks its outputs incomplete: the Trainer skips
+    that step's update (on the device with Adan), logs it, and does not count it as a
+    non-finite step (it is no divergence)."""
+    from nerf.renderer import NeRFRenderer
+
+    trainer, data = _trainer(tmp_path, "cpu", defer, set(), monkeypatch)
+    real = NeRFRenderer.render
+    clipped = {1}  # the second step's render "overflowed"
+
+    def render(self, *a, **k):
+        out = real(self, *a, **k)
+        out["complete"] = torch.tensor(trainer.global_step not in clipped)
+        return out
+
+    monkeypatch.setattr(NeRFRenderer, "render", render)
+    said: list[str] = []
+    monkeypatch.setattr(trainer, "log", lambda msg, **k: said.append(msg))
+    for step in range(3):
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train_one_step(data.train_batch())
+        same = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+        assert same == (step in clipped)  # the clipped render's gradient was not applied
+    trainer.flush()
+    assert trainer.incomplete_total == 1 and trainer.nonfinite_total == trainer.nonfinite_run == 0
+    emb = trainer.model.encoder.embeddings
+    assert int(trainer.optimizer.state[emb]["step"]) == 2  # Adan counted only the applied steps
+    assert len(said) == 1 and "[step 1]" in said[0] and "too few rows: step skipped" in said[0]

@@ -146,6 +146,10 @@ __device__ inline void corner_point(const int* lower, int corner, int P, int* c)
   for (int d = 0; d < D; ++d) c[d] = min(lower[d] + ((corner >> d) & 1), P - 1);
 }
 
+__device__ inline bool row_live(const GridLayout& lay, int64_t n) {
+  return lay.live == nullptr || n % lay.live_period < *lay.live;
+}
+
 template <typename in_t, typename emb_t, typename out_t, int D>
 __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __restrict__ emb,
                                int64_t N, GridLayout lay, out_t* __restrict__ out) {
@@ -158,7 +162,7 @@ __global__ void forward_kernel(const in_t* __restrict__ inputs, const emb_t* __r
   // Feature f of this (point, level) is o[f * os].
   const int64_t os = lay.soa ? N : 1;
   out_t* o = out + (lay.soa ? l * F * N + n : (n * lay.L + l) * F);
-  if (l >= lay.max_level) {
+  if (l >= lay.max_level || !row_live(lay, n)) {
     for (int f = 0; f < F; ++f) o[f * os] = from_acc<out_t>(acc_t(0));
     return;
   }
@@ -236,7 +240,8 @@ __global__ void backward_kernel(const gout_t* __restrict__ grad_out,
   const int lane = threadIdx.x & 31;
   // No early return yet: every lane of the warp must reach the ballot below.
   const int l = tid < N * lay.L ? static_cast<int>(tid / N) : lay.L;
-  const bool valid = l < lay.max_level && l < lay.L;  // zeroed levels pass no gradient
+  // Zeroed levels and rows that are not live pass no gradient.
+  const bool valid = l < lay.max_level && l < lay.L && row_live(lay, tid - l * N);
   const int P = valid ? lay.points[l] : 0;
   const bool agg = grad_emb != nullptr && lay.agg_mode != 0 && valid && P <= lay.agg_max_points;
   // Run merging shuffles over the full warp: then idle lanes stay, as empty runs (warp-uniform).

@@ -35,6 +35,11 @@ struct GridLayout {
   // Set by the launchers (callers need not): F == 2 and the table aligned to a pair of
   // features, so a row loads as one vector.
   bool vec2;
+  // Rows to compute (fixed-size CUDA graph replays, whose rows past the samples are padding):
+  // row n is live when n % live_period < *live; other rows write zero features and pass no
+  // gradient. null: every row.
+  const int32_t* live;
+  int64_t live_period;
 };
 
 // inputs: [N,D] in [0,1] (double when emb is kFloat64, else float); embeddings: [T,F];

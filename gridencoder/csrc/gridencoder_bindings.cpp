@@ -65,28 +65,44 @@ dfk::GridLayout layout(const at::Tensor& offsets, const at::Tensor& points,
   const int64_t L = points.numel();
   TORCH_CHECK(offsets.numel() == L + 1 && scales.numel() == L, "inconsistent level layout");
   TORCH_CHECK(agg_mode == 0 || agg_mode == 1, "agg_mode must be 0 or 1");
-  return {offsets.data_ptr<int32_t>(),
-          points.data_ptr<int32_t>(),
-          scales.data_ptr(),
-          static_cast<int>(L),
-          static_cast<int>(embeddings.size(1)),
-          static_cast<int>(std::min<int64_t>(max_level, L)),
-          align_corners,
-          smoothstep,
-          static_cast<int>(agg_mode),
-          static_cast<int>(agg_max_points),
-          soa};
+  dfk::GridLayout lay{};
+  lay.offsets = offsets.data_ptr<int32_t>();
+  lay.points = points.data_ptr<int32_t>();
+  lay.scales = scales.data_ptr();
+  lay.L = static_cast<int>(L);
+  lay.F = static_cast<int>(embeddings.size(1));
+  lay.max_level = static_cast<int>(std::min<int64_t>(max_level, L));
+  lay.align_corners = align_corners;
+  lay.smoothstep = smoothstep;
+  lay.agg_mode = static_cast<int>(agg_mode);
+  lay.agg_max_points = static_cast<int>(agg_max_points);
+  lay.soa = soa;
+  return lay;
+}
+
+// live: [1] int32 on the inputs' device, or none; see GridLayout::live.
+void set_live(dfk::GridLayout& lay, const std::optional<at::Tensor>& live, int64_t live_period,
+              const at::Tensor& inputs) {
+  if (!live.has_value()) return;
+  DFK_CHECK_INPUT(*live);
+  TORCH_CHECK(live->scalar_type() == at::kInt && live->numel() == 1, "live must be one int32");
+  TORCH_CHECK(live->device() == inputs.device(), "live must be on the inputs' device");
+  TORCH_CHECK(live_period > 0, "live_period must be positive");
+  lay.live = live->data_ptr<int32_t>();
+  lay.live_period = live_period;
 }
 
 at::Tensor grid_encode_forward(const at::Tensor& inputs, const at::Tensor& embeddings,
                                const at::Tensor& offsets, const at::Tensor& points,
                                const at::Tensor& scales, bool align_corners, bool smoothstep,
-                               int64_t max_level, bool soa, at::ScalarType out_dtype) {
+                               int64_t max_level, bool soa, at::ScalarType out_dtype,
+                               const std::optional<at::Tensor>& live, int64_t live_period) {
   DFK_CHECK_INPUT(inputs);
   DFK_CHECK_INPUT(embeddings);
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
-                          max_level, 0, 0, soa);
+  auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
+                    max_level, 0, 0, soa);
+  set_live(lay, live, live_period, inputs);
   const auto et = emb_type(embeddings, inputs);
   const auto ot = feature_type(out_dtype, et);
   TORCH_CHECK(ot == et || et == dfk::EmbType::kFloat32,
@@ -111,13 +127,16 @@ std::vector<at::Tensor> grid_encode_backward(const at::Tensor& grad_out,
                                              const at::Tensor& scales, bool align_corners,
                                              bool smoothstep, int64_t max_level, bool need_emb,
                                              bool need_inputs, int64_t agg_mode,
-                                             int64_t agg_max_points, bool soa) {
+                                             int64_t agg_max_points, bool soa,
+                                             const std::optional<at::Tensor>& live,
+                                             int64_t live_period) {
   DFK_CHECK_INPUT(grad_out);
   DFK_CHECK_INPUT(inputs);
   DFK_CHECK_INPUT(embeddings);
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
-                          max_level, agg_mode, agg_max_points, soa);
+  auto lay = layout(offsets, points, scales, inputs, embeddings, align_corners, smoothstep,
+                    max_level, agg_mode, agg_max_points, soa);
+  set_live(lay, live, live_period, inputs);
   const auto et = emb_type(embeddings, inputs);
   const auto gt = feature_type(grad_out.scalar_type(), et);
   TORCH_CHECK(gt == et || et == dfk::EmbType::kFloat32,
