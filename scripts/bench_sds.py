@@ -172,7 +172,7 @@ VARIANTS: dict[str, list[str]] = {
 # name -> (main.py options, {"module.ATTR": value}), restored after the variant.
 PATCHED: dict[str, tuple[list[str], dict[str, object]]] = {
     # The training march as a thread walking each ray (the default before the warp per ray).
-    "-O default, march a thread per ray": (O_DEFAULT, {"raymarching._cuda.MARCH_WARP": False}),
+    "-O default with the thread-per-ray march": (O_DEFAULT, {"raymarching._cuda.MARCH_WARP": False}),
 }
 VARIANTS.update({name: options for name, (options, _) in PATCHED.items()})
 DEFAULT_VARIANTS = list(VARIANTS)[:5]
