@@ -37,6 +37,8 @@ OFF = (
 # name -> main.py options besides the prompt, workspace, model and schedule.
 VARIANTS = {
     "-O": "-O",
+    # --graph_render for every render, however many rows it needs (-O stops at 3M).
+    "-O, graphed render without a work limit": "-O --graph_render_max_work 0",
     # The reference's computation: fp16 autocast and the CUDA ray marcher, no speed lever.
     "eager fp16 (baseline)": f"--fp16 --cuda_ray {OFF}",
 }
