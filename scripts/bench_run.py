@@ -38,7 +38,7 @@ OFF = (
 VARIANTS = {
     "-O": "-O",
     # --graph_render for every render, however many rows it needs (-O stops at 3M).
-    "-O, graphed render without a work limit": "-O --graph_render_max_work 0",
+    "-O with the graphed render at any size": "-O --graph_render_max_work 0",
     # The reference's computation: fp16 autocast and the CUDA ray marcher, no speed lever.
     "eager fp16 (baseline)": f"--fp16 --cuda_ray {OFF}",
 }
@@ -168,6 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
+    assert not any("," in n for n in VARIANTS), "variant names are split on commas"
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     # The RGB phase starts after --latent_iter_ratio (0.2) of the run: epoch 2 of a 500-step run.
