@@ -91,6 +91,20 @@ def window_rate(rows: list[dict], first: int, last: int) -> float:
     return steps / secs if secs else float("nan")
 
 
+def first_epoch_from(rows: list[dict], step: int) -> int:
+    """The first epoch that starts at or after ``step`` (the rows' epochs run one after another).
+
+    >>> first_epoch_from([{"epoch": 1, "step": 100}, {"epoch": 2, "step": 200}], 100)
+    2
+    """
+    prev = 0
+    for r in rows:
+        if prev >= step:
+            return r["epoch"]
+        prev = r["step"]
+    return rows[-1]["epoch"]
+
+
 def run_variant(name: str, options: str, args, ws: Path) -> dict:
     cmd = [
         sys.executable,
@@ -171,16 +185,15 @@ def main() -> None:
     assert not any("," in n for n in VARIANTS), "variant names are split on commas"
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    # The RGB phase starts after --latent_iter_ratio (0.2) of the run: epoch 2 of a 500-step run.
-    per_epoch = 100
-    rgb_first = int(0.2 * args.iters) // per_epoch + 1
-    last = -(-args.iters // per_epoch)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
             res = run_variant(name, VARIANTS[name], args, Path(tmp) / f"ws{i}")
             print(f"{name}: " + ", ".join(f"e{r['epoch']} {r['its']:.2f}" for r in res["rows"]), flush=True)
             results.append(res)
+    # The RGB phase starts after --latent_iter_ratio (0.2) of the run: epoch 2 of a 500-step run.
+    rgb_first = first_epoch_from(results[0]["rows"], int(0.2 * args.iters))
+    last = results[0]["rows"][-1]["epoch"]
     text = table(results, rgb_first, last)
     print(text)
     if args.out:
