@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Pixels each CUDA thread loads per loop iteration (1, 2 or 4; the same results): module-level
+# so that scripts/bench_vae.py --unroll can compare them (docs/benchmarks.md).
+UNROLL = 4
+
 
 def kernels():
     """Our CUDA extension (built on first use, shared with the NeRF kernels), or None."""
@@ -79,7 +83,7 @@ def group_norm_act(
     backward reuses. Statistics and arithmetic in float32."""
     if _use_kernel(x, groups):
         y, mean, rstd = kernels().group_norm_forward(
-            x, weight.float().contiguous(), bias.float().contiguous(), groups, eps, silu
+            x, weight.float().contiguous(), bias.float().contiguous(), groups, eps, silu, UNROLL
         )
         return y, mean, rstd
     mean, rstd = _stats(x, groups, eps)
@@ -109,7 +113,16 @@ def group_norm_act_backward(
     if _use_kernel(x, groups):
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
         return kernels().group_norm_backward(
-            dy, x, weight.float().contiguous(), bias.float().contiguous(), mean, rstd, groups, eps, silu
+            dy,
+            x,
+            weight.float().contiguous(),
+            bias.float().contiguous(),
+            mean,
+            rstd,
+            groups,
+            eps,
+            silu,
+            UNROLL,
         )
     d, xh = _pre_affine_grad(dy, x, weight, bias, mean, rstd, groups, silu)
     n = x.shape[0]

@@ -18,6 +18,10 @@ from . import _torch_impl
 from ._build import load_kernels
 
 _MAX_COMPOSITE_CHANNELS = 16  # composite_rays keeps the channels in registers
+# Training marches with a fixed step (dt_gamma 0): a warp per ray testing 32 lattice points at
+# a time (True) or a thread walking each ray with empty-space skips (False). Same samples;
+# bench_render.py --ab_march times both (docs/benchmarks.md).
+MARCH_WARP = True
 
 
 def available() -> bool:
@@ -108,7 +112,7 @@ def _march_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noi
     return _ext().march_rays_train(
         rays_o.contiguous(), rays_d.contiguous(), nears.contiguous(), fars.contiguous(),
         None if noise is None else _f32(noise), density_bitfield.contiguous(), float(bound), int(C),
-        int(G), float(dt_gamma), int(max_steps), dt_min, dt_max, int(capacity),
+        int(G), float(dt_gamma), int(max_steps), dt_min, dt_max, int(capacity), bool(MARCH_WARP),
     )
 
 

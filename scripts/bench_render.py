@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gridencoder  # noqa: E402
 import gridencoder._cuda as gc  # noqa: E402
 import raymarching  # noqa: E402
+import raymarching._cuda as rc  # noqa: E402
 from main import parse_args  # noqa: E402
 from nerf.network_grid import NeRFNetwork  # noqa: E402
 from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy  # noqa: E402
@@ -189,25 +190,35 @@ def profile(model, device, light, test_size: int, path: Path) -> None:
         f"{test_size}^2 test frame: {len(calls)} loop iterations, {sum(a * b for a, b in calls)} samples; "
         f"(n_alive, n_step): {calls[:6]} ... {calls[-3:]}"
     )
-    for shading in ("lambertian", "albedo"):
+    # The eager training render, then the same replayed from CUDA graphs (--graph_render): the
+    # profiler lists the kernels inside the replays too.
+    for shading, graphed in (
+        ("lambertian", False),
+        ("albedo", False),
+        ("lambertian", True),
+        ("albedo", True),
+    ):
+        model.graph_render = graphed
 
         def step(shading=shading):
             train_render(model, ro, rd, light, shading)
 
-        for _ in range(3):
+        for _ in range(8 if graphed else 3):  # the graphed render is captured in its first calls
             step()
         torch.cuda.synchronize()
         with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        trace = path.with_suffix(f".train_{shading}.trace.json")
+        label = f"{shading}{'_graphed' if graphed else ''}"
+        trace = path.with_suffix(f".train_{label}.trace.json")
         prof.export_chrome_trace(str(trace))
         lines += [
             summary(trace, steps=5),
-            f"== train {shading} x5",
+            f"== train {label} x5",
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=30),
         ]
+    model.graph_render = False
     for k in (1, 2, 4, 8):
         model.min_infer_step = k
         ms, _ = timeit(frame, 5, device)
@@ -290,6 +301,39 @@ def ab_rounds(model, device, light, repeat: int, attr: str, values, shadings=("l
         (shading, lambda s=shading: train_render(model, ro, rd, light, s), repeat) for shading in shadings
     ]
     return alternate(model, device, attr, values, "shading", cases)
+
+
+def ab_march(model, device, light, repeat: int) -> list[str]:
+    """Training renders, eager and replayed from CUDA graphs (--graph_render), with the CUDA
+    training march as a thread walking each ray and as a warp per ray
+    (``raymarching._cuda.MARCH_WARP``), alternating, three rounds per case; each graphed
+    measurement captures its graphs anew (the march is chosen at capture)."""
+    from nerf.graphed import GraphedRender
+
+    ro, rd = rays(device, 64, 64)
+    saved = (rc.MARCH_WARP, model.graph_render, model.render_graphs)
+    lines = ["", "| training render | round | thread per ray, ms | warp per ray, ms |", "|---|---|---|---|"]
+    for graphed in (False, True):
+        model.graph_render = graphed
+        for shading in ("albedo", "lambertian"):
+            for r in range(3):
+                ms = []
+                for warp in (False, True):
+                    rc.MARCH_WARP = warp
+                    model.render_graphs = GraphedRender(max_work=saved[2].max_work)
+                    fn = lambda s=shading: train_render(model, ro, rd, light, s)  # noqa: E731
+                    ms.append(timeit(fn, repeat, device, warmup=8)[0])
+                label = f"{shading}{', graphed' if graphed else ''}"
+                lines.append(f"| {label} | {r + 1} | {ms[0]:.2f} | {ms[1]:.2f} |")
+    rc.MARCH_WARP, model.graph_render, model.render_graphs = saved
+    march = lambda: training_samples(model, device)  # noqa: E731
+    for warp in (False, True):
+        rc.MARCH_WARP = warp
+        lines.append(
+            f"march + pruning pass alone, MARCH_WARP={warp}: {timeit(march, repeat, device)[0]:.3f} ms"
+        )
+    rc.MARCH_WARP = saved[0]
+    return lines
 
 
 def ab_frames(model, device, size: int, repeat: int, attr: str, values) -> list[str]:
@@ -381,6 +425,12 @@ def main() -> None:
         action="store_true",
         help="also time the training renders replayed from CUDA graphs (--graph_render) against the "
         "eager render, alternating",
+    )
+    ap.add_argument(
+        "--ab_march",
+        action="store_true",
+        help="also time the training renders (eager and graphed) with the CUDA training march as a "
+        "thread per ray against a warp per ray (raymarching._cuda.MARCH_WARP), alternating",
     )
     ap.add_argument(
         "--ab",
@@ -482,6 +532,8 @@ def main() -> None:
         thresh_lines += ab_rounds(
             model, device, light, args.repeat, "fused_head", (True, False), ("albedo", "lambertian")
         )
+    if args.ab_march and device.type == "cuda":
+        thresh_lines += ab_march(model, device, light, args.repeat)
     for attr in args.ab:
         thresh_lines += ab_rounds(
             model, device, light, args.repeat, attr, (False, True), ("albedo", "lambertian")

@@ -53,6 +53,12 @@ def kind(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument(
+        "--unroll",
+        action="store_true",
+        help="also time the fused encoder and its largest GroupNorm with the kernels' pixels per "
+        "thread iteration (guidance.groupnorm.UNROLL) at 1, 2 and 4, alternating",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda")
     vae = build_vae()
@@ -73,8 +79,8 @@ def main() -> None:
             x_in = x0.contiguous(memory_format=torch.channels_last)
         torch._dynamo.reset()
         t0 = time.time()
-        fn = torch.compile(encoder, dynamic=False, options={"force_layout_optimization": True})
-        fn = torch.cuda.make_graphed_callables(fn, (x_in.clone().requires_grad_(True),))
+        fn_c = torch.compile(encoder, dynamic=False, options={"force_layout_optimization": True})
+        fn = torch.cuda.make_graphed_callables(fn_c, (x_in.clone().requires_grad_(True),))
         compile_s = time.time() - t0
 
         def step(fn=fn, x_in=x_in):
@@ -94,10 +100,12 @@ def main() -> None:
             torch.cuda.synchronize()
         parts = ms_by_kind(prof, kind, steps=5)
         rows.append((name, ms, compile_s, diff, parts))
+        compiled = fn_c
         print(
             f"{name}: {ms:.2f} ms, compiled in {compile_s:.0f} s, grad rel diff {diff:.2e}, {parts}",
             flush=True,
         )
+    extra = unroll_rounds(compiled, x_in, g, args.repeat) if args.unroll else []
     print(f"\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}\n")
     kinds = ["convolutions and GEMMs", "GroupNorm, SiLU and other element-wise", "other"]
     print("| encoder | fwd + bwd ms | " + " | ".join(f"{k}, ms" for k in kinds) + " | grad rel. diff |")
@@ -108,6 +116,63 @@ def main() -> None:
             + " | ".join(f"{parts.get(k, 0):.2f}" for k in kinds)
             + f" | {diff:.1e} |"
         )
+    print("\n".join(extra))
+
+
+def unroll_rounds(compiled, x_in, g, repeat: int) -> list[str]:
+    """The fused encoder (recaptured per setting: the kernels are chosen at capture) and its
+    largest GroupNorm + SiLU alone (1x128x512x512, forward + backward), for UNROLL 1, 2, 4 in
+    turn, three rounds; and the input gradient's largest difference between the settings."""
+    from guidance import groupnorm
+
+    dev = x_in.device
+    values = (1, 2, 4)
+    saved = groupnorm.UNROLL
+    lines = ["", "| case | round | " + " | ".join(f"UNROLL {u}, ms" for u in values) + " |"]
+    lines.append("|---|---|" + "---|" * len(values))
+    xs = torch.randn(1, 128, 512, 512, device=dev, dtype=torch.half).contiguous(
+        memory_format=torch.channels_last
+    )
+    w, b = torch.rand(128, device=dev) + 0.5, torch.randn(128, device=dev)
+    dy = torch.randn_like(xs)
+
+    def gn_step():
+        x = xs.detach().requires_grad_(True)
+        groupnorm.group_norm_act(x, w, b, 32, 1e-6, True)[0].backward(dy)
+
+    grads, again = {}, None
+    for r in range(3):
+        enc_ms, gn_ms = [], []
+        for u in values:
+            groupnorm.UNROLL = u
+            fn = torch.cuda.make_graphed_callables(compiled, (x_in.clone().requires_grad_(True),))
+
+            def step(fn=fn):
+                x = x_in.clone().requires_grad_(True)
+                fn(x).backward(g)
+                return x.grad
+
+            grads[u] = step().float()
+            if u == values[0] and again is None:
+                again = step().float()  # the same setting twice: the run-to-run difference
+            enc_ms.append(timeit(step, repeat, dev)[0])
+            gn_ms.append(timeit(gn_step, repeat, dev)[0])
+        lines.append(f"| encoder fwd + bwd | {r + 1} | " + " | ".join(f"{m:.2f}" for m in enc_ms) + " |")
+        lines.append(
+            f"| GroupNorm+SiLU 128x512x512 | {r + 1} | " + " | ".join(f"{m:.3f}" for m in gn_ms) + " |"
+        )
+    groupnorm.UNROLL = saved
+    ref = grads[values[0]]
+
+    def rel(a):
+        return ((a - ref).norm() / ref.norm()).item()
+
+    lines.append(
+        "input gradient, relative L2 difference from UNROLL 1: "
+        + ", ".join(f"UNROLL {u} {rel(grads[u]):.1e}" for u in values[1:])
+        + f"; UNROLL 1 run twice: {rel(again):.1e} (atomic adds make runs differ)"
+    )
+    return lines
 
 
 if __name__ == "__main__":

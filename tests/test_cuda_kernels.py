@@ -123,8 +123,16 @@ def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0
     return ref, got
 
 
+@pytest.fixture(params=[True, False], ids=["warp", "walk"])
+def march_mode(request, monkeypatch):
+    """Both CUDA training marches: a warp per ray (the default with dt_gamma 0) and a thread
+    walking each ray with empty-space skips (dt_gamma > 0 always walks)."""
+    monkeypatch.setattr(rc, "MARCH_WARP", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", MARCH_CASES)
-def test_march_rays_train_matches_twin(case):
+def test_march_rays_train_matches_twin(case, march_mode):
     ref, got = march_both(*case)
     xyzs, dirs, ts, rays = ref
     assert got[3].dtype == torch.int32 and got[0].shape == xyzs.shape
@@ -535,7 +543,7 @@ def test_graphed_network_pass_equals_eager(shading):
 
 
 @pytest.mark.parametrize("fit", ["room", "overflow"])
-def test_fixed_size_march_and_prune_match_twin(fit):
+def test_fixed_size_march_and_prune_match_twin(fit, march_mode):
     """march_rays_train_fixed / prune_rays_train_fixed (--graph_render): with room, the rays,
     samples and kept indices of the variable-size kernels plus zero padding in no ray; past the
     capacity, the true totals, clipped rays inside it, and each ray a prefix of its samples."""

@@ -76,8 +76,9 @@ def test_fused_encoder_gives_the_same_moments_and_input_gradient():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_kernels_match_the_twin(dtype):
+def test_cuda_kernels_match_the_twin(dtype, unroll, monkeypatch):
     """The kernels on channels_last CUDA tensors against the twin (float32 arithmetic on the same
     rounded inputs) for the SD VAE encoder's shapes (and an odd pixel count), forward and the
     gradient to the input, with and without the SiLU; opcheck on the CUDA op."""
@@ -87,6 +88,7 @@ def test_cuda_kernels_match_the_twin(dtype):
         pytest.skip("the CUDA kernels did not build")
     from guidance import groupnorm
 
+    monkeypatch.setattr(groupnorm, "UNROLL", unroll)  # pixels per thread per loop iteration
     torch.manual_seed(0)
     # The SD VAE's shapes, an odd pixel count, and the built-in prior's first level (one channel
     # per group).

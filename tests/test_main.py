@@ -293,6 +293,12 @@ def test_each_configuration_runs(config, tiny_sd, tmp_path, monkeypatch):
     assert ckpt["global_step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert (ws / "validation" / "df_ep0002_sheet.png").exists()
+    # scripts/bench_run.py times whole runs from these epoch lines of the log.
+    from scripts.bench_run import parse_log
+
+    rows = parse_log(next(ws.glob("log_*.txt")).read_text())
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 3), (2, 6)]
+    assert all(r["its"] > 0 and r["skipped"] == 0 for r in rows)
 
 
 def test_cuda_allocator_setting_defaults_to_expandable_segments_and_respects_the_user(monkeypatch):

@@ -18,6 +18,7 @@ struct GnShape {
   int C, G;
   float eps;
   bool silu;
+  int unroll;  // pixels per thread per loop iteration: 1, 2 or 4 (same results)
 };
 
 // y = act((x - mean) * rstd * weight + bias); writes mean, rstd [N, G] (float32) and y.

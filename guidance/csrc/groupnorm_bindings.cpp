@@ -38,19 +38,20 @@ void check_vec(const at::Tensor& t, int64_t n, const char* name) {
               name, " must be a contiguous float32 CUDA tensor of ", n, " elements");
 }
 
-dfk::GnShape shape_of(const at::Tensor& x, int64_t groups, double eps, bool silu) {
+dfk::GnShape shape_of(const at::Tensor& x, int64_t groups, double eps, bool silu, int64_t unroll) {
   return dfk::GnShape{x.size(0), x.size(2) * x.size(3), static_cast<int>(x.size(1)),
-                      static_cast<int>(groups), static_cast<float>(eps), silu};
+                      static_cast<int>(groups), static_cast<float>(eps), silu,
+                      static_cast<int>(unroll)};
 }
 
 std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& bias, int64_t groups, double eps,
-                                           bool silu) {
+                                           bool silu, int64_t unroll) {
   check_nhwc(x, "x");
   check_vec(weight, x.size(1), "weight");
   check_vec(bias, x.size(1), "bias");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto s = shape_of(x, groups, eps, silu);
+  const auto s = shape_of(x, groups, eps, silu, unroll);
   const auto type = gn_type(x);
   auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -67,7 +68,8 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, const at::Tensor
 
 at::Tensor group_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bias, const at::Tensor& mean,
-                               const at::Tensor& rstd, int64_t groups, double eps, bool silu) {
+                               const at::Tensor& rstd, int64_t groups, double eps, bool silu,
+                               int64_t unroll) {
   check_nhwc(x, "x");
   check_nhwc(dy, "dy");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
@@ -77,7 +79,7 @@ at::Tensor group_norm_backward(const at::Tensor& dy, const at::Tensor& x, const 
   check_vec(mean, x.size(0) * groups, "mean");
   check_vec(rstd, x.size(0) * groups, "rstd");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto s = shape_of(x, groups, eps, silu);
+  const auto s = shape_of(x, groups, eps, silu, unroll);
   const auto type = gn_type(x);
   auto dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   auto work = at::empty({dfk::gn_work_floats(s, type)}, x.options().dtype(at::kFloat));

@@ -49,17 +49,18 @@ cudaError_t packbits(const float* grid, int64_t n_bytes, float thresh, uint8_t* 
 // rays: [N,2] int32 (offset, count) output; counter: [1] int32, zeroed by the caller, ends
 // as the total count. capacity >= 0: the packed arrays hold that many rows, and a ray whose
 // slice crosses the end keeps only the samples that fit (count clipped, possibly to 0);
-// capacity < 0: no limit.
+// capacity < 0: no limit. warp: with dt_gamma == 0, a warp per ray testing 32 lattice points
+// at a time instead of a thread walking each ray (same samples).
 cudaError_t march_rays_train_count(const float* rays_o, const float* rays_d, const float* nears,
                                    const float* fars, const float* noise, GridSpec grid,
                                    StepSpec step, int64_t N, int32_t* rays, int32_t* counter,
-                                   int64_t capacity, cudaStream_t stream);
+                                   int64_t capacity, bool warp, cudaStream_t stream);
 
 // Pass 2: the same walk, writing xyzs, dirs: [M,3] and ts: [M,2] at each ray's offset.
 cudaError_t march_rays_train_write(const float* rays_o, const float* rays_d, const float* nears,
                                    const float* fars, const float* noise, GridSpec grid,
                                    StepSpec step, int64_t N, const int32_t* rays, float* xyzs,
-                                   float* dirs, float* ts, cudaStream_t stream);
+                                   float* dirs, float* ts, bool warp, cudaStream_t stream);
 
 // sigmas: [M]; rgbs: [M,Cc]; ts: [M,2]; rays: [N,2] int32. Outputs (zeroed by the caller):
 // weights [M], weights_sum [N], depth [N], image [N,Cc]. scalar_t is float or double.

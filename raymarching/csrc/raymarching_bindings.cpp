@@ -102,7 +102,8 @@ std::vector<at::Tensor> march_rays_train(const at::Tensor& rays_o, const at::Ten
                                          const std::optional<at::Tensor>& noise,
                                          const at::Tensor& bitfield, double bound, int64_t C,
                                          int64_t G, double dt_gamma, int64_t max_steps,
-                                         double dt_min, double dt_max, int64_t capacity) {
+                                         double dt_min, double dt_max, int64_t capacity,
+                                         bool warp) {
   DFK_CHECK(rays_o, at::kFloat);
   DFK_CHECK(rays_d, at::kFloat);
   DFK_CHECK(nears, at::kFloat);
@@ -121,7 +122,7 @@ std::vector<at::Tensor> march_rays_train(const at::Tensor& rays_o, const at::Ten
   check_launch(dfk::march_rays_train_count(rays_o.data_ptr<float>(), rays_d.data_ptr<float>(),
                                            nears.data_ptr<float>(), fars.data_ptr<float>(),
                                            noise_ptr, g, s, N, rays.data_ptr<int32_t>(),
-                                           counter.data_ptr<int32_t>(), capacity, stream()),
+                                           counter.data_ptr<int32_t>(), capacity, warp, stream()),
                "march_rays_train (count)");
   // Without a capacity, the one host sync: the output size. With one (graph replays), rows
   // past the samples are zeros that belong to no ray, and counter says how many were needed.
@@ -134,7 +135,7 @@ std::vector<at::Tensor> march_rays_train(const at::Tensor& rays_o, const at::Ten
                                            nears.data_ptr<float>(), fars.data_ptr<float>(),
                                            noise_ptr, g, s, N, rays.data_ptr<int32_t>(),
                                            xyzs.data_ptr<float>(), dirs.data_ptr<float>(),
-                                           ts.data_ptr<float>(), stream()),
+                                           ts.data_ptr<float>(), warp, stream()),
                "march_rays_train (write)");
   return {xyzs, dirs, ts, rays, counter};
 }
