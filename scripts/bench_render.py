@@ -326,13 +326,6 @@ def ab_march(model, device, light, repeat: int) -> list[str]:
                 label = f"{shading}{', graphed' if graphed else ''}"
                 lines.append(f"| {label} | {r + 1} | {ms[0]:.2f} | {ms[1]:.2f} |")
     rc.MARCH_WARP, model.graph_render, model.render_graphs = saved
-    march = lambda: training_samples(model, device)  # noqa: E731
-    for warp in (False, True):
-        rc.MARCH_WARP = warp
-        lines.append(
-            f"march + pruning pass alone, MARCH_WARP={warp}: {timeit(march, repeat, device)[0]:.3f} ms"
-        )
-    rc.MARCH_WARP = saved[0]
     return lines
 
 
