@@ -50,6 +50,7 @@ OFF = [
     "--no-compile_vae",
     "--no-channels_last",
     "--no-vae_fused_gn",
+    "--no-unet_fused_qkv",
     "--no-fused_mlp",
     "--no-graph_render",
     "--unet_traced",
@@ -69,8 +70,10 @@ COMPILED_GRAPHS = [
 FUSED_GN = [*COMPILED_GRAPHS, "--vae_fused_gn"]
 # The -O default's levers before the graphed training render (runs 12-14's default).
 FUSED_MLP = [*FUSED_GN, "--fused_mlp"]
+# The -O default's levers before the fused q/k/v projections (runs 14-15's default).
+GRAPH_RENDER = [*FUSED_MLP, "--graph_render"]
 # The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
-O_DEFAULT = [*FUSED_MLP, "--graph_render"]
+O_DEFAULT = [*GRAPH_RENDER, "--unet_fused_qkv"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
@@ -102,6 +105,7 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": FUSED_GN,
     "-O default": O_DEFAULT,
+    "-O default without the fused qkv projections": GRAPH_RENDER,
     "-O default without the graphed render": FUSED_MLP,
     # --graph_render beside run 12's default: without a work limit, with more headroom, and
     # with other limits than -O's 3M rows.
