@@ -303,15 +303,8 @@ class StableDiffusion(torch.nn.Module):
         self.unet_fused_qkv = unet_fused_qkv and fuse_qkv(self.unet)
         self.unet_traced = None if unet_traced in (None, "", "off") or not cuda else str(unet_traced)
         self.traced_dir = Path(traced_dir) if traced_dir else default_traced_dir()
-        levers = (
-            self.unet_graph,
-            self.vae_graph,
-            self.compile_vae,
-            self.compile_unet,
-            channels_last,
-            bf16,
-            self.unet_fused_qkv,
-        )
+        # (The fused q/k/v projections change modules, not the call path: not a lever here.)
+        levers = (self.unet_graph, self.vae_graph, self.compile_vae, self.compile_unet, channels_last, bf16)
         self.fast = any(levers) or self.unet_traced is not None
         if channels_last and not vram_O:
             self.unet.to(memory_format=torch.channels_last)
