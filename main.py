@@ -56,6 +56,7 @@ O_SPEED_DEFAULTS = {
     "compile_unet": True,
     "channels_last": True,
     "vae_fused_gn": True,
+    "unet_fused_qkv": True,
     "fused_mlp": True,
     "graph_render": True,
 }
@@ -444,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on channels_last activations (implies --vae_channels_last) [default: on with -O, else off]",
     )
     g.add_argument(
+        "--unet_fused_qkv",
+        action=flag,
+        default=None,
+        help="one GEMM for the q/k/v projections of each UNet attention (diffusers' "
+        "fuse_qkv_projections; same products, fewer and larger GEMMs) [default: on with -O, else off]",
+    )
+    g.add_argument(
         "--compile_unet",
         action=flag,
         default=None,
@@ -635,6 +643,7 @@ def build_guidance(opt: argparse.Namespace, device) -> dict:
             channels_last=opt.channels_last,
             vae_channels_last=opt.vae_channels_last,
             vae_fused_gn=opt.vae_fused_gn,
+            unet_fused_qkv=opt.unet_fused_qkv,
             compile_unet=opt.compile_unet,
             compile_vae=opt.compile_vae,
             unet_traced=opt.unet_traced,

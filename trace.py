@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("trace.py: the traced UNet is for CUDA runs; no CUDA device here")
     from guidance.sd_utils import (
         CudaGraphed,
-        _fingerprint,
         bind_live_weights,
         default_traced_dir,
         signature,
-        traced_key,
     )
 
     sd, x, t, emb = capture_inputs(rest)
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[trace] UNet inputs of this run: {sig}", flush=True)
     out_dir = Path(own.trace_dir) if own.trace_dir else default_traced_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = traced_key(_fingerprint(sd.key), sd.dtype, sig, sd._device_name)
+    key = sd.traced_key_for(sig)
     package = out_dir / f"{key}.pt2"
     tmp_package = out_dir / f".{key}.tmp.pt2"
 

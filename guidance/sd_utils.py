@@ -133,6 +133,27 @@ def bind_live_weights(runner, unet: torch.nn.Module) -> None:
     runner.load_constants({k: state[k] for k in fqns}, check_full_update=True, user_managed=True)
 
 
+def fuse_qkv(unet: torch.nn.Module) -> bool:
+    """One GEMM for q, k and v of each self-attention and for k and v of each cross-attention
+    (diffusers' ``fuse_qkv_projections``): the same products on concatenated weights, fewer and
+    larger GEMMs. The unfused projections that no longer run are dropped, so the weights are not
+    held twice. False (with a warning) where diffusers cannot fuse this UNet."""
+    try:
+        unet.fuse_qkv_projections()
+    except Exception as e:  # noqa: BLE001 - an experimental diffusers API: run unfused, say so
+        warn_once(f"fusing the UNet's q/k/v projections failed ({type(e).__name__}: {e}); running unfused")
+        return False
+    from diffusers.models.attention_processor import Attention
+
+    for m in unet.modules():
+        if isinstance(m, Attention) and m.fused_projections:
+            # Self-attention runs to_qkv; cross-attention runs to_q on the image and to_kv on the text.
+            for name in ("to_k", "to_v") if m.is_cross_attention else ("to_q", "to_k", "to_v"):
+                delattr(m, name)
+    unet.requires_grad_(False)  # the fused layers are new parameters
+    return True
+
+
 def default_traced_dir() -> Path:
     return Path.home() / ".cache" / "dreamfusion" / "unet_traced"
 
@@ -185,6 +206,7 @@ class StableDiffusion(torch.nn.Module):
         vae_fused_gn: on the fast encoder path, the encoder's GroupNorms (with the SiLU after
             each) run as our CUDA kernels (``guidance/groupnorm.py``) on channels_last
             activations (implies ``vae_channels_last``).
+        unet_fused_qkv: one GEMM for the q/k/v projections of each UNet attention (``fuse_qkv``).
         compile_unet: ``torch.compile`` the UNet (CUDA only; the first call compiles for about a
             minute, or seconds from torch's compile cache); a compiler failure runs it eager.
         compile_vae: ``torch.compile`` the VAE encoder (fuses its GroupNorm + SiLU pairs; the
@@ -212,6 +234,7 @@ class StableDiffusion(torch.nn.Module):
         channels_last: bool = False,
         vae_channels_last: bool = False,
         vae_fused_gn: bool = False,
+        unet_fused_qkv: bool = False,
         compile_unet: bool = False,
         compile_vae: bool = False,
         unet_traced: str | os.PathLike | None = None,
@@ -276,8 +299,11 @@ class StableDiffusion(torch.nn.Module):
             if self.vae.quant_conv is not None:
                 self.vae.quant_conv.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        # Before any compile or graph capture: they would hold the unfused modules.
+        self.unet_fused_qkv = unet_fused_qkv and fuse_qkv(self.unet)
         self.unet_traced = None if unet_traced in (None, "", "off") or not cuda else str(unet_traced)
         self.traced_dir = Path(traced_dir) if traced_dir else default_traced_dir()
+        # (The fused q/k/v projections change modules, not the call path: not a lever here.)
         levers = (self.unet_graph, self.vae_graph, self.compile_vae, self.compile_unet, channels_last, bf16)
         self.fast = any(levers) or self.unet_traced is not None
         if channels_last and not vram_O:
@@ -341,12 +367,17 @@ class StableDiffusion(torch.nn.Module):
     def _unet_eager(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
 
+    def traced_key_for(self, sig: tuple) -> str:
+        """``traced_key`` of this model (with its q/k/v fusion: other weight names) for inputs ``sig``."""
+        model = _fingerprint(self.key) + ("+fused_qkv" if self.unet_fused_qkv else "")
+        return traced_key(model, self.dtype, sig, self._device_name)
+
     def _traced_for(self, sig: tuple) -> UNetFn | None:
         """The ahead-of-time compiled UNet for this input signature, loaded once, or None."""
         if sig in self._traced:
             return self._traced[sig]
         fn = None
-        key = traced_key(_fingerprint(self.key), self.dtype, sig, self._device_name)
+        key = self.traced_key_for(sig)
         src = self.unet_traced
         if src == "auto":
             meta = self.traced_dir / f"{key}.json"

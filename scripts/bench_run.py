@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every speed lever off (main.O_SPEED_DEFAULTS and the traced UNet), as bench_sds's baseline.
 OFF = (
     "--no-unet_graph --no-vae_graph --no-compile_vae --no-compile_unet --no-channels_last "
-    "--no-vae_fused_gn --no-fused_mlp --no-graph_render --unet_traced off"
+    "--no-vae_fused_gn --no-unet_fused_qkv --no-fused_mlp --no-graph_render --unet_traced off"
 )
 # name -> main.py options besides the prompt, workspace, model and schedule.
 VARIANTS = {

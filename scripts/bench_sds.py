@@ -50,6 +50,7 @@ OFF = [
     "--no-compile_vae",
     "--no-channels_last",
     "--no-vae_fused_gn",
+    "--no-unet_fused_qkv",
     "--no-fused_mlp",
     "--no-graph_render",
     "--unet_traced",
@@ -69,8 +70,10 @@ COMPILED_GRAPHS = [
 FUSED_GN = [*COMPILED_GRAPHS, "--vae_fused_gn"]
 # The -O default's levers before the graphed training render (runs 12-14's default).
 FUSED_MLP = [*FUSED_GN, "--fused_mlp"]
+# The -O default's levers before the fused q/k/v projections (runs 14-15's default).
+GRAPH_RENDER = [*FUSED_MLP, "--graph_render"]
 # The -O default's levers (main.O_SPEED_DEFAULTS, with fp16).
-O_DEFAULT = [*FUSED_MLP, "--graph_render"]
+O_DEFAULT = [*GRAPH_RENDER, "--unet_fused_qkv"]
 # name -> extra command-line options on top of "--cuda_ray" (all levers off unless named).
 VARIANTS: dict[str, list[str]] = {
     "eager fp16 (baseline)": ["--fp16", *OFF],
@@ -102,6 +105,7 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "compiled UNet graph + CL + compiled VAE graph + fused VAE GroupNorm": FUSED_GN,
     "-O default": O_DEFAULT,
+    "-O default without the fused qkv projections": GRAPH_RENDER,
     "-O default without the graphed render": FUSED_MLP,
     # --graph_render beside run 12's default: without a work limit, with more headroom, and
     # with other limits than -O's 3M rows.
@@ -425,7 +429,47 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         args.flop_counts = flops(sd, emb, device)
     if args.profile and name == args.profile_variant:
         profile(trainer, train_set, device, Path(args.profile))
+    if args.host_profile and name == args.profile_variant:
+        host_profile(trainer, train_set, device, Path(args.host_profile))
     return res
+
+
+def host_profile(
+    trainer: Trainer, train_set: NeRFDataset, device: torch.device, out: Path, steps: int = 10
+) -> None:
+    """Where the host's time goes in ``steps`` training steps: each step's host time (from its
+    start to its return, no sync added) against the wall time of all of them (one sync at the
+    end), then the top of a cProfile of the same number of steps, by own and by cumulative time.
+    A host time per step near the wall time per step means the host sets the pace."""
+    import cProfile
+    import io
+    import pstats
+
+    batches = list(train_set.iter_train_batches([None] * steps))
+    sync(device)
+    host, t0 = [], time.perf_counter()
+    for data in batches:
+        t = time.perf_counter()
+        trainer.train_one_step(data)
+        host.append((time.perf_counter() - t) * 1e3)
+    sync(device)
+    wall = (time.perf_counter() - t0) * 1e3 / steps
+    pr = cProfile.Profile()
+    pr.enable()
+    for data in train_set.iter_train_batches([None] * steps):
+        trainer.train_one_step(data)
+    sync(device)
+    pr.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(pr, stream=buf)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(60)
+    head = (
+        f"host ms per step (no sync): median {statistics.median(host):.2f}, all {[round(h, 1) for h in host]}; "
+        f"wall ms per step over the {steps} steps: {wall:.2f}"
+    )
+    out.write_text(f"{head}\n\ncProfile of {steps} steps:\n{buf.getvalue()}")
+    print(f"host profile: {head}")
 
 
 def profile(trainer: Trainer, train_set: NeRFDataset, device: torch.device, out: Path) -> None:
@@ -536,6 +580,11 @@ def main() -> None:
     ap.add_argument("--flops", action="store_true", help="count the UNet and VAE FLOPs (first variant)")
     ap.add_argument("--profile", default=None, help="write a profiler table of one variant here")
     ap.add_argument("--profile_variant", default="-O default")
+    ap.add_argument(
+        "--host_profile",
+        default=None,
+        help="write the host time per step and a cProfile of 10 steps of --profile_variant here",
+    )
     ap.add_argument("--out", default=None, help="also write the Markdown table (and JSON beside it)")
     args = ap.parse_args()
     args.flop_counts = None

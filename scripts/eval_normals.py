@@ -8,7 +8,8 @@ shading uses them). Where a ray is opaque (``weights_sum`` > 0.9) its expected h
 matched to the nearer analytic surface, whose normal is the truth; the angle between the
 composited normal and it is the error, for each method on the same samples.
 
-    python scripts/eval_normals.py [--device cpu] [--fit_steps 300] [--size 48]
+    python scripts/eval_normals.py [--device cpu] [--fit_steps 300] [--size 48] \
+      [--methods "fd,tetra,autograd,tetra:0.005"]
 
 Prints a Markdown table: mean, median and 90th percentile of the angle in degrees, per method
 and per surface (ball, box faces away from the edges).
@@ -79,6 +80,12 @@ def main() -> None:
     ap.add_argument("--fit_steps", type=int, default=300)
     ap.add_argument("--size", type=int, default=48, help="pixels per side of each view")
     ap.add_argument("--views", type=int, default=6, help="views around the object")
+    ap.add_argument(
+        "--methods",
+        default="fd,tetra,autograd",
+        help="comma-separated normal methods, each optionally with its stencil's eps as method:eps "
+        "(default eps: the model's, 1e-2)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -92,7 +99,10 @@ def main() -> None:
         f"device {device}, fit {args.fit_steps} steps, {args.views} views of {args.size}^2, eps {model.normal_eps}"
     )
     print("\n| method | surface | rays | mean deg | median deg | p90 deg |\n|---|---|---|---|---|---|")
-    for method in ("fd", "tetra", "autograd"):
+    default_eps = model.normal_eps
+    for spec in args.methods.split(","):
+        method, _, eps = spec.strip().partition(":")
+        model.normal_eps = float(eps) if eps else default_eps
         res = [angles(model, ro, rd, method) for ro, rd in views]
         a = torch.cat([r[0] for r in res])
         ball = torch.cat([r[1] for r in res])
@@ -103,7 +113,7 @@ def main() -> None:
             if v.numel() == 0:
                 continue
             q = torch.quantile(v, torch.tensor([0.5, 0.9], device=v.device))
-            print(f"| {method} | {name} | {v.numel()} | {v.mean():.2f} | {q[0]:.2f} | {q[1]:.2f} |")
+            print(f"| {spec.strip()} | {name} | {v.numel()} | {v.mean():.2f} | {q[0]:.2f} | {q[1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
                 compile_vae=True,
                 compile_unet=True,
                 vae_fused_gn=True,
+                unet_fused_qkv=True,
             ),
             2e-2,
         ),
@@ -136,9 +137,36 @@ def test_channels_last_gives_the_same_gradient_on_cpu(tiny_sd, embed_cache):
         assert _rel(b, a) < 1e-5
 
 
+def test_fused_qkv_gives_the_unfused_prediction_on_cpu(tiny_sd, embed_cache):
+    """One GEMM for q/k/v (self-attention) and k/v (cross-attention): the same noise prediction
+    and SDS gradient, the unfused projections dropped, and traced artifacts keyed apart."""
+    from diffusers.models.attention_processor import Attention
+
+    plain = StableDiffusion("cpu", hf_key=str(tiny_sd))
+    fused = StableDiffusion("cpu", hf_key=str(tiny_sd), unet_fused_qkv=True)
+    attns = [m for m in fused.unet.modules() if isinstance(m, Attention)]
+    assert fused.unet_fused_qkv and attns and all(m.fused_projections for m in attns)
+    assert all(not hasattr(m, "to_k") and not hasattr(m, "to_v") for m in attns)
+    assert all(hasattr(m, "to_q") == m.is_cross_attention for m in attns)
+    assert not any(p.requires_grad for p in fused.unet.parameters())
+    n_plain = sum(p.numel() for p in plain.unet.parameters())
+    assert sum(p.numel() for p in fused.unet.parameters()) == n_plain  # weights not held twice
+    emb = plain.get_text_embeds(["", "a red cube"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, plain.latent_size, plain.latent_size, generator=g)
+    t = torch.tensor([300, 300])
+    with torch.no_grad():
+        a, b = plain.predict_noise(x, t, emb), fused.predict_noise(x, t, emb)
+    assert _rel(b.double(), a.double()) < 1e-5
+    assert _rel(_sds_grad(fused, emb, 2), _sds_grad(plain, emb, 2)) < 1e-5
+    sig = signature(x, t, emb)
+    assert fused.traced_key_for(sig) != plain.traced_key_for(sig)
+    assert plain.traced_key_for(sig) == traced_key(sd_utils._fingerprint(plain.key), plain.dtype, sig, "cpu")
+
+
 def _fake_traced(sd: StableDiffusion, tmp_path, sig: tuple, calls: list) -> None:
     """Pretend trace.py made an artifact for ``sig``: the loader returns a counting eager UNet."""
-    key = traced_key(sd_utils._fingerprint(sd.key), sd.dtype, sig, sd._device_name)
+    key = sd.traced_key_for(sig)
     (tmp_path / f"{key}.pt2").write_bytes(b"")
     meta = {"key": key, "package": f"{key}.pt2", "inputs": [list(map(str, s)) for s in sig]}
     (tmp_path / f"{key}.json").write_text(json.dumps(meta))

@@ -94,6 +94,23 @@ __device__ inline int64_t block_end(const GnShape& s, const Tiling& t) {
   return end < s.P ? end : s.P;
 }
 
+// The vectors of channels [c0, c0 + V) of pixels p0, p0 + ppi, ... (U of them, those before
+// p_end) of image n: x, and dy when BWD. All loads are issued before any is used.
+template <typename T, bool BWD, int U>
+__device__ __forceinline__ void load_pixels(const T* __restrict__ x, const T* __restrict__ dy,
+                                            const GnShape& s, const Tiling& t, int n, int c0,
+                                            int64_t p0, int64_t p_end, Vec<T> (&xv)[U],
+                                            Vec<T> (&gv)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t p = p0 + u * t.ppi;
+    if (p >= p_end) break;
+    const int64_t off = (n * s.P + p) * s.C + c0;
+    xv[u] = *reinterpret_cast<const Vec<T>*>(x + off);
+    if (BWD) gv[u] = *reinterpret_cast<const Vec<T>*>(dy + off);
+  }
+}
+
 // Per-block partial sums of two per-group quantities. Forward (BWD false): x and x^2. Backward
 // (BWD true): dxh and dxh * xh, where xh is the normalised input and dxh = dL/dxh.
 // part: [N, blocks, G, 2].
@@ -127,14 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t p_end = block_end(s, t);
   for (int64_t p0 = block_begin(s, t) + threadIdx.x / t.tpp; p0 < p_end; p0 += U * t.ppi) {
     Vec<T> xv[U], gv[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t p = p0 + u * t.ppi;
-      if (p >= p_end) break;
-      const int64_t off = (n * s.P + p) * s.C + c0;
-      xv[u] = *reinterpret_cast<const Vec<T>*>(x + off);
-      if (BWD) gv[u] = *reinterpret_cast<const Vec<T>*>(dy + off);
-    }
+    load_pixels<T, BWD, U>(x, dy, s, t, n, c0, p0, p_end, xv, gv);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (p0 + u * t.ppi >= p_end) break;
@@ -262,14 +272,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t p_end = block_end(s, t);
   for (int64_t p0 = block_begin(s, t) + threadIdx.x / t.tpp; p0 < p_end; p0 += U * t.ppi) {
     Vec<T> xv[U], gv[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t p = p0 + u * t.ppi;
-      if (p >= p_end) break;
-      const int64_t off = (n * s.P + p) * s.C + c0;
-      xv[u] = *reinterpret_cast<const Vec<T>*>(x + off);
-      if (BWD) gv[u] = *reinterpret_cast<const Vec<T>*>(dy + off);
-    }
+    load_pixels<T, BWD, U>(x, dy, s, t, n, c0, p0, p_end, xv, gv);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t p = p0 + u * t.ppi;
