@@ -48,7 +48,7 @@ def kind(name: str) -> str:
     """The row of the breakdown a kernel counts in."""
     if "group_norm" in name:
         return "groupnorm (inductor)"
-    if any(s in name for s in ("mm", "gemm")) and "triton" in name:
+    if name.startswith(("triton_tem", "triton_mm", "triton_bmm")):  # Inductor's GEMM templates
         return "gemm"
     if "triton" in name:
         return "other triton"
