@@ -378,7 +378,9 @@ class RenderSizes:
 
     With a work limit (rows: marched, plus 7 per kept sample for the merged fd call), and
     ``rearm``: after a render past the limit, that many small renders in a row before graphs
-    again (counts that straddle the limit stay eager instead of capturing again and again):
+    again, twice as many after each further one, up to ``max_rearm`` (counts that straddle the
+    limit, as in a fresh field's fog, stay eager instead of paying a capture and a lost step
+    again and again):
 
     >>> s = RenderSizes(1.1, 16, warmup=2, prune=True, window=3, max_work=5000, rearm=3)
     >>> s.eager(1000, 300); s.eager(1200, 600); s.ready()  # 1200 + 7 * 600 rows: too many
@@ -388,6 +390,13 @@ class RenderSizes:
     >>> s.overflowed(s.capacity(), 2000, 700), s.ready()  # grown past the limit: eager again
     (True, False)
     >>> s.eager(900, 300); s.eager(900, 300); s.ready()  # two small ones are not enough now
+    False
+    >>> s.eager(900, 300); s.ready()
+    True
+    >>> s.overflowed(s.capacity(), 2000, 700), s.ready()  # past the limit again
+    (True, False)
+    >>> for _ in range(5): s.eager(900, 300)
+    >>> s.ready()  # now six in a row are needed
     False
     >>> s.eager(900, 300); s.ready()
     True
@@ -403,9 +412,11 @@ class RenderSizes:
         normals: bool = True,
         max_work: int | None = None,
         rearm: int = 32,
+        max_rearm: int = 1024,
     ):
         self.headroom, self.per_octave, self.prune, self.window = headroom, per_octave, prune, window
-        self.normals, self.max_work, self.rearm = normals, max_work, rearm
+        self.normals, self.max_work, self.rearm, self.max_rearm = normals, max_work, rearm, max_rearm
+        self.disarms = 0  # renders past the limit that turned graphs off (each doubles the rearm)
         self.need = [0, 0]  # largest (marched, kept) counts since the sizes were last set
         self.window_need = [0, 0]  # largest counts in the current window of replays
         self.replays = 0
@@ -451,8 +462,13 @@ class RenderSizes:
         self._note(m, k)
         if not self._small(m, k):
             self.armed = False
-            self.eager_counts = deque(maxlen=max(self.rearm, 1))
+            self.eager_counts = deque(maxlen=max(self.rearm_count(), 1))
+            self.disarms += 1
         return m > cap[0] or (self.prune and k > cap[1])
+
+    def rearm_count(self) -> int:
+        """Small renders in a row needed before graphs again, after the next render past the limit."""
+        return min(self.rearm << min(self.disarms, 30), max(self.max_rearm, self.rearm))
 
     def replayed(self, cap: tuple[int, int]) -> bool:
         """One more replay at sizes ``cap``; every ``window`` replays, whether to capture again
@@ -540,7 +556,8 @@ class GraphedRender(_GraphSet):
             if not sizes.ready():
                 self._say(
                     f"{key.shading} renders needing {sizes.work(m, k)} rows of field evaluation, more than "
-                    f"--graph_render_max_work {sizes.max_work}, run eagerly until they need fewer"
+                    f"--graph_render_max_work {sizes.max_work}, run eagerly until "
+                    f"{sizes.eager_counts.maxlen} in a row need fewer"
                 )
 
     def run(

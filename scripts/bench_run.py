@@ -39,6 +39,8 @@ VARIANTS = {
     "-O": "-O",
     # --graph_render for every render, however many rows it needs (-O stops at 3M).
     "-O with the graphed render at any size": "-O --graph_render_max_work 0",
+    # Every training render eager (the -O default before --graph_render).
+    "-O without the graphed render": "-O --no-graph_render",
     # The reference's computation: fp16 autocast and the CUDA ray marcher, no speed lever.
     "eager fp16 (baseline)": f"--fp16 --cuda_ray {OFF}",
 }
@@ -141,7 +143,9 @@ def run_variant(name: str, options: str, args, ws: Path) -> dict:
     rows = parse_log(logs[-1].read_text()) if logs else []
     if not rows:
         raise SystemExit(f"{name}: no epoch lines in {ws}")
-    return {"name": name, "options": options, "rows": rows, "wall_s": wall}
+    # The speed levers' one-line reports (render-graph captures, overflows, fallbacks).
+    speed = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("[speed]")]
+    return {"name": name, "options": options, "rows": rows, "wall_s": wall, "speed": speed}
 
 
 def table(results: list[dict], rgb_first: int, last: int) -> str:
@@ -190,6 +194,7 @@ def main() -> None:
         for i, name in enumerate(names):
             res = run_variant(name, VARIANTS[name], args, Path(tmp) / f"ws{i}")
             print(f"{name}: " + ", ".join(f"e{r['epoch']} {r['its']:.2f}" for r in res["rows"]), flush=True)
+            print("\n".join(f"  {ln}" for ln in res["speed"]), flush=True)
             results.append(res)
     # The RGB phase starts after --latent_iter_ratio (0.2) of the run: epoch 2 of a 500-step run.
     rgb_first = first_epoch_from(results[0]["rows"], int(0.2 * args.iters))

@@ -351,9 +351,11 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         torch.cuda.reset_peak_memory_stats(device)  # the training steps' own peak, below
     marks = Marks(device)
     marks.install(model, sd, trainer)
-    times, parts = [], []
+    times, parts, refreshed = [], [], []
     for _ in range(args.iters):
         data = train_set.train_batch()
+        # Steps that refresh the occupancy grid first (every --update_extra_interval steps).
+        refreshed.append(trainer.global_step % opt.update_extra_interval == 0)
         sync(device)
         t = time.perf_counter()
         marks.clear()
@@ -414,6 +416,8 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
             model.render_graphs.overflows,
         ),
         "step_ms_all": sorted(round(x, 1) for x in times),
+        "step_ms_refresh": [round(x, 1) for x, r in zip(times, refreshed) if r],
+        "refresh_ms": refresh_ms(model, trainer, device),
         "warmup_s": warm_s,
     }
     if device.type == "cuda":
@@ -432,6 +436,21 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
     if args.host_profile and name == args.profile_variant:
         host_profile(trainer, train_set, device, Path(args.host_profile))
     return res
+
+
+def refresh_ms(model, trainer: Trainer, device: torch.device, reps: int = 5) -> float:
+    """Median ms of one occupancy-grid refresh alone (``update_extra_state`` under the
+    trainer's autocast, synced before and after), at the grid's current refresh count."""
+    dtype = trainer.amp_dtype or torch.float32
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=trainer.amp_dtype is not None):
+            model.update_extra_state()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
 
 
 def host_profile(
@@ -607,7 +626,8 @@ def main() -> None:
                 f"one batch {r['batch_ms']:.2f} ms, in a block {r['block_batch_ms']:.3f} ms per batch; "
                 f"network-pass graphs captured {r['graph_captures']}; render graphs captured {r['render_graphs'][0]} "
                 f"in {r['render_graphs'][1]:.2f} s, {r['render_graphs'][2]} did not fit; "
-                f"step times {r['step_ms_all']}",
+                f"step times {r['step_ms_all']}; steps with a grid refresh {r['step_ms_refresh']}; "
+                f"one refresh alone {r['refresh_ms']:.1f} ms",
                 flush=True,
             )
             results.append(r)
