@@ -251,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=3 * 2**20,
         help="--graph_render: renders needing more rows of field evaluation than this (marched samples, "
         "plus 7 per kept sample with fd normals) run eagerly, and after one, 32 smaller renders in a "
-        "row before graphs again (twice as many after each further one, up to 1024). Above it the GPU bounds the render and a graph's padding costs more "
-        "than the launches it saves (bench_sds on the H100: a fitted scene's 1.9M rows, 5.0 -> 2.9 ms "
-        "per render; a fresh field's 2.2M-5M, slower); 0: no limit",
+        "row before graphs again (twice as many after each further one, up to 1024). Above it the "
+        "GPU bounds the render and a graph's padding costs more than the launches it saves "
+        "(bench_sds on the H100: a fitted scene's 1.9M rows, 5.0 -> 2.9 ms per render; a fresh "
+        "field's 2.2M-5M, slower); 0: no limit",
     )
     g.add_argument(
         "--prune_samples",
