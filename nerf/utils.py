@@ -378,6 +378,12 @@ class Trainer:
             "complete": out.get("complete"),
         }
 
+    def autocast(self) -> torch.autocast:
+        """The run's autocast context (``--fp16``/``--bf16``; disabled in float32)."""
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
+
     def _grads_finite_flag(self) -> torch.Tensor:
         """0-d bool tensor on the device: every gradient is finite (no host sync)."""
         grads = [
@@ -411,17 +417,13 @@ class Trainer:
         opt, model = self.opt, self.model
         model.train()
         if model.cuda_ray and self.global_step % opt.update_extra_interval == 0:
-            with torch.autocast(
-                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-            ):
+            with self.autocast():
                 model.update_extra_state()
         self.optimizer.zero_grad(set_to_none=True)
         save_path = None
         if opt.save_guidance and self.global_step % opt.save_guidance_interval == 0:
             save_path = str(self.workspace / "guidance" / f"step_{self.global_step:07d}.png")
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
+        with self.autocast():
             loss, parts = self.train_step(data, save_guidance_path=save_path)
         complete = parts.pop("complete", None)
         # Backward runs before the loss is checked (a non-finite loss gives non-finite
@@ -598,12 +600,7 @@ class Trainer:
                 self.test(test_set)
 
     def _render_frame(self, data: dict, shading: str = "albedo", need_normal: bool = False) -> dict:
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-            ),
-        ):
+        with torch.no_grad(), self.autocast():
             out = self.model.render(
                 data["rays_o"],
                 data["rays_d"],

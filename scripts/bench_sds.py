@@ -441,12 +441,11 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
 def refresh_ms(model, trainer: Trainer, device: torch.device, reps: int = 5) -> float:
     """Median ms of one occupancy-grid refresh alone (``update_extra_state`` under the
     trainer's autocast, synced before and after), at the grid's current refresh count."""
-    dtype = trainer.amp_dtype or torch.float32
     times = []
     for _ in range(reps):
         sync(device)
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=trainer.amp_dtype is not None):
+        with trainer.autocast():
             model.update_extra_state()
         sync(device)
         times.append((time.perf_counter() - t) * 1e3)
