@@ -11,7 +11,7 @@ element-wise) from 5 profiled calls, with the longest kernels. Needs a GPU:
 
 Variants (comma-separated names of ``VARIANTS``):
   compiled: the -O UNet (``torch.compile`` defaults).
-  compiled + fused qkv: diffusers' ``fuse_qkv_projections`` first (one GEMM for q, k and v of
+  compiled + fused qkv: ``guidance.sd_utils.fuse_qkv`` first, as --unet_fused_qkv (one GEMM for q, k and v of
     each self-attention, one for k and v of each cross-attention).
   compiled + autotuned GEMMs: Inductor's ``max_autotune_gemm`` (Triton GEMM templates with
     fused epilogues, timed against cuBLAS per shape); convolutions stay cuDNN's.
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.sd_factory import CONFIGS  # noqa: E402
+from guidance.sd_utils import fuse_qkv  # noqa: E402
 from scripts.trace_stats import device_ms, ms_by_kind  # noqa: E402
 
 GEMM_TUNING = {"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}
@@ -98,8 +99,8 @@ def run_variant(name: str, x, t, emb, ref, top: int):
     fuse, options = VARIANTS[name]
     torch._dynamo.reset()
     unet = build_unet()
-    if fuse:
-        unet.fuse_qkv_projections()
+    if fuse and not fuse_qkv(unet):  # as --unet_fused_qkv does it
+        raise SystemExit(f"profile_unet.py: {name}: diffusers could not fuse the q/k/v projections")
     f = torch.compile(lambda a, b, c: unet(a, b, encoder_hidden_states=c).sample, options=options or None)
     t0 = time.time()
     with torch.no_grad():
