@@ -12,7 +12,20 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from common.config import add_config_arguments, from_namespace, option
+from guidance.base import REGISTRY, GuidanceConfig
+from guidance.sd_fast import SDSpeedConfig  # noqa: F401 - registers with the SD guidance
+from guidance.sd_utils import SDConfig  # noqa: F401 - registers --guidance SD
+from nerf.fast import NeRFSpeedConfig
+from nerf.losses import LossConfig
+from nerf.mesh import MeshConfig
+from nerf.network_base import FieldConfig
+from nerf.provider import CameraConfig
+from nerf.renderer import RendererConfig
+from nerf.utils import TrainerConfig
 
 BUILTIN_DEFAULTS = {
     # The built-in prior sees objects at one distance and field of view (docs/builtin-prior.md);
@@ -62,15 +75,47 @@ O_SPEED_DEFAULTS = {
 }
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """What main.py itself does with a run (not a component's setting)."""
+
+    seed: int = option(0, "random seed (the whole run is reproducible on a CPU)")
+    test: bool = option(False, "render the 360-degree video from a checkpoint")
+    six_views: bool = option(False, "with --test: also write 6 canonical views as PNG")
+    save_mesh: bool = option(
+        False, "export a textured mesh (docs/mesh.md): at the end of training, or with --test"
+    )
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+
+
+# Each component's config, as an option group of the command line (the guidance models'
+# own configs follow, from guidance.base.REGISTRY).
+CONFIG_GROUPS: list[tuple[str, type]] = [
+    ("run", RunConfig),
+    ("prompt and guidance", GuidanceConfig),
+    ("training", TrainerConfig),
+    ("regularizers and loss weights", LossConfig),
+    ("rendering", RendererConfig),
+    ("field", FieldConfig),
+    ("cameras (angles in degrees)", CameraConfig),
+    ("mesh export (docs/mesh.md)", MeshConfig),
+    ("speed: the field and the training render (CUDA; docs/benchmarks.md)", NeRFSpeedConfig),
+]
+
+
+def guidance_config_classes() -> list[type]:
+    """The config classes of every registered guidance model, each once."""
+    out: list[type] = []
+    for classes, _ in REGISTRY.values():
+        out += [c for c in classes if c not in out]
+    return out
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports bad input in one line instead of the usage block."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _pair(kind):
-    return dict(type=kind, nargs=2, metavar=("MIN", "MAX"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,407 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-
     g = p.add_argument_group("shortcuts")
     g.add_argument(
         "--file",
         metavar="PATH",
-        help="read more arguments from a file (shell quoting works); "
-        "they are inserted where --file stands, so later arguments override them",
+        help="read more arguments from a file (shell quoting works); later arguments override them",
     )
-    g.add_argument("-O", action="store_true", help="= --cuda_ray --fp16 (the instant-ngp path)")
-    g.add_argument("-O2", action="store_true", help="= --backbone vanilla --fp16 --progressive_level")
-    g.add_argument(
-        "--vram_O",
-        action="store_true",
-        help="save GPU memory in the guidance model (VAE slicing, attention slicing, channels_last)",
-    )
-
-    g = p.add_argument_group("prompt, mode and outputs")
-    g.add_argument("--text", default=None, help="text prompt (required unless --test)")
-    g.add_argument("--negative", default="", help="negative prompt, used as the unconditional branch of CFG")
-    g.add_argument("--workspace", default="workspace", help="output folder")
-    g.add_argument("--seed", type=int, default=0, help="random seed (the whole run is reproducible on CPU)")
-    g.add_argument("--test", action="store_true", help="render the 360-degree video from a checkpoint")
-    g.add_argument(
-        "--six_views", action="store_true", help="with --test: also write 6 canonical views as PNG"
-    )
-    g.add_argument(
-        "--save_mesh",
-        action="store_true",
-        help="export a textured mesh (docs/mesh.md): at the end of training, or from the checkpoint with --test",
-    )
-    g.add_argument("--eval_interval", type=int, default=1, help="validate every N epochs")
-    g.add_argument(
-        "--test_interval", type=int, default=100, help="write the test video every N epochs (and at the end)"
-    )
-    g.add_argument("--dataset_size_train", type=int, default=100, help="iterations per epoch")
-    g.add_argument("--dataset_size_valid", type=int, default=8, help="validation frames")
-    g.add_argument("--dataset_size_test", type=int, default=100, help="test video frames")
-    g.add_argument("--exp_start_iter", type=int, default=None, help="start of the schedules (default 0)")
-    g.add_argument("--exp_end_iter", type=int, default=None, help="end of the schedules (default --iters)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-
-    g = p.add_argument_group("guidance")
-    g.add_argument("--guidance", nargs="*", default=["SD"], choices=["SD"], help="guidance models")
-    g.add_argument("--guidance_scale", type=float, default=100.0, help="classifier-free guidance scale")
-    g.add_argument(
-        "--sd_version",
-        default="2.1",
-        choices=["1.5", "2.0", "2.1", "builtin"],
-        help="Stable Diffusion version (the *-base 512 px models), or the shipped built-in prior",
-    )
-    g.add_argument(
-        "--hf_key", default=None, help="diffusers model: hub id or local folder (overrides --sd_version)"
-    )
-    g.add_argument(
-        "--t_range",
-        **_pair(float),
-        default=[0.02, 0.98],
-        help="fractions of the diffusion timesteps t is drawn from",
-    )
-    g.add_argument(
-        "--view_prompt",
-        default="interp",
-        choices=["interp", "discrete", "none"],
-        help="view-dependent prompting: blend front/side/back embeddings by azimuth, append the "
-        "discrete view suffix, or use the prompt alone",
-    )
-    g.add_argument(
-        "--save_guidance", action="store_true", help="write [render, noisy, x0] strips to workspace/guidance/"
-    )
-    g.add_argument(
-        "--save_guidance_interval", type=int, default=10, help="period of --save_guidance in steps"
-    )
-
-    g = p.add_argument_group("training")
-    g.add_argument("--iters", type=int, default=10000, help="training iterations")
-    g.add_argument(
-        "--lr", type=float, default=1e-3, help="base learning rate (Adan uses 5x; the grid a further 10x)"
-    )
-    g.add_argument("--ckpt", default="latest", help="latest | scratch | best | latest_model | PATH")
-    g.add_argument("--optim", default="adan", choices=["adan", "adam"], help="optimizer")
+    g.add_argument("-O", action="store_true", help="preset: --cuda_ray --fp16 and the measured speed levers")
+    g.add_argument("-O2", action="store_true", help="preset: --backbone vanilla --fp16 --progressive_level")
     g.add_argument("--fp16", action="store_true", help="= --precision fp16")
-    g.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "fp16", "bf16"],
-        help="fp16: autocast + GradScaler; bf16: autocast; CUDA only (fp32 on CPU)",
-    )
-    g.add_argument(
-        "--ema_decay",
-        type=float,
-        default=0.99,
-        help="EMA of the weights, updated every step (0 = off); validation and test render the EMA weights",
-    )
-    g.add_argument("--grad_clip", type=float, default=-1, help="clip gradient values (negative = off)")
-    g.add_argument(
-        "--grad_clip_rgb",
-        type=float,
-        default=-1,
-        help="clip the gradient on the rendered image (negative = off)",
-    )
-    g.add_argument(
-        "--max_nonfinite", type=int, default=20, help="stop after this many non-finite steps in a row"
-    )
-    g.add_argument("--keep_ckpts", type=int, default=2, help="full checkpoints kept")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--batch_size", type=int, default=1, help="views per iteration")
-
-    g = p.add_argument_group("rendering and model")
-    g.add_argument("--backbone", default="grid", choices=["grid", "vanilla"], help="NeRF backbone")
-    g.add_argument(
-        "--cuda_ray",
-        action="store_true",
-        help="occupancy-grid ray marching (CUDA kernels on a GPU, their PyTorch twin on CPU)",
-    )
-    g.add_argument("--max_steps", type=int, default=1024, help="lattice points per ray (--cuda_ray)")
-    g.add_argument(
-        "--num_steps", type=int, default=64, help="stratified samples per ray (without --cuda_ray)"
-    )
-    g.add_argument(
-        "--upsample_steps", type=int, default=32, help="importance samples per ray (without --cuda_ray)"
-    )
-    g.add_argument(
-        "--update_extra_interval", type=int, default=16, help="occupancy-grid refresh period (steps)"
-    )
-    g.add_argument("--grid_size", type=int, default=128, help="occupancy-grid cells per axis")
-    g.add_argument(
-        "--grid_update_frac",
-        type=float,
-        default=0.25,
-        help="fraction of cells re-evaluated per "
-        "refresh after the first 16 (plus as many occupied ones); 1 = every cell, as the reference",
-    )
-    g.add_argument(
-        "--graph_pass",
-        action="store_true",
-        help="--cuda_ray training on a GPU: replay the network pass (field, shading, compositing; "
-        "forward and backward) from CUDA graphs captured per shading and per sample-count bucket "
-        "(padding rows get zero gradient; up to 4 graphs, sharing one memory pool, each with its own "
-        "saved activations). Fewer host launches when sample counts repeat (fixed views); in a run "
-        "where they rarely do, more than 8 captures in 64 passes turn it off with one line",
-    )
-    g.add_argument(
-        "--graph_buckets",
-        type=int,
-        default=8,
-        help="--graph_pass: sample-count buckets per octave (8: at most 9%% padding; fewer buckets "
-        "mean more padding and fewer captures)",
-    )
-    g.add_argument(
-        "--graph_render",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="--cuda_ray training on a GPU: replay the whole training render (march, pruning, field, "
-        "shading, composite; forward and backward) from CUDA graphs, one per shading, at fixed sizes "
-        "(the largest sample counts seen, plus 10%%), with no host sync. Rows past the samples get "
-        "zero weight and gradient. A render that needs more samples than fit is marked incomplete on "
-        "the device and training skips that step's update; one line says so, and the render is "
-        "captured again larger. On under -O, up to --graph_render_max_work",
-    )
-    g.add_argument(
-        "--graph_render_headroom",
-        type=float,
-        default=1.1,
-        help="--graph_render: graph sizes are the largest sample counts seen times this (more: fewer "
-        "steps that lose samples and new captures, more memory; the field's kernels skip the padding)",
-    )
-    g.add_argument(
-        "--graph_render_max_work",
-        type=int,
-        default=3 * 2**20,
-        help="--graph_render: renders needing more rows of field evaluation than this (marched samples, "
-        "plus 7 per kept sample with fd normals) run eagerly, and after one, 32 smaller renders in a "
-        "row before graphs again (twice as many after each further one, up to 1024). Above it the "
-        "GPU bounds the render and a graph's padding costs more than the launches it saves "
-        "(bench_sds on the H100: a fitted scene's 1.9M rows, 5.0 -> 2.9 ms per render; a fresh "
-        "field's 2.2M-5M, slower); 0: no limit",
-    )
-    g.add_argument(
-        "--prune_samples",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="--cuda_ray training with normals (lambertian/textureless shading, orientation loss): one "
-        "density pass without gradients, then the full pass (gradients, normals) only on samples in "
-        "front of where transmittance falls below 1e-5 (the same image and gradients: the others get "
-        "weight 0)",
-    )
-    g.add_argument(
-        "--fused_mlp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="on a GPU under --fp16, the field's MLP and density/albedo head as two fused Triton kernels "
-        "(forward; backward recomputing the forward) instead of cuBLAS GEMMs and separate element-wise "
-        "passes, and the fd normals and shading of a merged field call as one kernel each way: fewer "
-        "launches, and no hidden activations kept for the backward (nerf/fused_mlp.py; the PyTorch "
-        "path where Triton is missing or the MLP has another shape) [default: on with -O, else off]",
-    )
-    g.add_argument(
-        "--infer_T_thresh",
-        type=float,
-        default=1e-3,
-        help="--cuda_ray frames (validation, videos): a ray stops once its transmittance falls below "
-        "this, leaving at most that fraction of a pixel's colour out. 1e-3 (the default) changed the "
-        "H100 benchmark frame by at most 0.0009 (under a quarter of an 8-bit level) with 17%% fewer "
-        "samples than the reference's 1e-4; 1e-2 by 0.0093 with 35%% fewer (docs/benchmarks.md)",
-    )
-    g.add_argument("--max_ray_batch", type=int, default=4096, help="rays per chunk when rendering frames")
-    g.add_argument(
-        "--latent_iter_ratio",
-        type=float,
-        default=0.2,
-        help="fraction of the run that feeds "
-        "normal shading + mask to the diffusion model as its latent (Fantasia3D warm-up)",
-    )
-    g.add_argument(
-        "--albedo_iter_ratio",
-        type=float,
-        default=0.0,
-        help="fraction of the run (counted from the start) with albedo-only shading",
-    )
-    g.add_argument(
-        "--min_ambient_ratio", type=float, default=0.1, help="lower bound of the random ambient ratio"
-    )
-    g.add_argument("--textureless_ratio", type=float, default=0.2, help="probability of textureless shading")
-    g.add_argument(
-        "--normal_method",
-        default=None,
-        choices=["fd", "tetra", "autograd"],
-        help="normals: central differences (6 density passes, second order), a 4-point tetrahedral "
-        "stencil (4 passes, first order) or autograd (default: fd for grid, autograd for vanilla)",
-    )
-    g.add_argument("--jitter_pose", action="store_true", help="jitter training cameras")
-    g.add_argument("--jitter_center", type=float, default=0.2, help="camera position jitter (uniform, width)")
-    g.add_argument("--jitter_target", type=float, default=0.2, help="look-at target jitter (Gaussian sigma)")
-    g.add_argument("--jitter_up", type=float, default=0.02, help="up-vector jitter (Gaussian sigma)")
-    g.add_argument(
-        "--uniform_sphere_rate",
-        type=float,
-        default=0.0,
-        help="probability of a camera drawn uniformly on the upper hemisphere",
-    )
-    g.add_argument(
-        "--bg_radius",
-        type=float,
-        default=1.4,
-        help="> 0: learn a background network on ray directions (only the sign matters)",
-    )
-    g.add_argument(
-        "--density_activation", default="exp", choices=["exp", "softplus"], help="density activation"
-    )
-    g.add_argument(
-        "--density_thresh", type=float, default=10.0, help="occupancy and mesh threshold (x25 for softplus)"
-    )
-    g.add_argument("--blob_density", type=float, default=5.0, help="peak of the initial density blob")
-    g.add_argument("--blob_radius", type=float, default=0.2, help="radius of the initial density blob")
-    g.add_argument("--w", type=int, default=64, help="training render width")
-    g.add_argument("--h", type=int, default=64, help="training render height")
-    g.add_argument("--W", type=int, default=800, help="validation and test render width")
-    g.add_argument("--H", type=int, default=800, help="validation and test render height")
-    g.add_argument("--bound", type=float, default=1.0, help="the scene is [-bound, bound]^3")
-    g.add_argument("--dt_gamma", type=float, default=0.0, help="adaptive step: dt = t * dt_gamma (0 = fixed)")
-    g.add_argument("--min_near", type=float, default=0.01, help="near plane")
-    g.add_argument("--grid_levels", type=int, default=16, help="hash-grid levels")
-    g.add_argument("--grid_log2_size", type=int, default=19, help="log2 of the hash table size per level")
-    g.add_argument("--grid_base", type=int, default=16, help="coarsest hash-grid resolution")
-    g.add_argument("--grid_finest", type=int, default=2048, help="finest hash-grid resolution (times bound)")
-
-    g = p.add_argument_group("cameras (angles in degrees)")
-    g.add_argument("--radius_range", **_pair(float), default=[3.0, 3.5], help="camera distance")
-    g.add_argument("--theta_range", **_pair(float), default=[45.0, 105.0], help="polar angle (90 = horizon)")
-    g.add_argument("--phi_range", **_pair(float), default=[-180.0, 180.0], help="azimuth (0 = front)")
-    g.add_argument("--fovy_range", **_pair(float), default=[10.0, 30.0], help="vertical field of view")
-    g.add_argument("--default_radius", type=float, default=3.2, help="validation/test camera distance")
-    g.add_argument("--default_polar", type=float, default=90.0, help="validation/test polar angle")
-    g.add_argument("--default_azimuth", type=float, default=0.0, help="validation/test starting azimuth")
-    g.add_argument("--default_fovy", type=float, default=20.0, help="validation/test field of view")
-    g.add_argument(
-        "--progressive_view",
-        action="store_true",
-        help="widen the camera ranges from the default "
-        "view to the full ranges over the run (turns off --jitter_pose and --uniform_sphere_rate)",
-    )
-    g.add_argument(
-        "--progressive_view_init_ratio",
-        type=float,
-        default=0.2,
-        help="starting fraction for --progressive_view",
-    )
-    g.add_argument(
-        "--progressive_level",
-        action="store_true",
-        help="coarse-to-fine: the fraction of encoder levels in use is min(1, 0.25 + 2 * progress)",
-    )
-    g.add_argument(
-        "--angle_overhead",
-        type=float,
-        default=30.0,
-        help="polar <= this is 'overhead' (>= 180 - this is 'bottom')",
-    )
-    g.add_argument(
-        "--angle_front",
-        type=float,
-        default=60.0,
-        help="width of the front wedge: |azimuth| < this/2 is 'front', |azimuth| > 180 - this/2 is 'back'",
-    )
-
-    g = p.add_argument_group("regularizers and loss weights")
-    g.add_argument(
-        "--lambda_entropy",
-        type=float,
-        default=1e-3,
-        help="binary entropy of per-sample weights, ramped in over the first half",
-    )
-    g.add_argument("--lambda_opacity", type=float, default=0.0, help="mean squared opacity")
-    g.add_argument(
-        "--lambda_orient", type=float, default=1e-2, help="orientation loss (normals facing the camera)"
-    )
-    g.add_argument("--lambda_tv", type=float, default=0.0, help="total variation of hash-grid features")
-    g.add_argument("--lambda_wd", type=float, default=0.0, help="weight decay of hash-grid features")
-    g.add_argument("--lambda_guidance", type=float, default=1.0, help="scale of the SDS gradient")
-    g.add_argument(
-        "--lambda_2d_normal_smooth", type=float, default=0.0, help="TV of the rendered normal image"
-    )
-    g.add_argument(
-        "--lambda_3d_normal_smooth", type=float, default=0.0, help="|n(x) - n(x + N(0, 0.01))| on the surface"
-    )
-
-    g = p.add_argument_group("speed", "guidance speed levers (CUDA only; docs/benchmarks.md)")
-    flag = argparse.BooleanOptionalAction
-    g.add_argument(
-        "--unet_graph",
-        action=flag,
-        default=None,
-        help="replay the UNet's classifier-free-guidance call from a CUDA graph captured once per "
-        "input shape and dtype (other shapes run eager) [default: on with -O, else off]",
-    )
-    g.add_argument(
-        "--vae_graph",
-        action=flag,
-        default=None,
-        help="replay the VAE encoder's forward and backward from CUDA graphs [default: on with -O, else off]",
-    )
-    g.add_argument(
-        "--compile_vae",
-        action=flag,
-        default=None,
-        help="torch.compile the VAE encoder (fused GroupNorm + SiLU; about 30 s to compile on first "
-        "use; replayed as CUDA graphs with --vae_graph) [default: on with -O, else off]",
-    )
-    g.add_argument(
-        "--channels_last",
-        action=flag,
-        default=None,
-        help="UNet weights and inputs in channels_last memory format [default: on with -O, else off]",
-    )
-    g.add_argument(
-        "--vae_channels_last",
-        action="store_true",
-        help="VAE encoder weights and inputs in channels_last on the graphed/compiled encoder path",
-    )
-    g.add_argument(
-        "--vae_fused_gn",
-        action=flag,
-        default=None,
-        help="on the graphed/compiled VAE encoder path, its GroupNorm + SiLU pairs as our CUDA kernels "
-        "on channels_last activations (implies --vae_channels_last) [default: on with -O, else off]",
-    )
-    g.add_argument(
-        "--unet_fused_qkv",
-        action=flag,
-        default=None,
-        help="one GEMM for the q/k/v projections of each UNet attention (diffusers' "
-        "fuse_qkv_projections; same products, fewer and larger GEMMs) [default: on with -O, else off]",
-    )
-    g.add_argument(
-        "--compile_unet",
-        action=flag,
-        default=None,
-        help="torch.compile the UNet (replayed as a CUDA graph with --unet_graph; the first run compiles "
-        "for about a minute, later runs load torch's compile cache in seconds) [default: on with -O, "
-        "else off]",
-    )
-    g.add_argument(
-        "--unet_traced",
-        default="auto",
-        metavar="auto|off|PATH",
-        help="UNet compiled ahead of time by trace.py: auto loads the one in "
-        "~/.cache/dreamfusion/unet_traced matching model, dtype and input shapes (none: eager); "
-        "PATH loads that .pt2 (a mismatch runs eager with a warning); off never loads one",
-    )
-
-    g = p.add_argument_group("mesh export (docs/mesh.md)")
-    g.add_argument("--mcubes_resolution", type=int, default=256, help="marching-cubes lattice resolution")
-    g.add_argument("--decimate_target", type=float, default=5e4, help="target face count")
-    g.add_argument("--texture_size", type=int, default=2048, help="albedo texture size")
-    g.add_argument(
-        "--mesh_format",
-        nargs="+",
-        default=["obj", "glb"],
-        choices=["obj", "glb", "ply"],
-        help="files to write",
-    )
+    groups = CONFIG_GROUPS + [(f"guidance: {c.__name__}", c) for c in guidance_config_classes()]
+    for title, cls in groups:
+        add_config_arguments(p.add_argument_group(title, (cls.__doc__ or "").split("\n")[0]), cls)
     return p
 
 
@@ -620,36 +276,54 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return opt, notes
 
 
-def build_guidance(opt: argparse.Namespace, device) -> dict:
-    """The guidance models a run asks for, keyed by name (``{"SD": StableDiffusion}``).
+@dataclass(frozen=True)
+class Configs:
+    """Every component's config of one run, built from the parsed options."""
 
-    Loading draws from the global RNG (weight init before loading): it runs in a forked RNG
-    so a run's random stream does not depend on what is cached.
-    """
+    run: RunConfig
+    cond: GuidanceConfig
+    trainer: TrainerConfig
+    losses: LossConfig
+    renderer: RendererConfig
+    field: FieldConfig
+    cameras: CameraConfig
+    mesh: MeshConfig
+    nerf_speed: NeRFSpeedConfig
+
+
+def configs_from(opt: argparse.Namespace) -> Configs:
+    """The components' configs from ``parse_args``' options (the only reader of them)."""
+    return Configs(
+        run=from_namespace(RunConfig, opt),
+        cond=from_namespace(GuidanceConfig, opt),
+        trainer=from_namespace(TrainerConfig, opt),
+        losses=from_namespace(LossConfig, opt),
+        renderer=from_namespace(RendererConfig, opt),
+        field=from_namespace(FieldConfig, opt),
+        cameras=from_namespace(CameraConfig, opt),
+        mesh=from_namespace(MeshConfig, opt),
+        nerf_speed=from_namespace(NeRFSpeedConfig, opt),
+    )
+
+
+def nerf_configs(opt: argparse.Namespace) -> tuple[FieldConfig, RendererConfig, NeRFSpeedConfig]:
+    """The field's, renderer's and speed layer's configs (``nerf.network_base.build_field``)."""
+    c = configs_from(opt)
+    return c.field, c.renderer, c.nerf_speed
+
+
+def build_guidance(opt: argparse.Namespace, device) -> dict:
+    """The guidance models a run asks for, keyed by name (``{"SD": StableDiffusion}``)."""
     import torch
 
-    from guidance.sd_utils import StableDiffusion
+    from guidance.base import build
 
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        sd = StableDiffusion(
-            device,
-            opt.precision == "fp16",
-            opt.vram_O,
-            opt.sd_version,
-            opt.hf_key,
-            tuple(opt.t_range),
-            bf16=opt.precision == "bf16",
-            unet_graph=opt.unet_graph,
-            vae_graph=opt.vae_graph,
-            channels_last=opt.channels_last,
-            vae_channels_last=opt.vae_channels_last,
-            vae_fused_gn=opt.vae_fused_gn,
-            unet_fused_qkv=opt.unet_fused_qkv,
-            compile_unet=opt.compile_unet,
-            compile_vae=opt.compile_vae,
-            unet_traced=opt.unet_traced,
-        )
-    return {"SD": sd}
+    cond = from_namespace(GuidanceConfig, opt)
+    out = {}
+    for name in opt.guidance:
+        configs = tuple(from_namespace(c, opt) for c in REGISTRY[name][0])
+        out[name] = build(name, configs, cond, torch.device(device), opt.precision)
+    return out
 
 
 def configure_cuda_allocator() -> None:
@@ -669,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from guidance.sd_utils import ModelNotFoundError
-    from nerf.provider import CameraRanges, NeRFDataset
+    from nerf.network_base import build_field
+    from nerf.provider import NeRFDataset
     from nerf.utils import CheckpointError, Trainer, TrainingDiverged, seed_everything
 
     device = torch.device(
@@ -682,60 +357,37 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("cuda_ray runs the PyTorch twin of the ray-marching kernels (no CUDA device)")
     for n in notes:
         print(f"[option] {n}")
-    seed_everything(opt.seed)
+    cfg = configs_from(opt)
+    seed_everything(cfg.run.seed)
+    model = build_field(cfg.field, cfg.renderer, cfg.nerf_speed)
 
-    if opt.backbone == "grid":
-        from nerf.network_grid import NeRFNetwork
-    else:
-        from nerf.network import NeRFNetwork
-    model = NeRFNetwork(opt)
+    def dataset(kind: str) -> NeRFDataset:
+        return NeRFDataset(cfg.cameras, type=kind, device=device)
 
-    def dataset(kind: str, size: int, H: int, W: int) -> NeRFDataset:
-        return NeRFDataset(
-            type=kind,
-            H=H,
-            W=W,
-            size=size,
-            ranges=CameraRanges(
-                tuple(opt.radius_range), tuple(opt.theta_range), tuple(opt.phi_range), tuple(opt.fovy_range)
-            ),
-            default_radius=opt.default_radius,
-            default_polar=opt.default_polar,
-            default_azimuth=opt.default_azimuth,
-            default_fovy=opt.default_fovy,
-            angle_overhead=opt.angle_overhead,
-            angle_front=opt.angle_front,
-            uniform_sphere_rate=opt.uniform_sphere_rate,
-            jitter_pose=opt.jitter_pose,
-            jitter_center=opt.jitter_center,
-            jitter_target=opt.jitter_target,
-            jitter_up=opt.jitter_up,
-            batch_size=opt.batch_size,
-            device=device,
+    def trainer(guidance: dict) -> Trainer:
+        return Trainer(
+            cfg.trainer, model, guidance, device, losses=cfg.losses, cond=cfg.cond, options=vars(opt)
         )
 
     try:
-        if opt.test:
-            trainer = Trainer(opt, model, {}, device)
-            used = trainer.load_checkpoint(opt.ckpt if opt.ckpt != "scratch" else "latest")
+        if cfg.run.test:
+            t = trainer({})
+            used = t.load_checkpoint(cfg.trainer.ckpt if cfg.trainer.ckpt != "scratch" else "latest")
             if used is None:
-                raise CheckpointError(f"no checkpoint in {Path(opt.workspace) / 'checkpoints'}: train first")
-            trainer.test(dataset("test", opt.dataset_size_test, opt.H, opt.W))
-            if opt.six_views:
-                trainer.six_views(opt.H, opt.W)
-            if opt.save_mesh:
-                trainer.save_mesh()
+                raise CheckpointError(
+                    f"no checkpoint in {Path(cfg.trainer.workspace) / 'checkpoints'}: train first"
+                )
+            t.test(dataset("test"))
+            if cfg.run.six_views:
+                t.six_views(cfg.cameras)
+            if cfg.run.save_mesh:
+                t.save_mesh(cfg.mesh)
             return 0
-        guidance = build_guidance(opt, device)
-        trainer = Trainer(opt, model, guidance, device)
-        trainer.load_checkpoint(opt.ckpt)
-        trainer.train(
-            dataset("train", opt.dataset_size_train, opt.h, opt.w),
-            dataset("val", opt.dataset_size_valid, opt.H, opt.W),
-            dataset("test", opt.dataset_size_test, opt.H, opt.W),
-        )
-        if opt.save_mesh:
-            trainer.save_mesh()
+        t = trainer(build_guidance(opt, device))
+        t.load_checkpoint(cfg.trainer.ckpt)
+        t.train(dataset("train"), dataset("val"), dataset("test"))
+        if cfg.run.save_mesh:
+            t.save_mesh(cfg.mesh)
         return 0
     except (ModelNotFoundError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)

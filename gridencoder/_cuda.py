@@ -48,14 +48,18 @@ _layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _layout(
-    offsets: list[int], points: list[int], per_level_scale: float, base_resolution: int,
-    align_corners: bool, dtype: torch.dtype, device: torch.device,
+    offsets: list[int],
+    points: list[int],
+    per_level_scale: float,
+    base_resolution: int,
+    align_corners: bool,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Device copies of offsets [L+1] int32, points [L] int32 and the position scales [L],
     cached (one upload per encoder). The scales are computed on the CPU in float32 exactly as
     the twin does, so that both put every point in the same cell."""
-    key = (tuple(offsets), tuple(points), per_level_scale, base_resolution, align_corners, dtype,
-           device)
+    key = (tuple(offsets), tuple(points), per_level_scale, base_resolution, align_corners, dtype, device)
     if key not in _layouts:
         levels = torch.arange(len(points), dtype=torch.float32)
         scale = base_resolution * torch.pow(torch.tensor(per_level_scale), levels) - 1
@@ -71,13 +75,36 @@ def _layout(
 
 class _GridEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs, embeddings, offsets_t, points_t, scales, align_corners, smoothstep,
-                max_level, out_dtype, twin_args, live):
+    def forward(
+        ctx,
+        inputs,
+        embeddings,
+        offsets_t,
+        points_t,
+        scales,
+        align_corners,
+        smoothstep,
+        max_level,
+        out_dtype,
+        twin_args,
+        live,
+    ):
         soa = bool(SOA)
         live_t, period = live if live is not None else (None, 1)
-        out = _ext().grid_encode_forward(inputs, embeddings, offsets_t, points_t, scales,
-                                         align_corners, smoothstep, max_level, soa, out_dtype,
-                                         live_t, period)
+        out = _ext().grid_encode_forward(
+            inputs,
+            embeddings,
+            offsets_t,
+            points_t,
+            scales,
+            align_corners,
+            smoothstep,
+            max_level,
+            soa,
+            out_dtype,
+            live_t,
+            period,
+        )
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
         ctx.cfg = (align_corners, smoothstep, max_level)
         ctx.twin_args, ctx.live = twin_args, (live_t, period)
@@ -90,8 +117,18 @@ class _GridEncode(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph: the kernels have no backward of their own, so the twin recomputes
             # the encoding and differentiates it with a graph (exact second derivatives).
-            return (*_twin_backward(grad_out, inputs, embeddings, ctx.twin_args, need_inputs,
-                                    need_emb), None, None, None, None, None, None, None, None, None)
+            return (
+                *_twin_backward(grad_out, inputs, embeddings, ctx.twin_args, need_inputs, need_emb),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
         # The kernel reads the gradient in either layout, so no transposed copy is made (a
         # Linear's backward gives [N, L*F] row-major even when the forward wrote [L*F, N]).
         g = grad_out
@@ -100,16 +137,42 @@ class _GridEncode(torch.autograd.Function):
         g_soa = not g.is_contiguous() and g.t().is_contiguous()
         g = g.t() if g_soa else g.contiguous()
         grad_emb, grad_in = _ext().grid_encode_backward(
-            g, inputs, embeddings, offsets_t, points_t, scales, *ctx.cfg, need_emb, need_inputs,
-            int(AGG_MODE), int(AGG_MAX_POINTS), g_soa, *ctx.live,
+            g,
+            inputs,
+            embeddings,
+            offsets_t,
+            points_t,
+            scales,
+            *ctx.cfg,
+            need_emb,
+            need_inputs,
+            int(AGG_MODE),
+            int(AGG_MAX_POINTS),
+            g_soa,
+            *ctx.live,
         )
-        return (grad_in if need_inputs else None, grad_emb if need_emb else None,
-                None, None, None, None, None, None, None, None, None)
+        return (
+            grad_in if need_inputs else None,
+            grad_emb if need_emb else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _twin_backward(
-    grad_out: torch.Tensor, inputs: torch.Tensor, embeddings: torch.Tensor, twin_args: tuple,
-    need_inputs: bool, need_emb: bool,
+    grad_out: torch.Tensor,
+    inputs: torch.Tensor,
+    embeddings: torch.Tensor,
+    twin_args: tuple,
+    need_inputs: bool,
+    need_emb: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(d inputs, d embeddings) of <grad_out [N, L*F], features>, differentiable in grad_out,
     inputs and embeddings: the twin's encoding of the saved tensors, differentiated with a
@@ -118,8 +181,9 @@ def _twin_backward(
         # need_inputs is inputs.requires_grad (autograd's needs_input_grad): no detached copy.
         feats = _torch_impl.grid_encode(inputs, embeddings, *twin_args)
         wrt = [t for t, need in ((inputs, need_inputs), (embeddings, need_emb)) if need]
-        grads = iter(torch.autograd.grad(feats, wrt, grad_out.to(feats.dtype), create_graph=True,
-                                         allow_unused=True))
+        grads = iter(
+            torch.autograd.grad(feats, wrt, grad_out.to(feats.dtype), create_graph=True, allow_unused=True)
+        )
     return (next(grads) if need_inputs else None, next(grads) if need_emb else None)
 
 
@@ -162,17 +226,43 @@ def grid_encode(
     if inputs.dtype in (torch.float16, torch.bfloat16):
         inputs = inputs.float()  # the twin computes positions in float32 too
     pair_ok = (inputs.dtype == torch.float32 and embeddings.dtype in _EMB_DTYPES) or (
-        inputs.dtype == torch.float64 and embeddings.dtype == torch.float64)
-    if not (inputs.is_cuda and embeddings.is_cuda and D in (2, 3) and 1 <= F <= 8 and pair_ok
-            and offsets[-1] < 2**31):
-        return _torch_impl.grid_encode(inputs, embeddings, offsets, points, per_level_scale,
-                                       base_resolution, align_corners, interpolation, max_level)
-    offsets_t, points_t, scales = _layout(offsets, points, per_level_scale, base_resolution,
-                                          align_corners, inputs.dtype, inputs.device)
+        inputs.dtype == torch.float64 and embeddings.dtype == torch.float64
+    )
+    if not (
+        inputs.is_cuda
+        and embeddings.is_cuda
+        and D in (2, 3)
+        and 1 <= F <= 8
+        and pair_ok
+        and offsets[-1] < 2**31
+    ):
+        return _torch_impl.grid_encode(
+            inputs,
+            embeddings,
+            offsets,
+            points,
+            per_level_scale,
+            base_resolution,
+            align_corners,
+            interpolation,
+            max_level,
+        )
+    offsets_t, points_t, scales = _layout(
+        offsets, points, per_level_scale, base_resolution, align_corners, inputs.dtype, inputs.device
+    )
     levels = L if max_level is None else max(0, min(int(max_level), L))
     if out_dtype is None or embeddings.dtype != torch.float32:
         out_dtype = embeddings.dtype
-    return _GridEncode.apply(inputs.contiguous(), embeddings.contiguous(), offsets_t, points_t,
-                             scales, bool(align_corners), interpolation == "smoothstep", levels,
-                             out_dtype, (offsets, points, per_level_scale, base_resolution,
-                                         align_corners, interpolation, max_level), live)
+    return _GridEncode.apply(
+        inputs.contiguous(),
+        embeddings.contiguous(),
+        offsets_t,
+        points_t,
+        scales,
+        bool(align_corners),
+        interpolation == "smoothstep",
+        levels,
+        out_dtype,
+        (offsets, points, per_level_scale, base_resolution, align_corners, interpolation, max_level),
+        live,
+    )

@@ -12,10 +12,16 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from common.config import option
+
+from .base import GuidanceConfig, register
+from .sd_fast import SDSpeedConfig
 
 MODEL_KEYS = {
     "2.1": "stabilityai/stable-diffusion-2-1-base",
@@ -23,6 +29,21 @@ MODEL_KEYS = {
     "1.5": "runwayml/stable-diffusion-v1-5",
     "builtin": str(Path(__file__).resolve().parent.parent / "pretrained" / "builtin"),
 }
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    """Which Stable Diffusion model scores the renders, and how it saves memory."""
+
+    sd_version: str = option(
+        "2.1",
+        "Stable Diffusion version (the *-base 512 px models), or the shipped built-in prior",
+        choices=["1.5", "2.0", "2.1", "builtin"],
+    )
+    hf_key: str | None = option(None, "diffusers model: hub id or local folder (overrides --sd_version)")
+    vram_O: bool = option(
+        False, "save GPU memory in the guidance model (VAE slicing, attention slicing, channels_last)"
+    )
 
 
 class ModelNotFoundError(RuntimeError):
@@ -584,3 +605,41 @@ class StableDiffusion(torch.nn.Module):
         arr = (strip.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(path)
+
+
+def build_stable_diffusion(
+    cfg: SDConfig,
+    speed: SDSpeedConfig,
+    *,
+    cond: GuidanceConfig,
+    device: torch.device | str,
+    precision: str = "fp32",
+) -> StableDiffusion:
+    """``--guidance SD``: Stable Diffusion (or the built-in prior) from its configs.
+
+    Loading initialises weights from the global RNG before reading them: it runs in a forked
+    stream so a run's random numbers do not depend on what is cached."""
+    from common.rng import forked_rng
+
+    with forked_rng(device):
+        return StableDiffusion(
+            device,
+            precision == "fp16",
+            cfg.vram_O,
+            cfg.sd_version,
+            cfg.hf_key,
+            tuple(cond.t_range),
+            bf16=precision == "bf16",
+            unet_graph=bool(speed.unet_graph),
+            vae_graph=bool(speed.vae_graph),
+            channels_last=bool(speed.channels_last),
+            vae_channels_last=speed.vae_channels_last,
+            vae_fused_gn=bool(speed.vae_fused_gn),
+            unet_fused_qkv=bool(speed.unet_fused_qkv),
+            compile_unet=bool(speed.compile_unet),
+            compile_vae=bool(speed.compile_vae),
+            unet_traced=speed.unet_traced,
+        )
+
+
+register("SD", (SDConfig, SDSpeedConfig), build_stable_diffusion)

@@ -28,10 +28,26 @@ import io
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from common.config import option
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh export (docs/mesh.md)."""
+
+    mcubes_resolution: int = option(256, "marching-cubes lattice resolution")
+    decimate_target: float = option(5e4, "target face count")
+    texture_size: int = option(2048, "albedo texture size")
+    mesh_format: tuple[str, ...] = option(
+        ("obj", "glb"), "files to write", nargs="+", choices=["obj", "glb", "ply"]
+    )
+
 
 __all__ = [
     "EmptyMeshError",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .encoding import get_encoder
-from .network_base import FieldNetwork
+from .fast import NeRFSpeedConfig
+from .network_base import FieldConfig, FieldNetwork
+from .renderer import RendererConfig
 
 
 class NeRFNetwork(FieldNetwork):
@@ -12,14 +14,23 @@ class NeRFNetwork(FieldNetwork):
 
     lr_decay = True
 
-    def __init__(self, opt, hidden_dim: int = 64, num_layers: int = 5):
+    def __init__(
+        self,
+        cfg: FieldConfig = FieldConfig(backbone="vanilla"),
+        render: RendererConfig = RendererConfig(),
+        speed: NeRFSpeedConfig = NeRFSpeedConfig(),
+        hidden_dim: int = 64,
+        num_layers: int = 5,
+    ):
         encoder = get_encoder("frequency", input_dim=3, multires=12)
         super().__init__(
-            opt,
+            cfg,
+            render,
+            speed,
             encoder,
             hidden_dim,
             num_layers,
             residual=True,
-            normal_method=opt.normal_method or "autograd",
+            normal_method=cfg.normal_method or "autograd",
             bg_multires=4,
         )

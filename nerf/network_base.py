@@ -8,17 +8,42 @@ background network.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from common.config import option
 from gridencoder import GridEncoder
 
 from . import fused_mlp
 from .encoding import FreqEncoder
+from .fast import NeRFSpeedConfig
 from .provider import safe_normalize
-from .renderer import NeRFRenderer
+from .renderer import NeRFRenderer, RendererConfig
+
+
+@dataclass(frozen=True)
+class FieldConfig:
+    """The NeRF field: backbone, encoder sizes, density, normals, background."""
+
+    backbone: str = option("grid", "NeRF backbone", choices=["grid", "vanilla"])
+    density_activation: str = option("exp", "density activation", choices=["exp", "softplus"])
+    blob_density: float = option(5.0, "peak of the initial density blob")
+    blob_radius: float = option(0.2, "radius of the initial density blob")
+    bg_radius: float = option(1.4, "> 0: learn a background network on ray directions")
+    normal_method: str | None = option(
+        None,
+        "normals: central differences (6 density passes), a tetrahedral stencil (4 passes, first "
+        "order) or autograd (default: fd for grid, autograd for vanilla)",
+        choices=["fd", "tetra", "autograd"],
+    )
+    grid_levels: int = option(16, "hash-grid levels")
+    grid_log2_size: int = option(19, "log2 of the hash table size per level")
+    grid_base: int = option(16, "coarsest hash-grid resolution")
+    grid_finest: int = option(2048, "finest hash-grid resolution (times bound)")
 
 
 class _TruncExp(torch.autograd.Function):
@@ -286,12 +311,14 @@ SHADINGS = ("albedo", "lambertian", "textureless", "normal")
 class FieldNetwork(NeRFRenderer):
     """A NeRF field: encoder -> MLP -> (density logit, albedo logits), plus shading.
 
-    Subclasses call ``super().__init__(opt, encoder, hidden_dim, num_layers, ...)``.
+    Subclasses call ``super().__init__(cfg, render, speed, encoder, hidden_dim, num_layers, ...)``.
     """
 
     def __init__(
         self,
-        opt,
+        cfg: FieldConfig,
+        render: RendererConfig,
+        speed: NeRFSpeedConfig,
         encoder: nn.Module,
         hidden_dim: int,
         num_layers: int,
@@ -301,11 +328,14 @@ class FieldNetwork(NeRFRenderer):
         bg_multires: int = 6,
         bg_hidden: int = 32,
     ):
-        super().__init__(opt)
+        super().__init__(
+            render, speed, density_thresh_scale=25 if cfg.density_activation == "softplus" else 1
+        )
+        self.field_cfg = cfg
         self.encoder = encoder
         self.sigma_net = MLP(encoder.output_dim, 4, hidden_dim, num_layers, residual=residual)
-        self.density_activation = opt.density_activation
-        self.blob_density, self.blob_radius = opt.blob_density, opt.blob_radius
+        self.density_activation = cfg.density_activation
+        self.blob_density, self.blob_radius = cfg.blob_density, cfg.blob_radius
         if normal_method not in ("fd", "tetra", "autograd"):
             raise ValueError(f"unknown normal method {normal_method!r}")
         self.normal_method = normal_method
@@ -319,12 +349,12 @@ class FieldNetwork(NeRFRenderer):
         self.pad_rows: bool | None = None
         # The MLP + head, and the fd shading of a merged call, as Triton kernels where they
         # apply (--fused_mlp; nerf/fused_mlp.py).
-        self.fused_mlp = bool(getattr(opt, "fused_mlp", False))
+        self.fused_mlp = bool(speed.fused_mlp)
         # With --fused_mlp, the density blob computed inside the kernels from the points (five
         # tensor ops fewer per field call); False: passed to them as a tensor (A/B benchmarks).
         self.blob_in_kernel = True
         self.max_level: float | None = None  # fraction of encoder levels in use
-        if opt.bg_radius > 0:
+        if cfg.bg_radius > 0:
             self.encoder_bg = FreqEncoder(3, bg_multires)
             self.bg_net = MLP(self.encoder_bg.output_dim, 3, bg_hidden, 2)
         else:
@@ -513,3 +543,21 @@ class FieldNetwork(NeRFRenderer):
         if self.bg_net is not None:
             groups.append({"params": self.bg_net.parameters(), "lr": lr})
         return groups
+
+
+def build_field(
+    cfg: FieldConfig, render: RendererConfig = RendererConfig(), speed: NeRFSpeedConfig = NeRFSpeedConfig()
+) -> FieldNetwork:
+    """The NeRF of ``cfg.backbone``: "grid" (``network_grid.py``) or "vanilla" (``network.py``).
+
+    >>> field = build_field(FieldConfig(grid_levels=2, grid_log2_size=8))
+    >>> field.density(torch.zeros(2, 3))["sigma"].shape
+    torch.Size([2])
+    """
+    if cfg.backbone == "grid":
+        from .network_grid import NeRFNetwork
+    elif cfg.backbone == "vanilla":
+        from .network import NeRFNetwork
+    else:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}")
+    return NeRFNetwork(cfg, render, speed)

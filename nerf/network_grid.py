@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 from .encoding import get_encoder
-from .network_base import FieldNetwork
+from .fast import NeRFSpeedConfig
+from .network_base import FieldConfig, FieldNetwork
+from .renderer import RendererConfig
 
 
 class NeRFNetwork(FieldNetwork):
-    """Hash grid (``--grid_levels`` x 2 features, table 2^``--grid_log2_size``, base
-    resolution ``--grid_base``, finest ``--grid_finest * bound``, smoothstep) + 3x64 MLP."""
+    """Hash grid (``grid_levels`` x 2 features, table 2^``grid_log2_size``, base resolution
+    ``grid_base``, finest ``grid_finest * bound``, smoothstep) + 3x64 MLP."""
 
-    def __init__(self, opt, hidden_dim: int = 64, num_layers: int = 3):
+    def __init__(
+        self,
+        cfg: FieldConfig = FieldConfig(),
+        render: RendererConfig = RendererConfig(),
+        speed: NeRFSpeedConfig = NeRFSpeedConfig(),
+        hidden_dim: int = 64,
+        num_layers: int = 3,
+    ):
         encoder = get_encoder(
             "hashgrid",
             input_dim=3,
-            num_levels=opt.grid_levels,
+            num_levels=cfg.grid_levels,
             level_dim=2,
-            base_resolution=opt.grid_base,
-            log2_hashmap_size=opt.grid_log2_size,
-            desired_resolution=int(opt.grid_finest * opt.bound),
+            base_resolution=cfg.grid_base,
+            log2_hashmap_size=cfg.grid_log2_size,
+            desired_resolution=int(cfg.grid_finest * render.bound),
             interpolation="smoothstep",
         )
-        super().__init__(opt, encoder, hidden_dim, num_layers, normal_method=opt.normal_method or "fd")
+        super().__init__(
+            cfg, render, speed, encoder, hidden_dim, num_layers, normal_method=cfg.normal_method or "fd"
+        )

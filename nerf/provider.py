@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import option
+
 # Discrete view classes returned by ``get_view_direction``.
 FRONT, SIDE, BACK, SIDE_OTHER, OVERHEAD, BOTTOM = 0, 1, 2, 3, 4, 5
 VIEW_NAMES = ("front", "side", "back", "side", "overhead", "bottom")
@@ -200,10 +202,7 @@ def rand_poses(
     *,
     uniform_sphere_rate: float = 0.0,
     group: int = 1,
-    jitter: bool = False,
-    jitter_center: float = 0.2,
-    jitter_target: float = 0.2,
-    jitter_up: float = 0.02,
+    jitter: tuple[float, float, float] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Random training cameras looking at (about) the origin.
@@ -211,9 +210,9 @@ def rand_poses(
     The cameras come in groups of ``group`` (a batch each). ``ranges`` is one
     ``CameraRanges`` for all, or one per group (``size // group`` of them). With probability
     ``uniform_sphere_rate`` a group is drawn uniformly on the upper hemisphere instead of
-    uniformly in polar angle (which over-samples the pole). Jitter moves the centre uniformly
-    in +-jitter_center/2, the look-at target with N(0, jitter_target) and the up vector with
-    N(0, jitter_up).
+    uniformly in polar angle (which over-samples the pole). ``jitter``, (center, target, up)
+    or None, moves the centre uniformly in +-center/2, the look-at target with N(0, target)
+    and the up vector with N(0, up) (``CameraConfig.jitter``).
 
     Returns a dict of [size] tensors ``radius``, ``theta``, ``phi`` (wrapped to [-180, 180)),
     ``fovy`` (degrees) and ``poses`` [size,4,4].
@@ -264,7 +263,8 @@ def rand_poses(
     centers = spherical_to_cartesian(radius, thetas, phis)
     targets = torch.zeros_like(centers)
     up = None
-    if jitter:
+    if jitter is not None:
+        jitter_center, jitter_target, jitter_up = jitter
         centers = centers + (torch.rand_like(centers) - 0.5) * jitter_center
         targets = targets + torch.randn_like(centers) * jitter_target
         up = safe_normalize(torch.eye(3, device=device)[1] + torch.randn_like(centers) * jitter_up)
@@ -310,51 +310,99 @@ def get_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int):
     return rays_o.contiguous(), rays_d.contiguous()
 
 
+@dataclass(frozen=True)
+class CameraConfig:
+    """The cameras of a run: training ranges, the validation/test view and the view classes
+    (angles in degrees)."""
+
+    radius_range: tuple[float, float] = option((3.0, 3.5), "camera distance")
+    theta_range: tuple[float, float] = option((45.0, 105.0), "polar angle (90 = horizon)")
+    phi_range: tuple[float, float] = option((-180.0, 180.0), "azimuth (0 = front)")
+    fovy_range: tuple[float, float] = option((10.0, 30.0), "vertical field of view")
+    default_radius: float = option(3.2, "validation/test camera distance")
+    default_polar: float = option(90.0, "validation/test polar angle")
+    default_azimuth: float = option(0.0, "validation/test starting azimuth")
+    default_fovy: float = option(20.0, "validation/test field of view")
+    progressive_view: bool = option(
+        False,
+        "widen the camera ranges from the default view to the full ranges over the run "
+        "(turns off --jitter_pose and --uniform_sphere_rate)",
+    )
+    progressive_view_init_ratio: float = option(0.2, "starting fraction for --progressive_view")
+    angle_overhead: float = option(30.0, "polar <= this is 'overhead' (>= 180 - this is 'bottom')")
+    angle_front: float = option(
+        60.0, "width of the front wedge: |azimuth| < this/2 is 'front', > 180 - this/2 is 'back'"
+    )
+    uniform_sphere_rate: float = option(
+        0.0, "probability of a camera drawn uniformly on the upper hemisphere"
+    )
+    jitter_pose: bool = option(False, "jitter training cameras")
+    jitter_center: float = option(0.2, "camera position jitter (uniform, width)")
+    jitter_target: float = option(0.2, "look-at target jitter (Gaussian sigma)")
+    jitter_up: float = option(0.02, "up-vector jitter (Gaussian sigma)")
+    batch_size: int = option(1, "views per iteration")
+    w: int = option(64, "training render width")
+    h: int = option(64, "training render height")
+    W: int = option(800, "validation and test render width")
+    H: int = option(800, "validation and test render height")
+    dataset_size_train: int = option(100, "iterations per epoch")
+    dataset_size_valid: int = option(8, "validation frames")
+    dataset_size_test: int = option(100, "test video frames")
+
+    @property
+    def ranges(self) -> CameraRanges:
+        return CameraRanges(self.radius_range, self.theta_range, self.phi_range, self.fovy_range)
+
+    @property
+    def jitter(self) -> tuple[float, float, float] | None:
+        """``rand_poses``' jitter: (center, target, up), or None without ``jitter_pose``."""
+        return (self.jitter_center, self.jitter_target, self.jitter_up) if self.jitter_pose else None
+
+
 class NeRFDataset:
     """Cameras generated on the fly; holds no images.
 
     ``type='train'`` draws random cameras; ``'val'``/``'test'`` walk a circle of ``size``
-    cameras at the default polar angle, radius and field of view.
+    cameras at the default polar angle, radius and field of view. ``H``, ``W`` and ``size``
+    default to the config's for the type.
     """
 
     def __init__(
         self,
+        cameras: CameraConfig = CameraConfig(),
         *,
         type: str,
-        H: int,
-        W: int,
-        size: int,
-        ranges: CameraRanges = CameraRanges(),
-        default_radius: float = 3.2,
-        default_polar: float = 90.0,
-        default_azimuth: float = 0.0,
-        default_fovy: float = 20.0,
-        angle_overhead: float = 30.0,
-        angle_front: float = 60.0,
-        uniform_sphere_rate: float = 0.0,
-        jitter_pose: bool = False,
-        jitter_center: float = 0.2,
-        jitter_target: float = 0.2,
-        jitter_up: float = 0.02,
-        batch_size: int = 1,
+        H: int | None = None,
+        W: int | None = None,
+        size: int | None = None,
         device: str | torch.device = "cpu",
     ):
         if type not in ("train", "val", "test"):
             raise ValueError(f"unknown dataset type {type!r}")
-        self.type, self.H, self.W, self.size = type, H, W, size
-        self.ranges = ranges
+        c = cameras
+        train = type == "train"
+        self.type = type
+        self.H = H if H is not None else (c.h if train else c.H)
+        self.W = W if W is not None else (c.w if train else c.W)
+        self.size = (
+            size
+            if size is not None
+            else {"train": c.dataset_size_train, "val": c.dataset_size_valid, "test": c.dataset_size_test}[
+                type
+            ]
+        )
+        self.cameras = c
+        self.ranges = c.ranges
         self.default = CameraRanges(
-            (default_radius, default_radius),
-            (default_polar, default_polar),
-            (default_azimuth, default_azimuth),
-            (default_fovy, default_fovy),
+            (c.default_radius, c.default_radius),
+            (c.default_polar, c.default_polar),
+            (c.default_azimuth, c.default_azimuth),
+            (c.default_fovy, c.default_fovy),
         )
-        self.angle_overhead, self.angle_front = angle_overhead, angle_front
-        self.uniform_sphere_rate = uniform_sphere_rate
-        self.jitter = dict(
-            jitter=jitter_pose, jitter_center=jitter_center, jitter_target=jitter_target, jitter_up=jitter_up
-        )
-        self.batch_size = batch_size
+        self.angle_overhead, self.angle_front = c.angle_overhead, c.angle_front
+        self.uniform_sphere_rate = c.uniform_sphere_rate
+        self.jitter = c.jitter
+        self.batch_size = c.batch_size
         self.device = device
 
     def __len__(self) -> int:
@@ -403,8 +451,8 @@ class NeRFDataset:
             ranges[0] if len(set(ranges)) == 1 else ranges,
             uniform_sphere_rate=0.0 if progressive else self.uniform_sphere_rate,
             group=B,
+            jitter=self.jitter,
             device=self.device,
-            **self.jitter,
         )
         packed = self._pack(cams)
         return [

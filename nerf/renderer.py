@@ -10,14 +10,52 @@ Both paths composite front to back with ``alpha_i = 1 - exp(-sigma_i dt_i)``,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import raymarching
+from common.config import option
 from raymarching._torch_impl import _ray_ids
 
+from .fast import NeRFSpeedConfig
 from .graphed import GraphedPasses, GraphedRender
+
+
+@dataclass(frozen=True)
+class RendererConfig:
+    """How a field is rendered: the scene box, the sampling, the occupancy grid."""
+
+    bound: float = option(1.0, "the scene is [-bound, bound]^3")
+    cuda_ray: bool = option(
+        False, "occupancy-grid ray marching (CUDA kernels on a GPU, their PyTorch twin on a CPU)"
+    )
+    max_steps: int = option(1024, "lattice points per ray (--cuda_ray)")
+    num_steps: int = option(64, "stratified samples per ray (without --cuda_ray)")
+    upsample_steps: int = option(32, "importance samples per ray (without --cuda_ray)")
+    update_extra_interval: int = option(16, "occupancy-grid refresh period (steps)")
+    grid_size: int = option(128, "occupancy-grid cells per axis")
+    grid_update_frac: float = option(
+        0.25,
+        "fraction of cells re-evaluated per refresh after the first 16 (plus as many occupied ones); "
+        "1 = every cell, as the reference",
+    )
+    density_thresh: float = option(10.0, "occupancy and mesh threshold (x25 for softplus)")
+    dt_gamma: float = option(0.0, "adaptive step: dt = t * dt_gamma (0 = fixed)")
+    min_near: float = option(0.01, "near plane")
+    prune_samples: bool = option(
+        True,
+        "--cuda_ray training with normals: a density pass without gradients, then the full pass only "
+        "on samples before transmittance falls below 1e-5 (same image and gradients)",
+        tristate=True,
+    )
+    infer_T_thresh: float = option(
+        1e-3,
+        "--cuda_ray frames (validation, videos): a ray stops once its transmittance falls below this "
+        "(the reference: 1e-4; docs/benchmarks.md)",
+    )
+    max_ray_batch: int = option(4096, "rays per chunk when rendering frames")
 
 
 def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n_samples: int, det: bool = False) -> torch.Tensor:
@@ -73,7 +111,7 @@ def composite(sigmas: torch.Tensor, colors: torch.Tensor, z: torch.Tensor, delta
 class NeRFRenderer(nn.Module):
     """Renders a field. Subclasses provide ``forward``, ``density``, ``normal``, ``background``.
 
-    With ``opt.cuda_ray`` it keeps an occupancy grid: ``C = 1 + ceil(log2(bound))`` cascades
+    With ``cfg.cuda_ray`` it keeps an occupancy grid: ``C = 1 + ceil(log2(bound))`` cascades
     of ``grid_size^3`` cells (Morton order), the densities' decayed maximum, its mean, and a
     packed bitfield of the cells above ``min(mean_density, density_thresh)``.
     """
@@ -87,23 +125,27 @@ class NeRFRenderer(nn.Module):
     min_infer_step = 4  # 800x800 frame on the H100: 38.4 ms at 1 (the reference's rule), 29.9 at 4
     max_infer_step = 64
 
-    def __init__(self, opt):
+    def __init__(
+        self,
+        cfg: RendererConfig = RendererConfig(),
+        speed: NeRFSpeedConfig = NeRFSpeedConfig(),
+        density_thresh_scale: float = 1.0,
+    ):
         super().__init__()
-        self.opt = opt
-        self.bound = float(opt.bound)
+        self.cfg = cfg
+        self.bound = float(cfg.bound)
         self.cascade = 1 + math.ceil(math.log2(max(self.bound, 1.0)))
-        self.grid_size = int(opt.grid_size)
-        self.density_thresh = float(opt.density_thresh) * (25 if opt.density_activation == "softplus" else 1)
-        self.min_near = float(opt.min_near)
-        self.cuda_ray = bool(opt.cuda_ray)
+        self.grid_size = int(cfg.grid_size)
+        self.density_thresh = float(cfg.density_thresh) * density_thresh_scale
+        self.min_near = float(cfg.min_near)
+        self.cuda_ray = bool(cfg.cuda_ray)
         # --graph_pass: the training network pass replayed from CUDA graphs (nerf/graphed.py).
-        self.graph_pass = bool(getattr(opt, "graph_pass", False))
-        self.graphs = GraphedPasses(per_octave=int(getattr(opt, "graph_buckets", 8)))
+        self.graph_pass = bool(speed.graph_pass)
+        self.graphs = GraphedPasses(per_octave=int(speed.graph_buckets))
         # --graph_render: the whole training render replayed from CUDA graphs at fixed sizes.
-        self.graph_render = bool(getattr(opt, "graph_render", False))
+        self.graph_render = bool(speed.graph_render)
         self.render_graphs = GraphedRender(
-            headroom=float(getattr(opt, "graph_render_headroom", 1.1)),
-            max_work=int(getattr(opt, "graph_render_max_work", 0)) or None,
+            headroom=float(speed.graph_render_headroom), max_work=int(speed.graph_render_max_work) or None
         )
         b = self.bound
         self.register_buffer("aabb", torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32))
@@ -139,13 +181,13 @@ class NeRFRenderer(nn.Module):
 
         rays_o, rays_d: [N,3]; light_d: [N,3] per ray, [1,3] for all rays, or None.
         """
-        opt = self.opt
+        cfg = self.cfg
         N, device = rays_o.shape[0], rays_o.device
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         miss = nears >= 1e9
         nears = torch.where(miss, torch.full_like(nears, self.min_near), nears)
         fars = torch.where(miss, nears, fars)
-        S = opt.num_steps
+        S = cfg.num_steps
         span = (fars - nears)[:, None]
         z = nears[:, None] + span * torch.linspace(0, 1, S, device=device)[None]
         if perturb:
@@ -168,12 +210,12 @@ class NeRFRenderer(nn.Module):
             return sigma, color, normal
 
         sigma, color, normal = evaluate(z)
-        if opt.upsample_steps > 0:
+        if cfg.upsample_steps > 0:
             with torch.no_grad():
                 deltas = torch.cat([z[:, 1:] - z[:, :-1], span / S], -1)
                 w = composite(sigma.detach(), color.detach()[..., :1], z, deltas)[0]
                 mids = 0.5 * (z[:, 1:] + z[:, :-1])
-                new_z = sample_pdf(mids, w[:, 1:-1], opt.upsample_steps, det=not perturb).detach()
+                new_z = sample_pdf(mids, w[:, 1:-1], cfg.upsample_steps, det=not perturb).detach()
             s2, c2, n2 = evaluate(new_z)
             z = torch.cat([z, new_z], 1)
             z, order = torch.sort(z, 1)
@@ -243,11 +285,11 @@ class NeRFRenderer(nn.Module):
         rays_o, rays_d: [N,3]; light_d: [N,3], [1,3] or None. Returns the outputs and the sample
         counts marched and kept (host numbers: the march and the pruning each sync once).
         """
-        opt = self.opt
+        cfg = self.cfg
         N = rays_o.shape[0]
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         xyzs, dirs, ts, rays = raymarching.march_rays_train(
-            rays_o, rays_d, *self._grid(), nears, fars, perturb, opt.dt_gamma, opt.max_steps
+            rays_o, rays_d, *self._grid(), nears, fars, perturb, cfg.dt_gamma, cfg.max_steps
         )
         marched = xyzs.shape[0]
         if self._prunes(need) and marched > 0:
@@ -273,7 +315,7 @@ class NeRFRenderer(nn.Module):
         return self.bound, self.density_bitfield, self.cascade, self.grid_size
 
     def _prunes(self, need: bool) -> bool:
-        return bool(getattr(self.opt, "prune_samples", False)) and need
+        return bool(self.cfg.prune_samples) and need
 
     def train_render_fixed(
         self,
@@ -295,11 +337,11 @@ class NeRFRenderer(nn.Module):
         padded ``weights``), ``complete`` [] bool (every sample fit: the outputs are the eager
         render's) and ``totals`` [2] int32, the samples marched and kept before any clipping.
         """
-        opt = self.opt
+        cfg = self.cfg
         N = rays_o.shape[0]
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         xyzs, dirs, ts, rays, marched = raymarching.march_rays_train_fixed(
-            rays_o, rays_d, *self._grid(), nears, fars, noise, opt.dt_gamma, opt.max_steps, capacity[0]
+            rays_o, rays_d, *self._grid(), nears, fars, noise, cfg.dt_gamma, cfg.max_steps, capacity[0]
         )
         fit = marched.clamp(max=capacity[0])  # samples in the march's rows
         rows, kept = capacity[0], fit
@@ -345,13 +387,13 @@ class NeRFRenderer(nn.Module):
             if self.graph_render and rays_o.is_cuda and torch.is_grad_enabled():
                 return self.render_graphs.run(self, *args)
             return self.train_render(*args)[0]
-        opt = self.opt
+        cfg = self.cfg
         N, device = rays_o.shape[0], rays_o.device
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         C, G = self.cascade, self.grid_size
 
         # Inference: march a few samples per alive ray at a time, drop finished rays.
-        T_infer = float(getattr(opt, "infer_T_thresh", T_thresh))
+        T_infer = float(cfg.infer_T_thresh)
         weights_sum = torch.zeros(N, device=device)
         depth = torch.zeros(N, device=device)
         image = torch.zeros(N, 3, device=device)
@@ -359,7 +401,7 @@ class NeRFRenderer(nn.Module):
         alive = torch.arange(N, dtype=torch.int32, device=device)
         rays_t = nears.clone()
         step = 0
-        while step < opt.max_steps:
+        while step < cfg.max_steps:
             n_alive = alive.numel()
             if n_alive == 0:
                 break
@@ -377,8 +419,8 @@ class NeRFRenderer(nn.Module):
                 G,
                 nears,
                 fars,
-                opt.dt_gamma,
-                opt.max_steps,
+                cfg.dt_gamma,
+                cfg.max_steps,
             )
             light = light_d
             if light_d is not None and light_d.shape[0] > 1:
@@ -477,7 +519,7 @@ class NeRFRenderer(nn.Module):
         G, C = self.grid_size, self.cascade
         G3 = G**3
         device = self.density_grid.device
-        frac = float(self.opt.grid_update_frac)
+        frac = float(self.cfg.grid_update_frac)
         if full is None:
             full = frac >= 1 or int(self.grid_updates) < 16
         thresh = min(float(self.mean_density), self.density_thresh)

@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.config import option
+from guidance.base import GuidanceConfig
+
 from .graphed import thaw
+from .losses import LossConfig
+from .mesh import MeshConfig
 from .optimizer import EMA, Adan
 from .provider import (
     BACK,
@@ -31,10 +36,52 @@ from .provider import (
     OVERHEAD,
     SIDE,
     SIDE_OTHER,
+    CameraConfig,
     NeRFDataset,
     safe_normalize,
     view_prompt,
 )
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The run: workspace, schedule, optimiser, precision, checkpoints, shading schedule."""
+
+    workspace: str = option("workspace", "output folder")
+    iters: int = option(10000, "training iterations")
+    lr: float = option(1e-3, "base learning rate (Adan uses 5x; the grid a further 10x)")
+    ckpt: str = option("latest", "latest | scratch | best | latest_model | PATH")
+    optim: str = option("adan", "optimizer", choices=["adan", "adam"])
+    precision: str = option(
+        "fp32",
+        "fp16: autocast + GradScaler; bf16: autocast; CUDA only (fp32 on CPU)",
+        choices=["fp32", "fp16", "bf16"],
+    )
+    ema_decay: float = option(
+        0.99, "EMA of the weights, updated every step (0 = off); validation and test render the EMA weights"
+    )
+    grad_clip: float = option(-1.0, "clip gradient values (negative = off)")
+    grad_clip_rgb: float = option(-1.0, "clip the gradient on the rendered image (negative = off)")
+    max_nonfinite: int = option(20, "stop after this many non-finite steps in a row")
+    keep_ckpts: int = option(2, "full checkpoints kept")
+    eval_interval: int = option(1, "validate every N epochs")
+    test_interval: int = option(100, "write the test video every N epochs (and at the end)")
+    exp_start_iter: int | None = option(None, "start of the schedules (default 0)")
+    exp_end_iter: int | None = option(None, "end of the schedules (default --iters)")
+    quiet: bool = option(False, "no progress bars or per-epoch lines")
+    save_guidance: bool = option(False, "write [render, noisy, x0] strips to workspace/guidance/")
+    save_guidance_interval: int = option(10, "period of --save_guidance in steps")
+    progressive_level: bool = option(
+        False, "coarse-to-fine: the fraction of encoder levels in use is min(1, 0.25 + 2 * progress)"
+    )
+    latent_iter_ratio: float = option(
+        0.2, "fraction of the run that feeds normal shading + mask to the prior as its latent"
+    )
+    albedo_iter_ratio: float = option(
+        0.0, "fraction of the run (counted from the start) with albedo-only shading"
+    )
+    min_ambient_ratio: float = option(0.1, "lower bound of the random ambient ratio")
+    textureless_ratio: float = option(0.2, "probability of textureless shading")
 
 
 def seed_everything(seed: int) -> None:
@@ -159,9 +206,20 @@ class Trainer:
     name = "df"
 
     def __init__(
-        self, opt, model: torch.nn.Module, guidance: dict[str, torch.nn.Module], device: torch.device
+        self,
+        cfg: TrainerConfig,
+        model: torch.nn.Module,
+        guidance: dict[str, torch.nn.Module],
+        device: torch.device,
+        *,
+        losses: LossConfig = LossConfig(),
+        cond: GuidanceConfig = GuidanceConfig(),
+        options: dict | None = None,
     ):
-        self.opt = opt
+        self.cfg, self.losses, self.cond = cfg, losses, cond
+        # The run's whole option set, for the log and each checkpoint's record (never read).
+        self.options = dict(options or {})
+        opt = cfg
         self.device = device
         self.model = model.to(device)
         self.guidance = guidance
@@ -203,7 +261,7 @@ class Trainer:
         self.writer = None
         self.embeddings: dict[str, torch.Tensor] = {}
         self.log(f"[command] {' '.join(sys.argv)}")
-        self.log(f"[options] {vars(opt)}")
+        self.log(f"[options] {self.options}")
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log(
             f"[model] {type(model).__module__}.{type(model).__name__}: {n_params:,} trainable parameters"
@@ -226,7 +284,7 @@ class Trainer:
     # --- prompts --------------------------------------------------------------------------
     def prepare_embeddings(self) -> None:
         """Embed the prompt, its view variants and the negative prompt once (disk-cached)."""
-        opt = self.opt
+        opt = self.cond
         if "SD" not in self.guidance or opt.text is None:
             return
         sd = self.guidance["SD"]
@@ -242,7 +300,7 @@ class Trainer:
 
     def text_embeddings_for(self, data: dict) -> torch.Tensor:
         """[2B,77,D]: the negative prompt for each view, then the view-dependent prompt."""
-        opt, E = self.opt, self.embeddings
+        opt, E = self.cond, self.embeddings
         B = data["polar"].shape[0]
         if opt.view_prompt == "interp":
             w = data["view_weights"]  # interp_view_weights, computed with the cameras
@@ -266,7 +324,7 @@ class Trainer:
     def progress(self, step: int | None = None) -> float:
         """Fraction of the run done at ``step`` (default: now), for schedules
         (``--exp_start_iter``/``--exp_end_iter``)."""
-        opt = self.opt
+        opt = self.cfg
         start = opt.exp_start_iter or 0
         end = opt.exp_end_iter or opt.iters
         step = self.global_step if step is None else step
@@ -275,7 +333,7 @@ class Trainer:
     def shading_for_step(self, ratio: float) -> tuple[str, float, bool]:
         """(shading, ambient ratio, as_latent) of this step: the latent warm-up renders normals
         + mask as the latent; then albedo; then random ambient with lambertian or textureless."""
-        opt = self.opt
+        opt = self.cfg
         if ratio < opt.latent_iter_ratio:
             return "normal", 1.0, True
         if ratio < opt.albedo_iter_ratio:
@@ -286,7 +344,7 @@ class Trainer:
 
     def train_step(self, data: dict, save_guidance_path: str | None = None) -> tuple[torch.Tensor, dict]:
         """Render one batch of random cameras and score it: returns (loss, parts)."""
-        opt, model = self.opt, self.model
+        opt, model = self.cfg, self.model
         ratio = self.progress()
         if opt.progressive_level:
             model.max_level = min(1.0, 0.25 + 2.0 * ratio)
@@ -307,7 +365,7 @@ class Trainer:
             shading=shading,
             bg_color=bg_color,
             perturb=True,
-            need_normal=opt.lambda_2d_normal_smooth > 0,
+            need_normal=self.losses.lambda_2d_normal_smooth > 0,
         )
         image = out["image"].reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
         if as_latent:
@@ -326,26 +384,28 @@ class Trainer:
             parts["sds"] = self.guidance["SD"].train_step(
                 self.text_embeddings_for(data),
                 pred,
-                guidance_scale=opt.guidance_scale,
+                guidance_scale=self.cond.guidance_scale,
                 as_latent=as_latent,
-                grad_scale=opt.lambda_guidance,
+                grad_scale=self.losses.lambda_guidance,
                 save_guidance_path=save_guidance_path,
             )
             loss = loss + parts["sds"]
 
         # Regularizers.
-        if opt.lambda_entropy > 0 and "weights" in out:
+        if self.losses.lambda_entropy > 0 and "weights" in out:
             entropy = weight_entropy(out["weights"], out.get("n_pruned", 0), out.get("n_padding", 0))
-            parts["entropy"] = opt.lambda_entropy * min(1.0, 2 * self.global_step / opt.iters) * entropy
-        if opt.lambda_opacity > 0:
-            parts["opacity"] = opt.lambda_opacity * (out["weights_sum"].float() ** 2).mean()
-        if opt.lambda_orient > 0 and "loss_orient" in out:
-            parts["orient"] = opt.lambda_orient * out["loss_orient"]
-        if opt.lambda_2d_normal_smooth > 0 and "normal_image" in out:
+            parts["entropy"] = (
+                self.losses.lambda_entropy * min(1.0, 2 * self.global_step / opt.iters) * entropy
+            )
+        if self.losses.lambda_opacity > 0:
+            parts["opacity"] = self.losses.lambda_opacity * (out["weights_sum"].float() ** 2).mean()
+        if self.losses.lambda_orient > 0 and "loss_orient" in out:
+            parts["orient"] = self.losses.lambda_orient * out["loss_orient"]
+        if self.losses.lambda_2d_normal_smooth > 0 and "normal_image" in out:
             n = out["normal_image"].reshape(B, H, W, 3)
             tv = ((n[:, 1:] - n[:, :-1]) ** 2).mean() + ((n[:, :, 1:] - n[:, :, :-1]) ** 2).mean()
-            parts["normal_2d"] = opt.lambda_2d_normal_smooth * tv
-        if opt.lambda_3d_normal_smooth > 0:
+            parts["normal_2d"] = self.losses.lambda_2d_normal_smooth * tv
+        if self.losses.lambda_3d_normal_smooth > 0:
             ws = out["weights_sum"].reshape(-1).detach()
             hit = ws > 0.5
             if hit.any():
@@ -353,17 +413,17 @@ class Trainer:
                 x = rays_o.reshape(-1, 3)[hit] + rays_d.reshape(-1, 3)[hit] * depth[:, None]
                 n1 = model.normal(x)
                 n2 = model.normal(x + torch.randn_like(x) * 0.01)
-                parts["normal_3d"] = opt.lambda_3d_normal_smooth * (n1 - n2).abs().mean()
+                parts["normal_3d"] = self.losses.lambda_3d_normal_smooth * (n1 - n2).abs().mean()
         enc = getattr(model, "encoder", None)
-        if opt.lambda_wd > 0 and hasattr(enc, "embeddings"):
-            parts["wd"] = opt.lambda_wd * (enc.embeddings.float() ** 2).mean()
-        if opt.lambda_tv > 0 and hasattr(enc, "embeddings"):
+        if self.losses.lambda_wd > 0 and hasattr(enc, "embeddings"):
+            parts["wd"] = self.losses.lambda_wd * (enc.embeddings.float() ** 2).mean()
+        if self.losses.lambda_tv > 0 and hasattr(enc, "embeddings"):
             # TV of the grid features: differences between neighbours one finest cell apart.
             x = (torch.rand(4096, 3, device=self.device) * 2 - 1) * model.bound
-            step = 2 * model.bound / opt.grid_finest
+            step = 2 * model.bound / model.field_cfg.grid_finest
             dx = F.one_hot(torch.randint(0, 3, (4096,), device=self.device), 3).float() * step
             parts["tv"] = (
-                opt.lambda_tv
+                self.losses.lambda_tv
                 * min(1.0, 2 * ratio)
                 * (enc(x, model.bound) - enc(x + dx, model.bound)).pow(2).mean()
             )
@@ -414,9 +474,9 @@ class Trainer:
         or with ``defer_sync`` the previous step's (None after the first; ``flush()`` gives
         the last). With Adan the skip is decided on the device, so the host reads the loss
         back one step late, while the GPU works, instead of waiting for it every step."""
-        opt, model = self.opt, self.model
+        opt, model = self.cfg, self.model
         model.train()
-        if model.cuda_ray and self.global_step % opt.update_extra_interval == 0:
+        if model.cuda_ray and self.global_step % model.cfg.update_extra_interval == 0:
             with self.autocast():
                 model.update_extra_state()
         self.optimizer.zero_grad(set_to_none=True)
@@ -509,7 +569,7 @@ class Trainer:
             f"[step {rec.step}] non-finite loss or gradient: step skipped "
             f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)"
         )
-        if self.nonfinite_run >= self.opt.max_nonfinite:
+        if self.nonfinite_run >= self.cfg.max_nonfinite:
             raise TrainingDiverged(
                 f"{self.nonfinite_run} non-finite steps in a row at step {rec.step}; stopped. "
                 f"The last good checkpoint is kept in {self.ckpt_dir}. Try --precision fp32, a lower --lr "
@@ -537,8 +597,8 @@ class Trainer:
     def train(
         self, train_set: NeRFDataset, valid_set: NeRFDataset | None, test_set: NeRFDataset | None
     ) -> None:
-        opt = self.opt
-        per_epoch = opt.dataset_size_train
+        opt = self.cfg
+        per_epoch = train_set.size
         max_epoch = math.ceil(opt.iters / per_epoch)
         kill_at = int(os.environ.get("DREAMFUSION_KILL_AFTER_STEP", "0"))  # fault injection for tests
         self.prepare_embeddings()
@@ -552,7 +612,7 @@ class Trainer:
     def _train_epochs(
         self, train_set, valid_set, test_set, max_epoch: int, per_epoch: int, kill_at: int
     ) -> None:
-        opt = self.opt
+        opt = self.cfg
         while self.epoch < max_epoch and self.global_step < opt.iters:
             self.epoch += 1
             steps = min(per_epoch, opt.iters - self.global_step)
@@ -567,7 +627,8 @@ class Trainer:
             # The epoch's cameras are drawn a block at a time (one vectorised draw instead of
             # a hundred small ops per step); a resumed run redraws the same ones.
             g0 = self.global_step
-            progress = [self.progress(g0 + i) if opt.progressive_view else None for i in range(steps)]
+            progressive = train_set.cameras.progressive_view
+            progress = [self.progress(g0 + i) if progressive else None for i in range(steps)]
             for data in train_set.iter_train_batches(progress):
                 parts = self.train_one_step(data)
                 if parts is not None:
@@ -608,7 +669,7 @@ class Trainer:
                 bg_color=None,
                 perturb=False,
                 need_normal=need_normal,
-                max_ray_batch=self.opt.max_ray_batch,
+                max_ray_batch=self.model.cfg.max_ray_batch,
             )
         H, W = data["H"], data["W"]
         ws = out["weights_sum"].reshape(H, W).float()
@@ -674,7 +735,7 @@ class Trainer:
             torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
             self._with_ema(),
         ):
-            for i in tqdm(range(len(test_set)), desc="test video", leave=False, disable=self.opt.quiet):
+            for i in tqdm(range(len(test_set)), desc="test video", leave=False, disable=self.cfg.quiet):
                 r = self._render_frame(test_set.circle_batch(i), need_normal=True)
                 for k in frames:
                     arr = _to_uint8(r[k] if k != "depth" else r[k][..., None].expand(-1, -1, 3))
@@ -687,7 +748,7 @@ class Trainer:
             if write_video(p, fr):
                 paths[k] = p
         written = [str(p) for p in paths.values()] + ([f"frames in {frame_dir}"] if write_frames else [])
-        self.log(f"[test] wrote {', '.join(written) or 'nothing'}", echo=not self.opt.quiet)
+        self.log(f"[test] wrote {', '.join(written) or 'nothing'}", echo=not self.cfg.quiet)
         self.write_index(videos=paths)
         self.model.train()
         return paths
@@ -705,17 +766,17 @@ class Trainer:
         for k, p in (mesh or {}).items():
             links[f"mesh ({k})"] = p
         self._links = links
-        lines = [f"# {self.opt.text or 'run'}", "", f"step {self.global_step}, epoch {self.epoch}", ""]
+        lines = [f"# {self.cond.text or 'run'}", "", f"step {self.global_step}, epoch {self.epoch}", ""]
         lines += [f"- [{k}]({os.path.relpath(p, self.workspace)})" for k, p in links.items()]
         tmp = index.with_name(".README.md.tmp")
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, index)
 
-    def six_views(self, H: int, W: int) -> list[Path]:
+    def six_views(self, cameras: CameraConfig) -> list[Path]:
         """PNGs of the front, right, back, left, top and bottom views (EMA weights)."""
         from .provider import circle_poses, get_rays, intrinsics_from_fovy
 
-        o = self.opt
+        o, H, W = cameras, cameras.H, cameras.W
         views = {
             "front": (90.0, 0.0),
             "right": (90.0, 90.0),
@@ -742,11 +803,11 @@ class Trainer:
                 paths.append(path)
         return paths
 
-    def save_mesh(self) -> dict:
+    def save_mesh(self, o: MeshConfig = MeshConfig()) -> dict:
         """Export the field (EMA weights) as a textured mesh into ``<workspace>/mesh``."""
         from .mesh import export_mesh
 
-        o, model = self.opt, self.model
+        model = self.model
         model.eval()
 
         def density_fn(x):
@@ -769,15 +830,15 @@ class Trainer:
                 texture_size=o.texture_size,
                 formats=tuple(o.mesh_format),
                 device=self.device,
-                progress=not o.quiet,
+                progress=not self.cfg.quiet,
             )
-        self.log(f"[mesh] wrote {', '.join(str(p) for p in paths.values())}", echo=not o.quiet)
+        self.log(f"[mesh] wrote {', '.join(str(p) for p in paths.values())}", echo=not self.cfg.quiet)
         self.write_index(mesh=paths)
         return paths
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
-        opt_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.opt).items()}
+        opt_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()}
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -808,7 +869,7 @@ class Trainer:
         path = self.ckpt_dir / f"{self.name}_ep{self.epoch:04d}.pth"
         atomic_save(self.state(), path)
         old = sorted(glob.glob(str(self.ckpt_dir / f"{self.name}_ep*.pth")))
-        for p in old[: -self.opt.keep_ckpts]:
+        for p in old[: -self.cfg.keep_ckpts]:
             os.remove(p)
         return path
 
@@ -820,7 +881,7 @@ class Trainer:
         if spec in ("latest", "latest_model"):
             cands = sorted(glob.glob(str(self.ckpt_dir / f"{self.name}_ep*.pth")), reverse=True)
             if not cands:
-                self.log("[checkpoint] none found, training from scratch", echo=not self.opt.quiet)
+                self.log("[checkpoint] none found, training from scratch", echo=not self.cfg.quiet)
                 return None
             errors = []
             for c in cands:
@@ -862,5 +923,5 @@ class Trainer:
         if torch.cuda.is_available() and ckpt.get("rng_cuda"):
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
         self.log(
-            f"[checkpoint] resumed at epoch {self.epoch}, step {self.global_step}", echo=not self.opt.quiet
+            f"[checkpoint] resumed at epoch {self.epoch}, step {self.global_step}", echo=not self.cfg.quiet
         )

@@ -84,8 +84,10 @@ def load_kernels() -> ModuleType | None:
         if torch.version.cuda is None or not torch.cuda.is_available():
             return None
         if find_nvcc() is None:
-            _say("no CUDA compiler found (set CUDA_HOME or put nvcc on PATH): "
-                 "using the PyTorch ray marcher and grid encoder, which are much slower")
+            _say(
+                "no CUDA compiler found (set CUDA_HOME or put nvcc on PATH): "
+                "using the PyTorch ray marcher and grid encoder, which are much slower"
+            )
             return None
         from torch.utils import cpp_extension  # noqa: PLC0415
 
@@ -103,8 +105,10 @@ def load_kernels() -> ModuleType | None:
             )
         except Exception as err:  # noqa: BLE001 - any build failure means: use the twins
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            _say(f"building the CUDA kernels in {build} failed ({first}); "
-                 "set DREAMFUSION_KERNEL_VERBOSE=1 for the compiler output. Using the PyTorch twins")
+            _say(
+                f"building the CUDA kernels in {build} failed ({first}); "
+                "set DREAMFUSION_KERNEL_VERBOSE=1 for the compiler output. Using the PyTorch twins"
+            )
             _module = False
         build_seconds = time.perf_counter() - start
     return _module or None

@@ -97,22 +97,50 @@ def march_rays_train(
     in [0,1) or None. Returns xyzs, dirs: [M,3]; ts: [M,2] (t, dt); rays: [N,2] int32.
     """
     if not _is_f32_cuda(rays_o, rays_d, nears, fars):
-        return _torch_impl.march_rays_train(rays_o, rays_d, bound, density_bitfield, C, G, nears,
-                                            fars, perturb, dt_gamma, max_steps, noise)
+        return _torch_impl.march_rays_train(
+            rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb, dt_gamma, max_steps, noise
+        )
     if perturb and noise is None:
         noise = torch.rand(rays_o.shape[0], device=rays_o.device)
-    return tuple(_march_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars,
-                              noise if perturb else None, dt_gamma, max_steps, -1)[:4])
+    return tuple(
+        _march_train(
+            rays_o,
+            rays_d,
+            bound,
+            density_bitfield,
+            C,
+            G,
+            nears,
+            fars,
+            noise if perturb else None,
+            dt_gamma,
+            max_steps,
+            -1,
+        )[:4]
+    )
 
 
-def _march_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma,
-                 max_steps, capacity):
+def _march_train(
+    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity
+):
     """The kernels of both training marches; capacity -1: sized by the count (a host sync)."""
     dt_min, dt_max = _torch_impl._step_params(bound, C, G, max_steps)
     return _ext().march_rays_train(
-        rays_o.contiguous(), rays_d.contiguous(), nears.contiguous(), fars.contiguous(),
-        None if noise is None else _f32(noise), density_bitfield.contiguous(), float(bound), int(C),
-        int(G), float(dt_gamma), int(max_steps), dt_min, dt_max, int(capacity), bool(MARCH_WARP),
+        rays_o.contiguous(),
+        rays_d.contiguous(),
+        nears.contiguous(),
+        fars.contiguous(),
+        None if noise is None else _f32(noise),
+        density_bitfield.contiguous(),
+        float(bound),
+        int(C),
+        int(G),
+        float(dt_gamma),
+        int(max_steps),
+        dt_min,
+        dt_max,
+        int(capacity),
+        bool(MARCH_WARP),
     )
 
 
@@ -136,10 +164,14 @@ def march_rays_train_fixed(
     [capacity,2]; rays: [N,2] int32; total: [1] int32 (the samples needed).
     """
     if not _is_f32_cuda(rays_o, rays_d, nears, fars):
-        return _torch_impl.march_rays_train_fixed(rays_o, rays_d, bound, density_bitfield, C, G, nears,
-                                                  fars, noise, dt_gamma, max_steps, capacity)
-    return tuple(_march_train(rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise,
-                              dt_gamma, max_steps, capacity))
+        return _torch_impl.march_rays_train_fixed(
+            rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity
+        )
+    return tuple(
+        _march_train(
+            rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity
+        )
+    )
 
 
 class _CompositeRaysTrain(torch.autograd.Function):
@@ -164,8 +196,12 @@ class _CompositeRaysTrain(torch.autograd.Function):
             # Outputs unused by the loss get no gradient from autograd: treat as zeros.
             return sigmas.new_zeros(shape) if g is None else g.to(sigmas.dtype).contiguous()
 
-        grads = (fill(grad_weights, (sigmas.shape[0],)), fill(grad_weights_sum, (N,)),
-                 fill(grad_depth, (N,)), fill(grad_image, (N, C)))
+        grads = (
+            fill(grad_weights, (sigmas.shape[0],)),
+            fill(grad_weights_sum, (N,)),
+            fill(grad_depth, (N,)),
+            fill(grad_image, (N, C)),
+        )
         grad_sigmas, grad_rgbs = _ext().composite_rays_train_backward(
             *grads, sigmas, rgbs, ts, rays, ctx.T_thresh
         )
@@ -186,8 +222,11 @@ def composite_rays_train(
         return _torch_impl.composite_rays_train(sigmas, rgbs, ts, rays, T_thresh)
     cdt = torch.float64 if sigmas.dtype == torch.float64 else torch.float32
     return _CompositeRaysTrain.apply(
-        sigmas.to(cdt).contiguous(), rgbs.to(cdt).contiguous(), ts.to(cdt).contiguous(),
-        rays.to(torch.int32).contiguous(), float(T_thresh),
+        sigmas.to(cdt).contiguous(),
+        rgbs.to(cdt).contiguous(),
+        ts.to(cdt).contiguous(),
+        rays.to(torch.int32).contiguous(),
+        float(T_thresh),
     )
 
 
@@ -215,7 +254,10 @@ def _prune_on_gpu(sigmas: torch.Tensor, ts: torch.Tensor) -> bool:
 def _prune_train(sigmas, ts, rays, T_min, capacity):  # noqa: N803 - the twin's name
     """The kernels of both prunings; capacity -1: keep sized by the kept count (a host sync)."""
     return _ext().prune_rays_train(
-        sigmas.contiguous(), ts.contiguous(), rays.to(torch.int32).contiguous(), float(T_min),
+        sigmas.contiguous(),
+        ts.contiguous(),
+        rays.to(torch.int32).contiguous(),
+        float(T_min),
         int(capacity),
     )
 
@@ -258,16 +300,46 @@ def march_rays(
     rays_alive: [n_alive] int32/int64 (entries < 0 are skipped); rays_o, rays_d: [N,3];
     fars: [N]. Returns xyzs, dirs: [n_alive*n_step, 3] and ts: [n_alive*n_step, 2].
     """
-    ok = (_is_f32_cuda(rays_t, rays_o, rays_d, fars) and rays_t.is_contiguous()
-          and rays_alive.dtype in (torch.int32, torch.int64) and rays_alive.is_contiguous())
+    ok = (
+        _is_f32_cuda(rays_t, rays_o, rays_d, fars)
+        and rays_t.is_contiguous()
+        and rays_alive.dtype in (torch.int32, torch.int64)
+        and rays_alive.is_contiguous()
+    )
     if not ok:
-        return _torch_impl.march_rays(n_alive, n_step, rays_alive, rays_t, rays_o, rays_d, bound,
-                                      density_bitfield, C, G, nears, fars, dt_gamma, max_steps)
+        return _torch_impl.march_rays(
+            n_alive,
+            n_step,
+            rays_alive,
+            rays_t,
+            rays_o,
+            rays_d,
+            bound,
+            density_bitfield,
+            C,
+            G,
+            nears,
+            fars,
+            dt_gamma,
+            max_steps,
+        )
     dt_min, dt_max = _torch_impl._step_params(bound, C, G, max_steps)
     xyzs, dirs, ts = _ext().march_rays(
-        int(n_alive), int(n_step), rays_alive, rays_t, rays_o.contiguous(), rays_d.contiguous(),
-        density_bitfield.contiguous(), float(bound), int(C), int(G), fars.contiguous(),
-        float(dt_gamma), int(max_steps), dt_min, dt_max,
+        int(n_alive),
+        int(n_step),
+        rays_alive,
+        rays_t,
+        rays_o.contiguous(),
+        rays_d.contiguous(),
+        density_bitfield.contiguous(),
+        float(bound),
+        int(C),
+        int(G),
+        fars.contiguous(),
+        float(dt_gamma),
+        int(max_steps),
+        dt_min,
+        dt_max,
     )
     return xyzs, dirs, ts
 
@@ -291,15 +363,28 @@ def composite_rays(
     sigmas: [n_alive*n_step]; rgbs: [n_alive*n_step, C]; ts: [n_alive*n_step, 2];
     weights_sum, depth: [N]; image: [N,C] (float32, contiguous, updated in place).
     """
-    ok = (_is_f32_cuda(weights_sum, depth, image, rays_t, fars)
-          and all(t.is_contiguous() for t in (weights_sum, depth, image, rays_alive))
-          and rays_alive.dtype in (torch.int32, torch.int64)
-          and image.shape[-1] <= _MAX_COMPOSITE_CHANNELS)
+    ok = (
+        _is_f32_cuda(weights_sum, depth, image, rays_t, fars)
+        and all(t.is_contiguous() for t in (weights_sum, depth, image, rays_alive))
+        and rays_alive.dtype in (torch.int32, torch.int64)
+        and image.shape[-1] <= _MAX_COMPOSITE_CHANNELS
+    )
     if not ok:
-        return _torch_impl.composite_rays(n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts,
-                                          weights_sum, depth, image, fars, T_thresh)
+        return _torch_impl.composite_rays(
+            n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image, fars, T_thresh
+        )
     _ext().composite_rays(
-        int(n_alive), int(n_step), rays_alive, rays_t.contiguous(), _f32(sigmas).reshape(-1),
-        _f32(rgbs), _f32(ts), weights_sum, depth, image, fars.contiguous(), float(T_thresh),
+        int(n_alive),
+        int(n_step),
+        rays_alive,
+        rays_t.contiguous(),
+        _f32(sigmas).reshape(-1),
+        _f32(rgbs),
+        _f32(ts),
+        weights_sum,
+        depth,
+        image,
+        fars.contiguous(),
+        float(T_thresh),
     )
     return None

@@ -33,7 +33,7 @@ def worker(root: str, repeat: int) -> None:
     torch.manual_seed(0)
     dev = torch.device("cuda")
     opt, _ = br.parse_args(["--text", "bench", "-O"])
-    model = br.NeRFNetwork(opt).to(dev)
+    model = br.build_field(*br.nerf_configs(opt)).to(dev)
     br.fit(model, dev, 500)
     for _ in range(16):
         model.update_extra_state()

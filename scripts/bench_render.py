@@ -17,6 +17,7 @@ against full sweeps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -30,8 +31,8 @@ import gridencoder  # noqa: E402
 import gridencoder._cuda as gc  # noqa: E402
 import raymarching  # noqa: E402
 import raymarching._cuda as rc  # noqa: E402
-from main import parse_args  # noqa: E402
-from nerf.network_grid import NeRFNetwork  # noqa: E402
+from main import nerf_configs, parse_args  # noqa: E402
+from nerf.network_base import build_field  # noqa: E402
 from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
 
@@ -158,8 +159,8 @@ def training_samples(model, device) -> tuple[torch.Tensor, torch.Tensor]:
         nears,
         fars,
         True,
-        model.opt.dt_gamma,
-        model.opt.max_steps,
+        model.cfg.dt_gamma,
+        model.cfg.max_steps,
     )
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
         keep, _ = raymarching.prune_rays_train(model.common_forward(xyzs)[0].float(), ts, packed, 1e-5)
@@ -360,7 +361,7 @@ def infer_thresholds(model, device, size: int) -> list[str]:
     def frame():
         return render_frame(model, ro8, rd8)
 
-    saved = getattr(model.opt, "infer_T_thresh", 1e-4)
+    saved = model.cfg.infer_T_thresh
     lines = [
         "",
         f"| --infer_T_thresh | {size}x{size} frame, ms | samples | loop iterations "
@@ -369,7 +370,7 @@ def infer_thresholds(model, device, size: int) -> list[str]:
     ]
     ref = None
     for t in (1e-4, 1e-3, 1e-2):
-        model.opt.infer_T_thresh = t
+        model.cfg = dataclasses.replace(model.cfg, infer_T_thresh=t)
         ms, _ = timeit(frame, 7, device)
         out, calls = counted(frame)
         img = out["image"].float()
@@ -377,7 +378,7 @@ def infer_thresholds(model, device, size: int) -> list[str]:
         d = (img - ref).abs()
         samples = sum(a * b for a, b in calls)
         lines.append(f"| {t:g} | {ms:.1f} | {samples} | {len(calls)} | {d.max():.4f} | {d.mean():.5f} |")
-    model.opt.infer_T_thresh = saved
+    model.cfg = dataclasses.replace(model.cfg, infer_T_thresh=saved)
     return lines
 
 
@@ -437,7 +438,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     opt, _ = parse_args(["--text", "bench", "-O"])
-    model = NeRFNetwork(opt).to(device)
+    model = build_field(*nerf_configs(opt)).to(device)
     t0 = time.time()
     fit(model, device, args.fit_steps)
     for _ in range(16):
@@ -478,7 +479,7 @@ def main() -> None:
         model.graph_pass, model.graph_render = graph == "pass", graph == "render"
         if layout is not None:
             gc.AGG_MODE, gc.SOA = layout
-        model.opt.prune_samples = prune
+        model.cfg = dataclasses.replace(model.cfg, prune_samples=prune)
         raymarching.set_backend(backend)
         gridencoder.set_backend(backend)
         model.cuda_ray = cuda_ray
@@ -509,7 +510,7 @@ def main() -> None:
     raymarching.set_backend("auto")
     gridencoder.set_backend("auto")
     model.cuda_ray = True
-    model.opt.prune_samples = True
+    model.cfg = dataclasses.replace(model.cfg, prune_samples=True)
     model.graph_pass = model.graph_render = False
     if args.profile:
         profile(model, device, light, args.test_size, Path(args.profile))

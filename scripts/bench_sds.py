@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from guidance.sd_factory import build_sd  # noqa: E402
 from guidance.sd_utils import StableDiffusion  # noqa: E402
-from main import build_guidance, configure_cuda_allocator, parse_args  # noqa: E402
+from main import build_guidance, configs_from, configure_cuda_allocator, parse_args  # noqa: E402
 from nerf.graphed import thaw  # noqa: E402
-from nerf.network_grid import NeRFNetwork  # noqa: E402
-from nerf.provider import CameraRanges, NeRFDataset  # noqa: E402
+from nerf.network_base import build_field  # noqa: E402
+from nerf.provider import NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
 from scripts.bench_render import fit  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
@@ -205,20 +205,11 @@ def build(args, model_path: str, extra: list[str], ws: Path, device: torch.devic
     )
     if device.type != "cuda":
         opt.precision = "fp32"
-    model = NeRFNetwork(opt)
+    cfg = configs_from(opt)
+    model = build_field(cfg.field, cfg.renderer, cfg.nerf_speed)
     sd = build_guidance(opt, device)["SD"]
-    trainer = Trainer(opt, model, {"SD": sd}, device)
-    train_set = NeRFDataset(
-        type="train",
-        H=opt.h,
-        W=opt.w,
-        size=opt.dataset_size_train,
-        ranges=CameraRanges(
-            tuple(opt.radius_range), tuple(opt.theta_range), tuple(opt.phi_range), tuple(opt.fovy_range)
-        ),
-        batch_size=opt.batch_size,
-        device=device,
-    )
+    trainer = Trainer(cfg.trainer, model, {"SD": sd}, device, losses=cfg.losses, cond=cfg.cond)
+    train_set = NeRFDataset(cfg.cameras, type="train", device=device)
     return opt, model, sd, trainer, train_set
 
 

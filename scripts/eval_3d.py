@@ -24,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from main import configs_from, parse_args  # noqa: E402
 from main import main as run_main  # noqa: E402
-from main import parse_args  # noqa: E402
+from nerf.network_base import build_field  # noqa: E402
 from shapes.metrics import (  # noqa: E402
     colour_error,
     eval_cameras,
@@ -40,11 +41,8 @@ from shapes.scene import BENCHMARK, HELD_OUT, caption, caption_index  # noqa: E4
 def render_result(args_list: list[str], device: torch.device, H: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Opacity [8,N] and albedo [8,N,3] of a finished run's EMA weights (``df.pth``)."""
     opt, _ = parse_args(args_list)
-    if opt.backbone == "grid":
-        from nerf.network_grid import NeRFNetwork
-    else:
-        from nerf.network import NeRFNetwork
-    model = NeRFNetwork(opt).to(device)
+    cfg = configs_from(opt)
+    model = build_field(cfg.field, cfg.renderer, cfg.nerf_speed).to(device)
     ckpt = torch.load(Path(opt.workspace) / "checkpoints" / "df.pth", map_location=device, weights_only=True)
     model.load_state_dict(ckpt["model"])
     model.eval()

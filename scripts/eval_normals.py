@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from main import parse_args  # noqa: E402
-from nerf.network_grid import NeRFNetwork  # noqa: E402
+from main import nerf_configs, parse_args  # noqa: E402
+from nerf.network_base import build_field  # noqa: E402
 from scripts.bench_render import BALL_C, BALL_R, BOX_C, BOX_H, fit, rays  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     opt, _ = parse_args(["--text", "eval", "-O"])
-    model = NeRFNetwork(opt).to(device)
+    model = build_field(*nerf_configs(opt)).to(device)
     fit(model, device, args.fit_steps)
     for _ in range(16):
         model.update_extra_state()

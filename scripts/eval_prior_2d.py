@@ -58,8 +58,7 @@ CLASSES = {FRONT: "front", SIDE: "side", BACK: "back"}
 REF_POLARS = (50.0, 70.0, 90.0)
 REF_AZIMUTHS = {
     FRONT: (-24.0, -12.0, 0.0, 12.0, 24.0),
-    SIDE: tuple(s * a for s in (1, -1) for a in (37.5, 52.5, 67.5, 82.5, 97.5, 112.5, 127.5,
-                                                 142.5)),
+    SIDE: tuple(s * a for s in (1, -1) for a in (37.5, 52.5, 67.5, 82.5, 97.5, 112.5, 127.5, 142.5)),
     BACK: (156.0, 168.0, 180.0, 192.0, 204.0),
 }
 CANONICAL_AZ = {FRONT: 0.0, SIDE: 90.0, BACK: 180.0}
@@ -70,8 +69,7 @@ def rays_for(polars, azimuths, H: int, device) -> tuple[torch.Tensor, torch.Tens
     ph = torch.tensor(azimuths, dtype=torch.float32)
     n = th.shape[0]
     poses = circle_poses(torch.full((n,), 3.2), th, ph, device)
-    return get_rays(poses, intrinsics_from_fovy(torch.full((n,), 20.0, device=device), H, H),
-                    H, H)
+    return get_rays(poses, intrinsics_from_fovy(torch.full((n,), 20.0, device=device), H, H), H, H)
 
 
 def reference_bank(view: int, H: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -90,8 +88,9 @@ def segment(img: torch.Tensor, thresh: float = 0.1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(components, prompts: list[str], *, steps: int, guidance: float, seed: int,
-           device, batch: int = 256) -> torch.Tensor:
+def sample(
+    components, prompts: list[str], *, steps: int, guidance: float, seed: int, device, batch: int = 256
+) -> torch.Tensor:
     """DDIM + CFG samples [B,64,64,3] in [0,1] for ``prompts``."""
     tok, text, unet, vae, sched = components
     sf = vae.config.scaling_factor
@@ -99,8 +98,9 @@ def sample(components, prompts: list[str], *, steps: int, guidance: float, seed:
     out = []
 
     def encode(ps):
-        ids = tok(ps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
+        ids = tok(
+            ps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         return text(ids)[0]
 
     uncond1 = encode([""])
@@ -229,9 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--oracle", action="store_true",
-                    help="score shaded GT renders (random camera in the class, random light, "
-                         "ambient, background) instead of samples: the scorer's ceiling")
+    ap.add_argument(
+        "--oracle",
+        action="store_true",
+        help="score shaded GT renders (random camera in the class, random light, "
+        "ambient, background) instead of samples: the scorer's ceiling",
+    )
     args = ap.parse_args(argv)
     t0 = time.time()
     dev = torch.device(args.device)
@@ -241,14 +244,26 @@ def main(argv: list[str] | None = None) -> None:
     comps = None if args.oracle else load(args.model, dev)
 
     held = set(HELD_OUT)
-    jobs = [(o, c, v) for o in range(N_OBJECTS) for c in range(N_COLOURS) for v in CLASSES
-            for _ in range(args.per_class)]
+    jobs = [
+        (o, c, v)
+        for o in range(N_OBJECTS)
+        for c in range(N_COLOURS)
+        for v in CLASSES
+        for _ in range(args.per_class)
+    ]
     prompts = [view_prompt(CAPTIONS[o * N_COLOURS + c], v) for o, c, v in jobs]
     if args.oracle:
         imgs = oracle_images(jobs, H, args.seed)
     else:
-        imgs = sample(comps, prompts, steps=args.steps, guidance=args.guidance,
-                      seed=args.seed, device=dev, batch=args.batch)
+        imgs = sample(
+            comps,
+            prompts,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            device=dev,
+            batch=args.batch,
+        )
     t_sample = time.time() - t0
     masks = segment(imgs)
 
@@ -288,8 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             for v, name in CLASSES.items()
         },
         "per_held_out_pair": {
-            CAPTIONS[o * N_COLOURS + c]: summary(
-                i for i, j in enumerate(jobs) if (j[0], j[1]) == (o, c))
+            CAPTIONS[o * N_COLOURS + c]: summary(i for i, j in enumerate(jobs) if (j[0], j[1]) == (o, c))
             for o, c in HELD_OUT
         },
         "settings": vars(args),
@@ -306,19 +320,20 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for name in ("train", "held_out"):
         s = res[name]
-        lines.append(f"| {name} | {s['n']} | {s['retrieval']:.3f} | {s['object_acc']:.3f} | "
-                     f"{s['colour_acc']:.3f} |")
+        lines.append(
+            f"| {name} | {s['n']} | {s['retrieval']:.3f} | {s['object_acc']:.3f} | {s['colour_acc']:.3f} |"
+        )
     for vname, d in res["per_class"].items():
         for name in ("train", "held_out"):
             s = d[name]
-            lines.append(f"| {name}, {vname} view | {s['n']} | {s['retrieval']:.3f} | "
-                         f"{s['object_acc']:.3f} | {s['colour_acc']:.3f} |")
+            lines.append(
+                f"| {name}, {vname} view | {s['n']} | {s['retrieval']:.3f} | "
+                f"{s['object_acc']:.3f} | {s['colour_acc']:.3f} |"
+            )
     lines += ["", "| held-out pair | retrieval | object acc. | colour acc. |", "|---|---|---|---|"]
     for cap, s in res["per_held_out_pair"].items():
-        lines.append(f"| {cap} | {s['retrieval']:.3f} | {s['object_acc']:.3f} | "
-                     f"{s['colour_acc']:.3f} |")
-    lines += ["", f"Command: `{res['command']}` on {res['device']}, "
-              f"{res['seconds']['total']:.0f} s."]
+        lines.append(f"| {cap} | {s['retrieval']:.3f} | {s['object_acc']:.3f} | {s['colour_acc']:.3f} |")
+    lines += ["", f"Command: `{res['command']}` on {res['device']}, {res['seconds']['total']:.0f} s."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.oracle:

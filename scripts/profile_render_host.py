@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import raymarching  # noqa: E402
-from main import parse_args  # noqa: E402
+from main import nerf_configs, parse_args  # noqa: E402
 from nerf import fused_mlp  # noqa: E402
-from nerf.network_grid import NeRFNetwork  # noqa: E402
+from nerf.network_base import build_field  # noqa: E402
 from scripts.bench_render import fit, rays, train_render  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     opt, _ = parse_args(["--text", "bench", "-O"])
-    model = NeRFNetwork(opt).to(dev)
+    model = build_field(*nerf_configs(opt)).to(dev)
     fit(model, dev, 500)
     for _ in range(16):
         model.update_extra_state()

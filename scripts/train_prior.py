@@ -86,8 +86,7 @@ def build_tokenizer(bpe_gz: Path, n_merges: int) -> CLIPTokenizer:
     return tok
 
 
-def build_models(tok: CLIPTokenizer, args) -> tuple[CLIPTextModel, AutoencoderKL,
-                                                    UNet2DConditionModel]:
+def build_models(tok: CLIPTokenizer, args) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
@@ -155,8 +154,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     # One multi-tensor op: on the lent GPUs, step time is bound by kernel launches.
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()],
-                         1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def count(m: torch.nn.Module) -> int:
@@ -165,8 +163,7 @@ def count(m: torch.nn.Module) -> int:
 
 def train_vae(vae: AutoencoderKL, data: ShapesData, args, log: dict) -> None:
     dev = data.device
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0,
-                            fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, fused=dev.type == "cuda")
     vae.train()
     t0 = time.time()
     for step in range(args.vae_steps):
@@ -188,8 +185,7 @@ def train_vae(vae: AutoencoderKL, data: ShapesData, args, log: dict) -> None:
         if step % 50 == 0 or step == args.vae_steps - 1:
             l1, mse, kl = float(l1.detach()), float(mse.detach()), float(kl.detach())
             log["vae_curve"].append([step, l1, mse, kl])
-            print(f"vae {step} l1 {l1:.4f} mse {mse:.5f} kl {kl:.3f} "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            print(f"vae {step} l1 {l1:.4f} mse {mse:.5f} kl {kl:.3f} {time.time() - t0:.0f}s", flush=True)
     log["vae_seconds"] = time.time() - t0
     vae.eval()
 
@@ -210,8 +206,7 @@ def save_folder(out: Path, tok, text, vae, unet, sched, info: dict) -> None:
     tok.save_pretrained(out / "tokenizer")
     # vocab.json + merges.txt too, for transformers versions whose CLIPTokenizer reads those.
     (out / "tokenizer" / "vocab.json").write_text(json.dumps(tok.get_vocab()))
-    (out / "tokenizer" / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(tok.merges_list) + "\n")
+    (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(tok.merges_list) + "\n")
     for name, m in (("text_encoder", text), ("vae", vae), ("unet", unet)):
         m = copy.deepcopy(m).to("cpu", torch.float16)
         m.save_pretrained(out / name, safe_serialization=True)
@@ -246,8 +241,11 @@ def save_folder(out: Path, tok, text, vae, unet, sched, info: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="pretrained/builtin")
-    ap.add_argument("--ckpt", default=".cache/builtin_prior_ckpt.pt",
-                    help="training checkpoint (fp32 weights, EMA, optimiser) for --resume")
+    ap.add_argument(
+        "--ckpt",
+        default=".cache/builtin_prior_ckpt.pt",
+        help="training checkpoint (fp32 weights, EMA, optimiser) for --resume",
+    )
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -262,8 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--vae-batch", type=int, default=128)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--kl-weight", type=float, default=1e-4,
-                    help="weight of the per-element KL (light: keeps latents tame)")
+    ap.add_argument(
+        "--kl-weight",
+        type=float,
+        default=1e-4,
+        help="weight of the per-element KL (light: keeps latents tame)",
+    )
     ap.add_argument("--unet-steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=6e-4)
@@ -272,11 +274,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR loss weighting")
     ap.add_argument("--ema", type=float, default=0.995)
-    ap.add_argument("--max-minutes", type=float, default=0.0,
-                    help="stop the UNet phase early (and record it) past this wall time")
-    ap.add_argument("--unet-minutes", type=float, default=0.0,
-                    help="if > 0: after 200 steps, cut --unet-steps to what fits this budget "
-                         "at the measured speed (the LR schedule follows the new total)")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop the UNet phase early (and record it) past this wall time",
+    )
+    ap.add_argument(
+        "--unet-minutes",
+        type=float,
+        default=0.0,
+        help="if > 0: after 200 steps, cut --unet-steps to what fits this budget "
+        "at the measured speed (the LR schedule follows the new total)",
+    )
     ap.add_argument("--ckpt-every", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=50)
     args = ap.parse_args(argv)
@@ -296,21 +306,21 @@ def main(argv: list[str] | None = None) -> None:
     log: dict = {"vae_curve": [], "unet_curve": []}
 
     t0 = time.time()
-    data = ShapesData(args.views_per_object, supersample=args.supersample, device=dev,
-                      seed=args.seed)
+    data = ShapesData(args.views_per_object, supersample=args.supersample, device=dev, seed=args.seed)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     data_seconds = time.time() - t0
-    print(f"data: {args.views_per_object} views x 10 objects traced in {data_seconds:.1f}s",
-          flush=True)
+    print(f"data: {args.views_per_object} views x 10 objects traced in {data_seconds:.1f}s", flush=True)
 
     vae.to(dev)
     text.to(dev)
     unet.to(dev)
     start_step = 0
     opt = torch.optim.AdamW(
-        [{"params": unet.parameters(), "lr": args.lr, "base": args.lr},
-         {"params": text.parameters(), "lr": args.text_lr, "base": args.text_lr}],
+        [
+            {"params": unet.parameters(), "lr": args.lr, "base": args.lr},
+            {"params": text.parameters(), "lr": args.text_lr, "base": args.text_lr},
+        ],
         weight_decay=0.01,
         fused=dev.type == "cuda",
     )
@@ -339,8 +349,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # Token ids of every (object, colour, view) caption, and "" (the unconditional).
     caps = all_captions() + [""]
-    ids_table = tok(caps, padding="max_length", max_length=MAX_LEN, truncation=True,
-                    return_tensors="pt").input_ids.to(dev)
+    ids_table = tok(
+        caps, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
+    ).input_ids.to(dev)
     uncond_id = len(caps) - 1
     alphas_cum = sched.alphas_cumprod.to(dev)
     snr = alphas_cum / (1 - alphas_cum)
@@ -390,8 +401,10 @@ def main(argv: list[str] | None = None) -> None:
             el = time.time() - t0
             avg = float(run_loss) / max(1, run_n)
             log["unet_curve"].append([step, avg])
-            print(f"unet {step} eps-mse {avg:.4f} {el:.0f}s "
-                  f"({(step - start_step) / max(el, 1e-6):.1f} it/s)", flush=True)
+            print(
+                f"unet {step} eps-mse {avg:.4f} {el:.0f}s ({(step - start_step) / max(el, 1e-6):.1f} it/s)",
+                flush=True,
+            )
             run_loss, run_n = 0.0, 0
         if args.ckpt_every and step % args.ckpt_every == 0:
             save_ckpt(args.ckpt, vae, unet, text, ema_unet, ema_text, opt, step, log)
@@ -442,16 +455,27 @@ def main(argv: list[str] | None = None) -> None:
         "weights": f"EMA (decay {args.ema}) of the UNet and text encoder, fp16",
     }
     save_folder(out, tok, ema_text, vae, ema_unet, sched, info)
-    print(f"saved {out} ({info['size_on_disk_bytes'] / 1e6:.1f} MB) in "
-          f"{time.time() - t_start:.0f}s", flush=True)
+    print(
+        f"saved {out} ({info['size_on_disk_bytes'] / 1e6:.1f} MB) in {time.time() - t_start:.0f}s", flush=True
+    )
 
 
 def save_ckpt(path, vae, unet, text, ema_unet, ema_text, opt, step, log) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"vae": vae.state_dict(), "scaling_factor": vae.config.scaling_factor,
-                "unet": unet.state_dict(), "text": text.state_dict(),
-                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                "opt": opt.state_dict(), "step": step, "log": log}, path)
+    torch.save(
+        {
+            "vae": vae.state_dict(),
+            "scaling_factor": vae.config.scaling_factor,
+            "unet": unet.state_dict(),
+            "text": text.state_dict(),
+            "ema_unet": ema_unet.state_dict(),
+            "ema_text": ema_text.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "log": log,
+        },
+        path,
+    )
 
 
 if __name__ == "__main__":

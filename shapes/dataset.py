@@ -42,8 +42,9 @@ from shapes.scene import (
 
 RADIUS, FOVY = 3.2, 20.0
 ANGLE_OVERHEAD, ANGLE_FRONT = 30.0, 60.0
-TRAIN_RANGES = CameraRanges(radius=(RADIUS, RADIUS), theta=(45.0, 105.0), phi=(-180.0, 180.0),
-                            fovy=(FOVY, FOVY))
+TRAIN_RANGES = CameraRanges(
+    radius=(RADIUS, RADIUS), theta=(45.0, 105.0), phi=(-180.0, 180.0), fovy=(FOVY, FOVY)
+)
 N_VIEW_CLASSES = 6  # get_view_direction's classes
 
 
@@ -99,8 +100,7 @@ class ShapesData:
         for o in range(N_OBJECTS):
             cams = rand_poses(V, TRAIN_RANGES, device=self.device)
             self.cam_pos[o] = cams["poses"][:, :3, 3]
-            self.view[o] = get_view_direction(cams["theta"], cams["phi"], ANGLE_OVERHEAD,
-                                              ANGLE_FRONT)
+            self.view[o] = get_view_direction(cams["theta"], cams["phi"], ANGLE_OVERHEAD, ANGLE_FRONT)
             for s in range(0, V, chunk):
                 e = min(V, s + chunk)
                 intr = intrinsics_from_fovy(cams["fovy"][s:e], S, S)
@@ -110,8 +110,10 @@ class ShapesData:
                 self.part[o, s:e] = g["part"]
         # Albedo table [O, C, 4, 3] indexed by part id.
         self.albedo = torch.stack(
-            [torch.stack([part_albedo(o, c, self.device) for c in range(N_COLOURS)])
-             for o in range(N_OBJECTS)]
+            [
+                torch.stack([part_albedo(o, c, self.device) for c in range(N_COLOURS)])
+                for o in range(N_OBJECTS)
+            ]
         )
         self.views_per_object = V
 
@@ -132,8 +134,9 @@ class ShapesData:
         mask = part > 0
         light = light_near_camera(self.cam_pos[obj, vi], generator=g)
         ambient = torch.rand(batch, generator=g, device=dev) * 0.9 + 0.1
-        ambient = torch.where(torch.rand(batch, generator=g, device=dev) < self.p_albedo,
-                              torch.ones_like(ambient), ambient)
+        ambient = torch.where(
+            torch.rand(batch, generator=g, device=dev) < self.p_albedo, torch.ones_like(ambient), ambient
+        )
         bg = torch.rand(batch, 3, generator=g, device=dev)
         lam = (normal * light[:, None]).sum(-1, keepdim=True).clamp(min=0)
         rgb = albedo * (ambient[:, None, None] + (1 - ambient[:, None, None]) * lam)

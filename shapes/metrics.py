@@ -38,8 +38,17 @@ def eval_cameras(H: int = 64, W: int | None = None, device: str | torch.device =
     fovy = torch.full((n,), EVAL_FOVY, device=device)
     poses = circle_poses(radius, polar, az, device)
     rays_o, rays_d = get_rays(poses, intrinsics_from_fovy(fovy, H, W), H, W)
-    return {"poses": poses, "rays_o": rays_o, "rays_d": rays_d, "azimuth": az, "polar": polar,
-            "radius": radius, "fovy": fovy, "H": H, "W": W}
+    return {
+        "poses": poses,
+        "rays_o": rays_o,
+        "rays_d": rays_d,
+        "azimuth": az,
+        "polar": polar,
+        "radius": radius,
+        "fovy": fovy,
+        "H": H,
+        "W": W,
+    }
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,9 +132,7 @@ def match_distances(
     return (1 - iou) + rms
 
 
-def gt_albedo_bank(
-    rays_o: torch.Tensor, rays_d: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gt_albedo_bank(rays_o: torch.Tensor, rays_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Albedo renders of all 80 captions at the given cameras (rays [V,N,3]).
 
     Returns masks [80,V,N] bool and albedo [80,V,N,3] (0 outside the mask), caption index

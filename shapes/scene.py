@@ -18,7 +18,16 @@ import torch
 from nerf.provider import safe_normalize
 
 OBJECTS = (
-    "sphere", "cube", "cylinder", "cone", "torus", "mug", "house", "snowman", "table", "mushroom",
+    "sphere",
+    "cube",
+    "cylinder",
+    "cone",
+    "torus",
+    "mug",
+    "house",
+    "snowman",
+    "table",
+    "mushroom",
 )
 COLOUR_NAMES = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
 COLOURS = torch.tensor(
@@ -72,18 +81,23 @@ def caption_index(obj: int, colour: int) -> int:
 HELD_OUT: tuple[tuple[int, int], ...] = tuple(
     (OBJECTS.index(o), COLOUR_NAMES.index(c))
     for o, c in [
-        ("sphere", "purple"), ("cube", "yellow"), ("cylinder", "pink"), ("cone", "blue"),
-        ("torus", "green"), ("mug", "orange"), ("house", "white"), ("snowman", "red"),
-        ("table", "blue"), ("mushroom", "pink"),
+        ("sphere", "purple"),
+        ("cube", "yellow"),
+        ("cylinder", "pink"),
+        ("cone", "blue"),
+        ("torus", "green"),
+        ("mug", "orange"),
+        ("house", "white"),
+        ("snowman", "red"),
+        ("table", "blue"),
+        ("mushroom", "pink"),
     ]
 )
 TRAIN_PAIRS: tuple[tuple[int, int], ...] = tuple(
     (o, c) for o in range(N_OBJECTS) for c in range(N_COLOURS) if (o, c) not in HELD_OUT
 )
 # The 20 benchmark prompts: the held-out pairs, then object i with colour (i + 3) mod 8.
-BENCHMARK: tuple[tuple[int, int], ...] = HELD_OUT + tuple(
-    (i, (i + 3) % N_COLOURS) for i in range(N_OBJECTS)
-)
+BENCHMARK: tuple[tuple[int, int], ...] = HELD_OUT + tuple((i, (i + 3) % N_COLOURS) for i in range(N_OBJECTS))
 
 
 # ----------------------------------------------------------------------------- SDF pieces
@@ -169,8 +183,9 @@ def object_parts(obj: int, p: torch.Tensor) -> list[torch.Tensor]:
             sd_sphere(p, (0, 0.38, 0), 0.14),
         )
         nose = sd_triangle2(_len(x, y - 0.38), z, ((-0.03, 0.12), (0.03, 0.12), (0.0, 0.26)))
-        eyes = torch.minimum(sd_sphere(p, (0.05, 0.42, 0.125), 0.025),
-                             sd_sphere(p, (-0.05, 0.42, 0.125), 0.025))
+        eyes = torch.minimum(
+            sd_sphere(p, (0.05, 0.42, 0.125), 0.025), sd_sphere(p, (-0.05, 0.42, 0.125), 0.025)
+        )
         return [body, nose, eyes]
     if obj == 8:  # table
         d = sd_box(p, (0, 0.1, 0), (0.45, 0.03, 0.3))
@@ -326,5 +341,4 @@ def render_gt(
         light_dir = safe_normalize(rays_o[:, 0])
     rgb = shade(albedo, g["normal"], g["mask"], light_dir, ambient, bg)
     albedo = torch.where(g["mask"][..., None], albedo, bg[:, None, :])
-    return {"rgb": rgb, "albedo": albedo, "mask": g["mask"], "depth": g["depth"],
-            "normal": g["normal"]}
+    return {"rgb": rgb, "albedo": albedo, "mask": g["mask"], "depth": g["depth"], "normal": g["normal"]}

@@ -29,9 +29,26 @@ def test_short_cpu_run_recovers_the_silhouette(tmp_path, monkeypatch):
     from shapes.metrics import eval_cameras, mask_iou
     from shapes.scene import trace
 
-    args = ["--sd_version", "builtin", "--text", "a green sphere", "--workspace", str(tmp_path / "ws"), "-O",
-            "--iters", "300", "--eval_interval", "100", "--test_interval", "100", "--dataset_size_test", "2",
-            "--quiet", "--seed", "0"]
+    args = [
+        "--sd_version",
+        "builtin",
+        "--text",
+        "a green sphere",
+        "--workspace",
+        str(tmp_path / "ws"),
+        "-O",
+        "--iters",
+        "300",
+        "--eval_interval",
+        "100",
+        "--test_interval",
+        "100",
+        "--dataset_size_test",
+        "2",
+        "--quiet",
+        "--seed",
+        "0",
+    ]
     assert main(args) == 0
     alpha, albedo = render_result(args, torch.device("cpu"), 48)
     cams = eval_cameras(48)

@@ -17,6 +17,7 @@ from gridencoder import _torch_impl as ge
 from raymarching import _build
 from raymarching import _cuda as rc
 from raymarching import _torch_impl as rm
+from tests.conftest import nerf_configs
 
 pytestmark = [
     pytest.mark.cuda,
@@ -446,7 +447,7 @@ def test_pruned_training_render_on_gpu_equals_full():
     torch.manual_seed(0)
     opt, _ = parse_args(["--text", "x", "-O", "--blob_density", "12", "--blob_radius", "0.3"])
     assert isinstance(opt, argparse.Namespace)
-    model = NeRFNetwork(opt).to(DEV)
+    model = NeRFNetwork(*nerf_configs(opt)).to(DEV)
     for _ in range(4):
         model.update_extra_state()
     model.train()
@@ -491,7 +492,7 @@ def test_graphed_network_pass_equals_eager(shading):
 
     torch.manual_seed(0)
     opt, _ = parse_args(["--text", "x", "-O", "--blob_density", "12", "--blob_radius", "0.3"])
-    model = NeRFNetwork(opt).to(DEV)
+    model = NeRFNetwork(*nerf_configs(opt)).to(DEV)
     model.graphs = GraphedPasses(min_uses=1)  # capture at first use
     for _ in range(4):
         model.update_extra_state()
@@ -598,7 +599,7 @@ def test_graphed_training_render_equals_eager(shading, capsys):
 
     torch.manual_seed(0)
     opt, _ = parse_args(["--text", "x", "-O", "--blob_density", "12", "--blob_radius", "0.3"])
-    model = NeRFNetwork(opt).to(DEV)
+    model = NeRFNetwork(*nerf_configs(opt)).to(DEV)
     # Room for every view here (their counts differ by up to 30%): a replay that overflows
     # drops samples by design, which the end of the test checks on its own.
     model.render_graphs = GraphedRender(warmup=1, headroom=2.0)
@@ -713,7 +714,7 @@ def test_fd_normals_under_fp16_autocast_match_fp32():
 
     torch.manual_seed(0)
     opt, _ = parse_args(["--text", "x", "-O"])
-    model = NeRFNetwork(opt).to(DEV).train()
+    model = NeRFNetwork(*nerf_configs(opt)).to(DEV).train()
     with torch.no_grad():
         model.encoder.embeddings.uniform_(-0.05, 0.05)  # a field with detail, not only the blob
     x = torch.nn.functional.normalize(torch.randn(20000, 3, device=DEV), dim=-1) * (

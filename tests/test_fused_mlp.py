@@ -8,6 +8,7 @@ import torch
 
 from nerf import fused_mlp
 from nerf.network_base import _MLPHead
+from tests.conftest import nerf_configs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,13 +27,14 @@ def test_fused_mlp_falls_back_off_the_gpu():
     from tests.test_renderer import _opt
 
     assert not fused_mlp.supported(torch.zeros(3, 3), _params(32, 64, "cpu")[0::2])
-    opt = _opt(grid_levels=4, grid_base=8, grid_log2_size=12, grid_finest=64, normal_method=None)
     x = torch.rand(300, 3) * 1.6 - 0.8
     outs = []
     for on in (False, True):
-        opt.fused_mlp = on
+        opt = _opt(
+            grid_levels=4, grid_base=8, grid_log2_size=12, grid_finest=64, normal_method=None, fused_mlp=on
+        )
         torch.manual_seed(0)
-        model = NeRFNetwork(opt)
+        model = NeRFNetwork(*opt)
         assert model.fused_mlp == on
         outs.append(model.density(x)["sigma"])
     assert torch.equal(outs[0], outs[1])
@@ -183,7 +185,7 @@ def test_head_computes_the_density_blob_from_the_points(activation):
         "--blob_radius",
         "0.4",
     ]
-    field = NeRFNetwork(parse_args(args)[0]).cuda()
+    field = NeRFNetwork(*nerf_configs(parse_args(args)[0])).cuda()
     n, F, H = 5000, 32, 64
     x = torch.rand(n, 3, device="cuda") * 2 - 1
     feat = (torch.randn(n, F, device="cuda") * 0.7).half().requires_grad_()
@@ -217,7 +219,7 @@ def test_fused_mlp_training_render_matches(shading):
         pytest.skip("Triton is not available")
     opt, _ = parse_args(["--text", "t", "-O"])
     torch.manual_seed(0)
-    model = NeRFNetwork(opt).cuda().train()
+    model = NeRFNetwork(*nerf_configs(opt)).cuda().train()
     with torch.autocast("cuda", dtype=torch.float16):
         assert fused_mlp.supported(torch.zeros(1, device="cuda"), [m.weight for m in model.sigma_net.layers])
     with torch.no_grad():

@@ -25,8 +25,7 @@ def naive_encode(x, emb, offsets, points, per_level_scale, base, align, interpol
         for lv in range(L):
             s, P = scales[lv], points[lv]
             size, base_row = offsets[lv + 1] - offsets[lv], offsets[lv]
-            pos = [x[n, i].item() * (math.ceil(s) if align else s) + (0 if align else 0.5)
-                   for i in range(D)]
+            pos = [x[n, i].item() * (math.ceil(s) if align else s) + (0 if align else 0.5) for i in range(D)]
             cell = [math.floor(p) for p in pos]
             frac = [p - c for p, c in zip(pos, cell)]
             if interpolation == "smoothstep":
@@ -43,7 +42,7 @@ def naive_encode(x, emb, offsets, points, per_level_scale, base, align, interpol
                     for i in range(D):
                         row ^= (c[i] * PRIMES[i]) & 0xFFFFFFFF
                 row = row % size + base_row
-                out[n, lv * F:(lv + 1) * F] += w * emb[row].double()
+                out[n, lv * F : (lv + 1) * F] += w * emb[row].double()
     return out
 
 
@@ -82,8 +81,7 @@ def test_twin_float32_matches_float64():
     emb = torch.randn(offsets[-1], 2, generator=g)
     x = torch.rand(50, 3, generator=g)
     a = ge.grid_encode(x, emb, offsets, points, 1.5, 8, interpolation="smoothstep")
-    b = ge.grid_encode(x.double(), emb.double(), offsets, points, 1.5, 8,
-                       interpolation="smoothstep")
+    b = ge.grid_encode(x.double(), emb.double(), offsets, points, 1.5, 8, interpolation="smoothstep")
     assert a.dtype == torch.float32
     assert torch.allclose(a.double(), b, atol=1e-5)
 
@@ -112,12 +110,13 @@ def test_max_level_zeroes_levels_and_their_gradients():
     assert torch.equal(out[:, :4], full[:, :4])
     assert (out[:, 4:] == 0).all()
     out.sum().backward()
-    assert (emb.grad[offsets[2]:] == 0).all() and emb.grad[:offsets[2]].abs().sum() > 0
+    assert (emb.grad[offsets[2] :] == 0).all() and emb.grad[: offsets[2]].abs().sum() > 0
 
 
 def test_module_shapes_and_layout():
-    enc = GridEncoder(num_levels=4, level_dim=2, base_resolution=4, log2_hashmap_size=10,
-                      desired_resolution=32)
+    enc = GridEncoder(
+        num_levels=4, level_dim=2, base_resolution=4, log2_hashmap_size=10, desired_resolution=32
+    )
     assert enc.per_level_scale == pytest.approx(2.0)
     y = enc(torch.rand(2, 5, 3) * 2 - 1)
     assert y.shape == (2, 5, 8)

@@ -9,6 +9,7 @@ from nerf.provider import (
     OVERHEAD,
     SIDE,
     SIDE_OTHER,
+    CameraConfig,
     CameraRanges,
     NeRFDataset,
     circle_poses,
@@ -97,8 +98,8 @@ def test_circle_dataset_walks_around(kind):
 
 
 def _dataset(**kw) -> NeRFDataset:
-    args = dict(type="train", H=4, W=4, size=10, batch_size=2, ranges=CameraRanges(theta=(60.0, 120.0)))
-    return NeRFDataset(**{**args, **kw})
+    cams = CameraConfig(**{**dict(batch_size=2, theta_range=(60.0, 120.0)), **kw})
+    return NeRFDataset(cams, type="train", H=4, W=4, size=10)
 
 
 def test_a_block_of_batches_follows_each_batchs_progress():

@@ -1,6 +1,6 @@
 """Compositing against hand-computed cases; run and run_cuda agree on an analytic field."""
 
-import argparse
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +10,7 @@ from nerf.network_base import FieldNetwork
 from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
 from nerf.renderer import NeRFRenderer, composite
 from raymarching import composite_rays_train
+from tests.conftest import nerf_configs
 
 
 def test_composite_two_samples_by_hand():
@@ -46,7 +47,7 @@ def _opt(**kw):
         blob_radius=0.2,
     )
     base.update(kw)
-    return argparse.Namespace(**base)
+    return nerf_configs(**base)
 
 
 class _IdentityEncoder(torch.nn.Module):
@@ -58,14 +59,17 @@ class _IdentityEncoder(torch.nn.Module):
         return x
 
 
-def _mlp_field(opt, normal_method: str = "fd") -> FieldNetwork:
-    return FieldNetwork(opt, _IdentityEncoder(), 16, 2, normal_method=normal_method)
+def _mlp_field(cfgs, normal_method: str = "fd") -> FieldNetwork:
+    return FieldNetwork(*cfgs, _IdentityEncoder(), 16, 2, normal_method=normal_method)
 
 
 class Ball(NeRFRenderer):
     """A red ball of radius 0.5 with a large constant density (an analytic field)."""
 
     bg_net = None
+
+    def __init__(self, cfgs):
+        super().__init__(cfgs[1], cfgs[2])
 
     def density(self, x):
         inside = (x.norm(dim=-1) < 0.5).float()
@@ -131,7 +135,7 @@ def test_occupancy_grid_marks_the_ball_and_skips_empty_space():
     m = Ball(_opt(cuda_ray=True))
     m.update_extra_state()
     assert 0.0 < m.occupancy() < 0.2  # the ball is ~6.5% of the box
-    m.opt.grid_update_frac = 0.1
+    m.cfg = dataclasses.replace(m.cfg, grid_update_frac=0.1)
     for _ in range(20):
         m.update_extra_state()  # partial refreshes keep the grid
     assert 0.0 < m.occupancy() < 0.2
@@ -207,7 +211,7 @@ def test_pruned_training_render_equals_the_full_one():
     light = torch.tensor([[0.3, 0.5, 1.0]])
     results = {}
     for prune in (False, True):
-        field.opt.prune_samples = prune
+        field.cfg = dataclasses.replace(field.cfg, prune_samples=prune)
         field.zero_grad()
         torch.manual_seed(1)  # the same jitter of the march
         out = field.render(o, d, light_d=light, ambient_ratio=0.2, shading="lambertian", perturb=True)
@@ -298,7 +302,7 @@ def test_inference_transmittance_threshold_trades_samples_for_a_bounded_error(mo
             return orig(n_alive, n_step, *a, **k)
 
         monkeypatch.setattr(raymarching, "march_rays", counting)
-        model.opt.infer_T_thresh = thr
+        model.cfg = dataclasses.replace(model.cfg, infer_T_thresh=thr)
         outs[thr] = (_render(model), sum(counted))
     (exact, n_exact), (early, n_early) = outs[1e-4], outs[1e-2]
     assert n_early < n_exact  # fewer samples (12% here: an opaque ball stops early either way)
@@ -350,7 +354,7 @@ def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, shadin
         grid_finest=64,
         normal_method=None,
     )
-    model = NeRFNetwork(opt).train()
+    model = NeRFNetwork(*opt).train()
     with torch.no_grad():
         model.encoder.embeddings.uniform_(-0.5, 0.5)
     x = torch.rand(500, 3) * 1.6 - 0.8

@@ -199,8 +199,12 @@ def test_prior_loads_and_unet_runs():
     sched = DDIMScheduler.from_pretrained(PRIOR, subfolder="scheduler")
     assert sched.config.beta_schedule == "scaled_linear"
     assert sched.config.prediction_type == "epsilon"
-    ids = tok(["an orange cube, front view", ""], padding="max_length",
-              max_length=tok.model_max_length, return_tensors="pt").input_ids
+    ids = tok(
+        ["an orange cube, front view", ""],
+        padding="max_length",
+        max_length=tok.model_max_length,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         states = text(ids)[0]
         z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean

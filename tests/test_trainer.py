@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from main import parse_args
-from nerf.network_grid import NeRFNetwork
+from main import configs_from, parse_args
+from nerf.network_base import build_field
 from nerf.provider import NeRFDataset
 from nerf.utils import Trainer
 from tests.conftest import TINY_RUN
@@ -17,9 +17,11 @@ def _trainer(tmp_path, device: str, defer: bool, nan_steps: set[int], monkeypatc
     opt, _ = parse_args(["--text", "a cube", "--workspace", str(ws), "-O", *TINY_RUN])
     opt.precision = "fp32"
     opt.graph_render = False  # these tests are about the readback; --graph_render has its own
+    cfg = configs_from(opt)
     torch.manual_seed(0)
-    model = NeRFNetwork(opt)
-    trainer = Trainer(opt, model, {}, torch.device(device))  # regularizers only: no guidance
+    model = build_field(cfg.field, cfg.renderer, cfg.nerf_speed)
+    # Regularizers only: no guidance.
+    trainer = Trainer(cfg.trainer, model, {}, torch.device(device), losses=cfg.losses, cond=cfg.cond)
     trainer.defer_sync = defer
     real = Trainer.train_step
 
@@ -28,7 +30,7 @@ def _trainer(tmp_path, device: str, defer: bool, nan_steps: set[int], monkeypatc
         return (loss * float("nan"), parts) if self.global_step in nan_steps else (loss, parts)
 
     monkeypatch.setattr(Trainer, "train_step", flaky)
-    data = NeRFDataset(type="train", H=opt.h, W=opt.w, size=10, device=torch.device(device))
+    data = NeRFDataset(cfg.cameras, type="train", size=10, device=torch.device(device))
     return trainer, data
 
 
@@ -42,7 +44,7 @@ def test_deferred_readback_gives_the_same_run(tmp_path, monkeypatch, device):
         last = trainer.flush()
         runs[key] = (trainer, out, last)
     (t_sync, sync_out, sync_last), (t_def, def_out, def_last) = runs["sync"], runs["defer"]
-    t_again = runs["again"][0]
+    t_again, again_out = runs["again"][0], runs["again"][1]
     # The same parameters and EMA, step for step (the skip is decided on the device). The GPU's
     # atomic adds sum in any order, so two runs without deferral differ too (Adan magnifies
     # the differences of near-zero gradients): the deferred run may be at most twice as far from
@@ -60,11 +62,18 @@ def test_deferred_readback_gives_the_same_run(tmp_path, monkeypatch, device):
     assert sync_last is None and def_out[0] is None
     # Deferred results arrive one step late, the last from flush().
     assert [p["step"] for p in sync_out] == [p["step"] for p in def_out[1:] + [def_last]] == list(range(1, 8))
-    for p, q in zip(sync_out, def_out[1:] + [def_last]):
+    # Losses as the parameters: exact on the CPU; on a GPU the deferred run's may be at most
+    # twice as far from the first run's as the repeat's are (the largest step's spread).
+    deferred = def_out[1:] + [def_last]
+    spread = max((abs(p["loss"] - r["loss"]) for p, r in zip(sync_out, again_out) if p["ok"]), default=0.0)
+    for p, q in zip(sync_out, deferred):
         assert p["ok"] == q["ok"] == (p["step"] - 1 not in nan_steps)
-        assert (math.isnan(p["loss"]) and math.isnan(q["loss"])) or p["loss"] == pytest.approx(
-            q["loss"], rel=1e-4
-        )
+        if not p["ok"]:
+            assert math.isnan(p["loss"]) and math.isnan(q["loss"])
+        elif device == "cpu":
+            assert p["loss"] == q["loss"]
+        else:
+            assert abs(p["loss"] - q["loss"]) <= 2 * spread + 1e-6 * abs(p["loss"]), (p, q, spread)
     assert t_sync.nonfinite_total == t_def.nonfinite_total == 3
     assert t_sync.nonfinite_run == t_def.nonfinite_run == 0
     # The skipped steps changed nothing: Adan counted only the 4 applied ones.
