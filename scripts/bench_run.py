@@ -1,9 +1,11 @@
 """Whole training runs: ``main.py`` end to end, timed per epoch, the way the reference was.
 
-The reference's figure (../shared/reference/h100-baseline.md: 6.13 it/s, 163 ms per
-iteration) is the iteration rate of a real ``-O`` run with a random-weight SD 2.1-base
-model over iterations 101-500: the RGB phase after the latent warm-up (the first 20% of a
-500-iteration run). This script runs ``main.py`` the same way, once per variant, each in its
+The reference's figure (../shared/reference/h100-baseline.md) is the iteration rate of a
+real ``-O`` run with a random-weight SD 2.1-base model over iterations 101-500, the RGB
+phase after the latent warm-up (the first 20% of a 500-iteration run): 97-106 ms per
+iteration on the H100 where this script's ``-O`` took 19.9-21.4 ms (163 ms was the first
+measurement, on another machine with a slower host; compare only within one machine).
+This script runs ``main.py`` the same way, once per variant, each in its
 own process (no compile caches or graphs shared), and reads the per-epoch rates from the
 run's log:
 

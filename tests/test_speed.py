@@ -268,7 +268,7 @@ def test_traced_package_is_bound_to_the_live_unet_weights():
 
 
 def test_trace_stats_merges_overlapping_kernels_and_finds_gaps(tmp_path):
-    """scripts/trace_stats.py (the busy time quoted in docs/benchmarks.md): overlapping
+    """scripts/trace_stats.py (the busy time quoted in docs/history/benchmarks-log.md): overlapping
     kernels on two streams count once, host-side events are ignored, gaps are ranked."""
     import json
 
