@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from raymarching._backend import CudaBackend
+from cuda_kernels.backend import CudaBackend
 
 from ._torch_impl import grid_encode, level_layout
 

@@ -1,7 +1,7 @@
 """CUDA hash-grid encoding: ``grid_encode`` of ``_torch_impl`` on GPU tensors.
 
 Kernels live in ``gridencoder/csrc`` and are built (with the ray marcher's, as one
-extension) on first use by ``raymarching/_build.py``. Supported: D in {2, 3}, at most 8
+extension) on first use by ``cuda_kernels/build.py``. Supported: D in {2, 3}, at most 8
 features per level, float32 inputs with float32/float16/bfloat16 tables, or float64 with
 float64 (for gradcheck); anything else goes to the twin. Gradients reach the embeddings
 (atomic adds, accumulated in float32) and the inputs (so autograd normals work). A backward
@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from raymarching._build import load_kernels
+from cuda_kernels.build import load_kernels
 
 from . import _torch_impl
 

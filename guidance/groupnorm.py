@@ -28,7 +28,7 @@ UNROLL = 4
 
 def kernels():
     """Our CUDA extension (built on first use, shared with the NeRF kernels), or None."""
-    from raymarching._build import load_kernels
+    from cuda_kernels.build import load_kernels
 
     return load_kernels()
 

@@ -12,8 +12,9 @@ from types import ModuleType
 
 import torch
 
+from cuda_kernels.backend import CudaBackend
+
 from . import _torch_impl
-from ._backend import CudaBackend
 
 _backend = CudaBackend("raymarching", "DREAMFUSION_RAYMARCHING")
 

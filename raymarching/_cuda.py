@@ -1,7 +1,7 @@
 """CUDA ray marcher: the twin's functions (``_torch_impl``) on GPU tensors.
 
 Same signatures, return shapes and dtypes as ``raymarching._torch_impl``; kernels live in
-``raymarching/csrc`` and are built on first use (``_build.py``). Inputs the kernels do not
+``raymarching/csrc`` and are built on first use (``cuda_kernels/build.py``). Inputs the kernels do not
 take (other dtypes, CPU tensors, more than 16 composite channels) go to the twin. Ray order
 in ``march_rays_train``'s packed arrays is arbitrary (rays reserve slices atomically), but
 each ray's samples are contiguous and front to back, as ``rays`` says.
@@ -14,8 +14,9 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from cuda_kernels.build import load_kernels
+
 from . import _torch_impl
-from ._build import load_kernels
 
 _MAX_COMPOSITE_CHANNELS = 16  # composite_rays keeps the channels in registers
 # Training marches with a fixed step (dt_gamma 0): a warp per ray testing 32 lattice points at

@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_raymarching import _field, assert_mostly_equal, random_scene, render_inference
 
+from cuda_kernels import build
 from gridencoder import GridEncoder
 from gridencoder import _cuda as gc
 from gridencoder import _torch_impl as ge
-from raymarching import _build
 from raymarching import _cuda as rc
 from raymarching import _torch_impl as rm
 
@@ -27,11 +27,11 @@ DEV = "cuda"
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    if _build.find_nvcc() is None:
+    if build.find_nvcc() is None:
         pytest.skip("no CUDA compiler found (set CUDA_HOME or put nvcc on PATH)")
-    mod = _build.load_kernels()
+    mod = build.load_kernels()
     assert mod is not None, "the CUDA kernels failed to build"
-    print(f"\n[kernels] loaded in {_build.build_seconds:.1f} s from {_build.cache_dir()}")
+    print(f"\n[kernels] loaded in {build.build_seconds:.1f} s from {build.cache_dir()}")
     return mod
 
 

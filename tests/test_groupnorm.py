@@ -82,7 +82,7 @@ def test_cuda_kernels_match_the_twin(dtype, unroll, monkeypatch):
     """The kernels on channels_last CUDA tensors against the twin (float32 arithmetic on the same
     rounded inputs) for the SD VAE encoder's shapes (and an odd pixel count), forward and the
     gradient to the input, with and without the SiLU; opcheck on the CUDA op."""
-    from raymarching._build import load_kernels
+    from cuda_kernels.build import load_kernels
 
     if load_kernels() is None:
         pytest.skip("the CUDA kernels did not build")

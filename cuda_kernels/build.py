@@ -62,7 +62,11 @@ def find_nvcc() -> str | None:
 
 
 def cache_dir() -> Path:
-    """Build folder, keyed by torch, CUDA and Python versions (binaries match all three)."""
+    """Build folder, keyed by torch, CUDA and Python versions (binaries match all three).
+
+    >>> cache_dir().name, cache_dir().parent.name.startswith("torch")
+    ('dreamfusion_kernels', True)
+    """
     root = os.environ.get("DREAMFUSION_KERNEL_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "dreamfusion" / "kernels"
     torch_ver = torch.__version__.split("+")[0]
@@ -84,8 +88,10 @@ def load_kernels() -> ModuleType | None:
         if torch.version.cuda is None or not torch.cuda.is_available():
             return None
         if find_nvcc() is None:
-            _say("no CUDA compiler found (set CUDA_HOME or put nvcc on PATH): "
-                 "using the PyTorch ray marcher and grid encoder, which are much slower")
+            _say(
+                "no CUDA compiler found (set CUDA_HOME or put nvcc on PATH): "
+                "using the PyTorch ray marcher and grid encoder, which are much slower"
+            )
             return None
         from torch.utils import cpp_extension  # noqa: PLC0415
 
@@ -103,8 +109,10 @@ def load_kernels() -> ModuleType | None:
             )
         except Exception as err:  # noqa: BLE001 - any build failure means: use the twins
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            _say(f"building the CUDA kernels in {build} failed ({first}); "
-                 "set DREAMFUSION_KERNEL_VERBOSE=1 for the compiler output. Using the PyTorch twins")
+            _say(
+                f"building the CUDA kernels in {build} failed ({first}); "
+                "set DREAMFUSION_KERNEL_VERBOSE=1 for the compiler output. Using the PyTorch twins"
+            )
             _module = False
         build_seconds = time.perf_counter() - start
     return _module or None
