@@ -1,7 +1,8 @@
 """Multi-resolution hash-grid encoder with a CUDA kernel and a PyTorch twin.
 
-``GridEncoder`` runs ``gridencoder/_cuda.py`` when its input lives on a GPU and the
-extension builds, and ``_torch_impl.grid_encode`` otherwise (same semantics, see there).
+``grid_encode`` (and ``GridEncoder``, which calls it) runs ``gridencoder/_cuda.py`` when its
+input lives on a GPU, the extension builds and the kernels take the inputs, and
+``_torch_impl.grid_encode`` otherwise (which defines the semantics, see there).
 Set ``DREAMFUSION_GRIDENCODER=torch`` to force the twin everywhere.
 """
 
@@ -11,11 +12,12 @@ import math
 from types import ModuleType
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from raymarching._backend import CudaBackend
+from cuda_kernels.backend import CudaBackend
 
-from ._torch_impl import grid_encode, level_layout
+from . import _torch_impl
+from ._torch_impl import level_layout
 
 _backend = CudaBackend("gridencoder", "DREAMFUSION_GRIDENCODER")
 
@@ -30,6 +32,77 @@ def set_backend(name: str) -> None:
     _backend.set(name)
 
 
+def grid_encode(
+    inputs: Tensor,
+    embeddings: Tensor,
+    offsets: list[int],
+    points: list[int],
+    per_level_scale: float,
+    base_resolution: int,
+    align_corners: bool = False,
+    interpolation: str = "linear",
+    max_level: int | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+    live: tuple[Tensor, int] | None = None,
+    agg_mode: int = 1,
+    soa: bool = True,
+) -> Tensor:
+    """Encode points with a multi-resolution grid (``_torch_impl``'s docstring: the layout).
+
+    Args:
+        inputs: [N,D] coordinates in [0,1], float32 (float64 for gradcheck; float16/bfloat16
+            are computed in float32).
+        embeddings: [T,F] all levels' tables, level ``l`` at rows ``offsets[l]:offsets[l+1]``
+            (float32, float16 or bfloat16; float64 with float64 inputs).
+        offsets, points: [L+1] and [L] from ``level_layout``.
+        per_level_scale, base_resolution: the levels' scales (see ``_torch_impl``).
+        align_corners: lattice points on the box's corners.
+        interpolation: "linear" or "smoothstep".
+        max_level: levels >= max_level give zeros (None: all levels).
+        out_dtype: CUDA only: the features' dtype: the table's (None), or float16/bfloat16 for
+            a float32 table (what autocast would cast them to: interpolated in float32, rounded
+            once, and their gradient read in that dtype; saves the cast and its memory).
+        live: CUDA only: (count [1] int32 on the GPU, period): only rows n with n % period <
+            count are computed; the others give zero features and pass no gradient (padding
+            rows of a fixed-size CUDA graph replay). None: every row. The twin computes every row.
+        agg_mode: CUDA only: 1 (the default): a warp first sums the embedding-gradient atomics
+            of consecutive lanes on the same table row (samples of one ray share cells at
+            coarse levels); 0: every atomic is issued. The same gradients up to rounding;
+            ``scripts/bench_render.py --kernel_variants`` times both.
+        soa: CUDA only: True (the default): features computed as [L*F, N] (a warp's stores
+            coalesce) and returned as the transposed [N, L*F] view (the Linear layers after it
+            take the transposed layout as is); False: computed as [N, L*F].
+
+    Returns:
+        [N, L*F] features, level-major (level 0's F features first), in the embeddings' dtype
+        (or ``out_dtype``); differentiable with respect to both ``embeddings`` and ``inputs``.
+
+    >>> off, pts = level_layout(3, 2, 2.0, 4, 19, align_corners=True)
+    >>> emb = torch.arange(off[-1], dtype=torch.float32)[:, None]
+    >>> grid_encode(torch.zeros(1, 3), emb, off, pts, 2.0, 4, align_corners=True).tolist()
+    [[0.0, 64.0]]
+    """
+    args = (
+        inputs,
+        embeddings,
+        offsets,
+        points,
+        per_level_scale,
+        base_resolution,
+        align_corners,
+        interpolation,
+        max_level,
+    )
+    if inputs.is_cuda:
+        cuda = cuda_backend()
+        if cuda is not None:
+            out = cuda.grid_encode(*args, out_dtype=out_dtype, live=live, agg_mode=agg_mode, soa=soa)
+            if out is not NotImplemented:
+                return out
+    return _torch_impl.grid_encode(*args)
+
+
 class GridEncoder(nn.Module):
     """Hash-grid encoder of points in [-bound, bound]^D.
 
@@ -40,6 +113,8 @@ class GridEncoder(nn.Module):
         log2_hashmap_size: at most 2^this table entries per level.
         desired_resolution: finest resolution; sets ``per_level_scale`` when given.
         interpolation: "linear" or "smoothstep" (smooth second derivatives for normals).
+        agg_mode, soa: the CUDA kernels' layout choices (see ``grid_encode``); attributes that
+            a benchmark may change between calls.
 
     >>> enc = GridEncoder(num_levels=4, base_resolution=4, log2_hashmap_size=10, desired_resolution=32)
     >>> enc(torch.rand(5, 3) * 2 - 1).shape
@@ -58,6 +133,8 @@ class GridEncoder(nn.Module):
         align_corners: bool = False,
         interpolation: str = "smoothstep",
         init_std: float = 1e-4,
+        agg_mode: int = 1,
+        soa: bool = True,
     ):
         super().__init__()
         if desired_resolution is not None and num_levels > 1:
@@ -66,6 +143,7 @@ class GridEncoder(nn.Module):
         self.per_level_scale, self.base_resolution = per_level_scale, base_resolution
         self.log2_hashmap_size = log2_hashmap_size
         self.align_corners, self.interpolation = align_corners, interpolation
+        self.agg_mode, self.soa = agg_mode, soa
         self.output_dim = num_levels * level_dim
         self.offsets, self.points = level_layout(
             input_dim, num_levels, per_level_scale, base_resolution, log2_hashmap_size, align_corners
@@ -120,10 +198,14 @@ class GridEncoder(nn.Module):
         shape = inputs.shape[:-1]
         x = ((inputs.reshape(-1, self.input_dim) + bound) / (2 * bound)).clamp(0, 1)
         levels = None if max_level is None else max(1, math.ceil(max_level * self.num_levels))
-        cuda = cuda_backend() if x.is_cuda else None
-        args = (
+        cuda = x.is_cuda and cuda_backend() is not None
+        # Under autocast the kernel writes the features in the autocast dtype directly: the MLP
+        # would cast them anyway, and a float32 copy of [N, L*F] (and of its gradient) is memory
+        # the fd normals' 7x samples make large.
+        half = torch.get_autocast_dtype("cuda") if cuda and torch.is_autocast_enabled("cuda") else None
+        out = grid_encode(
             x,
-            self._table(cuda is not None),
+            self._table(cuda),
             self.offsets,
             self.points,
             self.per_level_scale,
@@ -131,15 +213,11 @@ class GridEncoder(nn.Module):
             self.align_corners,
             self.interpolation,
             levels,
+            out_dtype=half,
+            live=live,
+            agg_mode=self.agg_mode,
+            soa=self.soa,
         )
-        if cuda is None:
-            out = grid_encode(*args)
-        else:
-            # Under autocast the kernel writes the features in the autocast dtype directly: the
-            # MLP would cast them anyway, and a float32 copy of [N, L*F] (and of its gradient)
-            # is memory the fd normals' 7x samples make large.
-            half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-            out = cuda.grid_encode(*args, out_dtype=half, live=live)
         return out.reshape(*shape, self.output_dim)
 
 

@@ -1,9 +1,10 @@
 """CUDA hash-grid encoding: ``grid_encode`` of ``_torch_impl`` on GPU tensors.
 
 Kernels live in ``gridencoder/csrc`` and are built (with the ray marcher's, as one
-extension) on first use by ``raymarching/_build.py``. Supported: D in {2, 3}, at most 8
+extension) on first use by ``cuda_kernels/build.py``. Supported: D in {2, 3}, at most 8
 features per level, float32 inputs with float32/float16/bfloat16 tables, or float64 with
-float64 (for gradcheck); anything else goes to the twin. Gradients reach the embeddings
+float64 (for gradcheck); for anything else ``grid_encode`` returns NotImplemented and
+``gridencoder.grid_encode`` runs the twin. Gradients reach the embeddings
 (atomic adds, accumulated in float32) and the inputs (so autograd normals work). A backward
 that must itself be differentiable (``create_graph=True``: training with autograd normals)
 runs the twin's arithmetic instead, so second derivatives are exact, at the twin's speed.
@@ -15,21 +16,15 @@ from types import ModuleType
 
 import torch
 
-from raymarching._build import load_kernels
+from cuda_kernels.build import load_kernels
 
 from . import _torch_impl
 
 _EMB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Kernel layout choices, module-level so that scripts/bench_render.py --kernel_variants can
-# compare them (docs/benchmarks.md). AGG_MODE 1: a warp first sums the embedding-gradient
-# atomics of consecutive lanes on the same table row (samples of one ray share cells at coarse
-# levels), for levels of at most AGG_MAX_POINTS lattice points per axis; 0: every atomic is
-# issued. SOA: features computed as [L*F, N] (a warp's stores coalesce) and returned as the
-# transposed [N, L*F] view; the Linear layers after it take the transposed layout as is.
-AGG_MODE = 1
+# With agg_mode 1 (``gridencoder.grid_encode``), the warp-level sums of the embedding-gradient
+# atomics run on levels of at most this many lattice points per axis (a constant, not a switch).
 AGG_MAX_POINTS = 256
-SOA = True
 
 
 def available() -> bool:
@@ -73,6 +68,9 @@ def _layout(
     return _layouts[key]
 
 
+_N_CONFIG_ARGS = 11  # _GridEncode.forward's arguments after inputs and embeddings (no gradient)
+
+
 class _GridEncode(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -88,8 +86,10 @@ class _GridEncode(torch.autograd.Function):
         out_dtype,
         twin_args,
         live,
+        agg_mode,
+        soa,
     ):
-        soa = bool(SOA)
+        soa = bool(soa)
         live_t, period = live if live is not None else (None, 1)
         out = _ext().grid_encode_forward(
             inputs,
@@ -107,7 +107,7 @@ class _GridEncode(torch.autograd.Function):
         )
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
         ctx.cfg = (align_corners, smoothstep, max_level)
-        ctx.twin_args, ctx.live = twin_args, (live_t, period)
+        ctx.twin_args, ctx.live, ctx.agg_mode = twin_args, (live_t, period), int(agg_mode)
         return out.t() if soa else out
 
     @staticmethod
@@ -117,18 +117,8 @@ class _GridEncode(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph: the kernels have no backward of their own, so the twin recomputes
             # the encoding and differentiates it with a graph (exact second derivatives).
-            return (
-                *_twin_backward(grad_out, inputs, embeddings, ctx.twin_args, need_inputs, need_emb),
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
+            grads = _twin_backward(grad_out, inputs, embeddings, ctx.twin_args, need_inputs, need_emb)
+            return (*grads, *[None] * _N_CONFIG_ARGS)
         # The kernel reads the gradient in either layout, so no transposed copy is made (a
         # Linear's backward gives [N, L*F] row-major even when the forward wrote [L*F, N]).
         g = grad_out
@@ -146,24 +136,12 @@ class _GridEncode(torch.autograd.Function):
             *ctx.cfg,
             need_emb,
             need_inputs,
-            int(AGG_MODE),
+            ctx.agg_mode,
             int(AGG_MAX_POINTS),
             g_soa,
             *ctx.live,
         )
-        return (
-            grad_in if need_inputs else None,
-            grad_emb if need_emb else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (grad_in if need_inputs else None, grad_emb if need_emb else None, *[None] * _N_CONFIG_ARGS)
 
 
 def _twin_backward(
@@ -188,37 +166,24 @@ def _twin_backward(
 
 
 def grid_encode(
-    inputs: torch.Tensor,
-    embeddings: torch.Tensor,
-    offsets: list[int],
-    points: list[int],
-    per_level_scale: float,
-    base_resolution: int,
-    align_corners: bool = False,
-    interpolation: str = "linear",
-    max_level: int | None = None,
-    out_dtype: torch.dtype | None = None,
-    live: tuple[torch.Tensor, int] | None = None,
-) -> torch.Tensor:
-    """The twin's ``grid_encode`` on GPU tensors.
-
-    Args:
-        inputs: [N,D] coordinates in [0,1].
-        embeddings: [T,F] all levels' tables (rows of level l from offsets[l]).
-        offsets, points: from ``level_layout`` ([L+1] and [L]).
-        interpolation: "linear" or "smoothstep".
-        max_level: levels >= max_level give zeros (None: all levels).
-        out_dtype: the features' dtype: the table's (None), or float16/bfloat16 for a float32
-            table (what autocast would cast them to: interpolated in float32, rounded once,
-            and their gradient read in that dtype; saves the cast and its memory).
-        live: (count [1] int32 on the GPU, period): only rows n with n % period < count are
-            computed; the others give zero features and pass no gradient (padding rows of a
-            fixed-size CUDA graph replay). None: every row. The twin computes every row.
-
-    Returns:
-        [N, L*F] in the embeddings' dtype (a transposed view with ``SOA``), differentiable in
-        embeddings and inputs.
-    """
+    inputs,
+    embeddings,
+    offsets,
+    points,
+    per_level_scale,
+    base_resolution,
+    align_corners,
+    interpolation,
+    max_level=None,
+    *,
+    out_dtype=None,
+    live=None,
+    agg_mode=1,
+    soa=True,
+):
+    """``gridencoder.grid_encode`` (where the arguments are documented) on GPU tensors, or
+    NotImplemented for inputs the kernels do not take. Returns [N, L*F] (a transposed view with
+    ``soa``)."""
     if interpolation not in ("linear", "smoothstep"):
         raise ValueError(f"unknown interpolation {interpolation!r}")
     N, D = inputs.shape
@@ -236,17 +201,7 @@ def grid_encode(
         and pair_ok
         and offsets[-1] < 2**31
     ):
-        return _torch_impl.grid_encode(
-            inputs,
-            embeddings,
-            offsets,
-            points,
-            per_level_scale,
-            base_resolution,
-            align_corners,
-            interpolation,
-            max_level,
-        )
+        return NotImplemented
     offsets_t, points_t, scales = _layout(
         offsets, points, per_level_scale, base_resolution, align_corners, inputs.dtype, inputs.device
     )
@@ -265,4 +220,6 @@ def grid_encode(
         out_dtype,
         (offsets, points, per_level_scale, base_resolution, align_corners, interpolation, max_level),
         live,
+        agg_mode,
+        soa,
     )

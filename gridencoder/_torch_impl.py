@@ -50,34 +50,17 @@ def level_layout(
 
 
 def grid_encode(
-    inputs: torch.Tensor,
-    embeddings: torch.Tensor,
-    offsets: list[int],
-    points: list[int],
-    per_level_scale: float,
-    base_resolution: int,
-    align_corners: bool = False,
-    interpolation: str = "linear",
-    max_level: int | None = None,
-) -> torch.Tensor:
-    """Encode points with a multi-resolution grid.
-
-    Args:
-        inputs: [N,D] coordinates in [0,1].
-        embeddings: [T,F] all levels' tables, level ``l`` at rows ``offsets[l]:offsets[l+1]``.
-        offsets, points: from ``level_layout``.
-        interpolation: "linear" or "smoothstep".
-        max_level: levels >= max_level give zeros (None: all levels).
-
-    Returns:
-        [N, L*F] features, level-major (level 0's F features first); differentiable with
-        respect to both ``embeddings`` and ``inputs``.
-
-    >>> off, pts = level_layout(3, 2, 2.0, 4, 19, align_corners=True)
-    >>> emb = torch.arange(off[-1], dtype=torch.float32)[:, None]
-    >>> grid_encode(torch.zeros(1, 3), emb, off, pts, 2.0, 4, align_corners=True).tolist()
-    [[0.0, 64.0]]
-    """
+    inputs,
+    embeddings,
+    offsets,
+    points,
+    per_level_scale,
+    base_resolution,
+    align_corners=False,
+    interpolation="linear",
+    max_level=None,
+):
+    """See ``gridencoder.grid_encode`` (without its CUDA-only options)."""
     N, D = inputs.shape
     L = len(points)
     F_ = embeddings.shape[1]

@@ -21,14 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Pixels each CUDA thread loads per loop iteration (1, 2 or 4; the same results): module-level
-# so that scripts/bench_vae.py --unroll can compare them (docs/benchmarks.md).
-UNROLL = 4
-
 
 def kernels():
     """Our CUDA extension (built on first use, shared with the NeRF kernels), or None."""
-    from raymarching._build import load_kernels
+    from cuda_kernels.build import load_kernels
 
     return load_kernels()
 
@@ -75,15 +71,23 @@ def _like(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("dreamfusion::group_norm_act", mutates_args=())
 def group_norm_act(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    eps: float,
+    silu: bool,
+    unroll: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``silu(group_norm(x))`` (or without the SiLU): x [N, C, ...], weight, bias [C].
 
     Returns y (x's dtype and memory format) and the float32 mean and rstd [N, groups] the
-    backward reuses. Statistics and arithmetic in float32."""
+    backward reuses. Statistics and arithmetic in float32. ``unroll``: pixels each CUDA thread
+    loads per loop iteration, in the forward and the backward kernels (1, 2 or 4, default 4:
+    the same results; ``scripts/bench_vae.py --unroll`` times them); the twin ignores it."""
     if _use_kernel(x, groups):
         y, mean, rstd = kernels().group_norm_forward(
-            x, weight.float().contiguous(), bias.float().contiguous(), groups, eps, silu, UNROLL
+            x, weight.float().contiguous(), bias.float().contiguous(), groups, eps, silu, unroll
         )
         return y, mean, rstd
     mean, rstd = _stats(x, groups, eps)
@@ -92,7 +96,7 @@ def group_norm_act(
 
 
 @group_norm_act.register_fake
-def _(x, weight, bias, groups, eps, silu):
+def _(x, weight, bias, groups, eps, silu, unroll=4):
     stat = x.new_empty((x.shape[0], groups), dtype=torch.float32)
     return torch.empty_like(x), stat, torch.empty_like(stat)
 
@@ -108,6 +112,7 @@ def group_norm_act_backward(
     groups: int,
     eps: float,
     silu: bool,
+    unroll: int = 4,
 ) -> torch.Tensor:
     """dL/dx of ``group_norm_act`` from dy = dL/dy (x's dtype and memory format)."""
     if _use_kernel(x, groups):
@@ -122,7 +127,7 @@ def group_norm_act_backward(
             groups,
             eps,
             silu,
-            UNROLL,
+            unroll,
         )
     d, xh = _pre_affine_grad(dy, x, weight, bias, mean, rstd, groups, silu)
     n = x.shape[0]
@@ -133,7 +138,7 @@ def group_norm_act_backward(
 
 
 @group_norm_act_backward.register_fake
-def _(dy, x, weight, bias, mean, rstd, groups, eps, silu):
+def _(dy, x, weight, bias, mean, rstd, groups, eps, silu, unroll=4):
     return torch.empty_like(x)
 
 
@@ -149,22 +154,22 @@ def _pre_affine_grad(dy, x, weight, bias, mean, rstd, groups, silu):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, groups, eps, silu = inputs
+    x, weight, bias, groups, eps, silu, unroll = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.cfg = (groups, eps, silu)
+    ctx.cfg = (groups, eps, silu, unroll)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    groups, eps, silu = ctx.cfg
-    dx = group_norm_act_backward(dy, x, weight, bias, mean, rstd, groups, eps, silu)
+    groups, eps, silu, unroll = ctx.cfg
+    dx = group_norm_act_backward(dy, x, weight, bias, mean, rstd, groups, eps, silu, unroll)
     g_w = g_b = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # a trainable norm (not the VAE's)
         d, xh = _pre_affine_grad(dy, x, weight, bias, mean, rstd, groups, silu)
         dims = [0, *range(2, x.dim())]
         g_w, g_b = (d * xh).sum(dims).to(weight.dtype), d.sum(dims).to(bias.dtype)
-    return dx, g_w, g_b, None, None, None
+    return dx, g_w, g_b, None, None, None, None
 
 
 group_norm_act.register_autograd(_backward, setup_context=_setup)
@@ -176,19 +181,19 @@ class GroupNormAct(nn.Module):
 
     Keeps float32 copies of the norm's weight and bias (what the kernels read: converting a
     half copy at every call cost 88 small kernels per VAE step), so the norm must not change
-    afterwards, as the frozen VAE's does not."""
+    afterwards, as the frozen VAE's does not. ``unroll``: see ``group_norm_act``."""
 
-    def __init__(self, norm: nn.GroupNorm, silu: bool):
+    def __init__(self, norm: nn.GroupNorm, silu: bool, unroll: int = 4):
         super().__init__()
         if not norm.affine:
             raise ValueError("GroupNormAct needs an affine GroupNorm")
-        self.num_groups, self.eps, self.silu = norm.num_groups, float(norm.eps), silu
+        self.num_groups, self.eps, self.silu, self.unroll = norm.num_groups, float(norm.eps), silu, unroll
         self.register_buffer("weight", norm.weight.detach().float().clone(), persistent=False)
         self.register_buffer("bias", norm.bias.detach().float().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x4 = x.unsqueeze(-1) if x.dim() == 3 else x  # [N, C, L] -> [N, C, L, 1]: same strides
-        y = group_norm_act(x4, self.weight, self.bias, self.num_groups, self.eps, self.silu)[0]
+        y = group_norm_act(x4, self.weight, self.bias, self.num_groups, self.eps, self.silu, self.unroll)[0]
         return y.squeeze(-1) if x.dim() == 3 else y
 
 

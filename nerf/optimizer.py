@@ -271,9 +271,9 @@ class Adan(torch.optim.Optimizer):
 
 def _kernels():
     """Our CUDA extension (with ``adan_step``), built on first use, or None."""
-    from raymarching import _build  # noqa: PLC0415 - only on GPUs
+    from cuda_kernels.build import load_kernels  # noqa: PLC0415 - only on GPUs
 
-    return _build.load_kernels()
+    return load_kernels()
 
 
 def _move_toward_(acc: list[torch.Tensor], target: list[torch.Tensor], weight: torch.Tensor) -> None:

@@ -1,20 +1,9 @@
-"""Pure-PyTorch twin of the CUDA ray marcher.
+"""Pure-PyTorch twin of the CUDA ray marcher: what ``raymarching``'s functions run on CPU.
 
-These functions define the semantics; the CUDA kernels must return the same values
-(``tests/test_raymarching.py`` compares them). They are what ``--cuda_ray`` runs on CPU.
-
-Occupancy grid layout: ``C`` cascades of ``G^3`` cells, cascade ``m`` covering
-``[-s, s]^3`` with ``s = min(2^m, bound)``; cells are stored in Morton (Z-order) so that
-neighbouring cells share cache lines. The bitfield packs cell ``8k+b`` into bit ``b`` of
-byte ``k``.
-
-Sample positions along a ray lie on a lattice: ``t_0 = near + u * dt(near)`` (``u`` the
-per-ray jitter in [0,1), 0 without perturbation) and ``t_{k+1} = t_k + dt(t_k)`` with
-``dt(t) = clamp(t * dt_gamma, dt_min, dt_max)``, ``dt_min = 2*sqrt(3)/max_steps`` and
-``dt_max = 2*sqrt(3)*s_max/G``. With ``dt_gamma = 0`` that is ``t_k = t_0 + k*dt_min``,
-computed as such (no accumulation) so that all implementations agree. At most
-``max_steps`` lattice points per ray are visited; a sample is emitted for a lattice point
-before ``far`` whose cell is occupied.
+These functions define the semantics (the grid layout and the sample lattice are described in
+``raymarching``'s docstring, each function's arguments and results at its public twin
+``raymarching.<name>``); the CUDA kernels must return the same values
+(``tests/test_raymarching.py`` and ``tests/test_cuda_kernels.py`` compare them).
 """
 
 from __future__ import annotations
@@ -31,23 +20,8 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def near_far_from_aabb(
-    rays_o: torch.Tensor, rays_d: torch.Tensor, aabb: torch.Tensor, min_near: float = 0.2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entry/exit distances of rays through an axis-aligned box.
-
-    Args:
-        rays_o, rays_d: [N,3] origins and directions.
-        aabb: [6] (xmin, ymin, zmin, xmax, ymax, zmax).
-        min_near: nears are clamped to at least this.
-
-    Returns:
-        nears, fars: [N]; rays that miss the box get ``near = far = 1e10``.
-
-    >>> o = torch.tensor([[0.0, 0.0, 3.0]]); d = torch.tensor([[0.0, 0.0, -1.0]])
-    >>> near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
-    (tensor([2.]), tensor([4.]))
-    """
+def near_far_from_aabb(rays_o, rays_d, aabb, min_near=0.2):
+    """See ``raymarching.near_far_from_aabb``."""
     inv = 1.0 / torch.where(rays_d.abs() < 1e-15, torch.full_like(rays_d, 1e-15), rays_d)
     t1 = (aabb[:3] - rays_o) * inv
     t2 = (aabb[3:] - rays_o) * inv
@@ -78,34 +52,19 @@ def _compact_by_3(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def morton3D(coords: torch.Tensor) -> torch.Tensor:
-    """[N,3] integer cell coordinates (each < 1024) to [N] int64 Morton indices.
-
-    >>> morton3D(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]))
-    tensor([1, 2, 4, 7])
-    """
+def morton3D(coords):
+    """See ``raymarching.morton3D``."""
     return _split_by_3(coords[:, 0]) | (_split_by_3(coords[:, 1]) << 1) | (_split_by_3(coords[:, 2]) << 2)
 
 
-def morton3D_invert(indices: torch.Tensor) -> torch.Tensor:
-    """[N] Morton indices to [N,3] int64 coordinates (inverse of ``morton3D``)."""
+def morton3D_invert(indices):
+    """See ``raymarching.morton3D_invert``."""
     i = indices.to(torch.int64)
     return torch.stack([_compact_by_3(i), _compact_by_3(i >> 1), _compact_by_3(i >> 2)], -1)
 
 
-def packbits(grid: torch.Tensor, thresh: float) -> torch.Tensor:
-    """Occupancy bits of a density grid.
-
-    Args:
-        grid: [C, G^3] (or flat) densities in Morton order.
-        thresh: a cell is occupied when its density is above this.
-
-    Returns:
-        [C*G^3/8] uint8; bit ``b`` of byte ``k`` is cell ``8k+b``.
-
-    >>> packbits(torch.tensor([0.0, 2, 0, 0, 0, 0, 0, 3]), 1.0)
-    tensor([130], dtype=torch.uint8)
-    """
+def packbits(grid, thresh):
+    """See ``raymarching.packbits``."""
     bits = (grid.reshape(-1, 8) > thresh).to(torch.int32)
     weights = 2 ** torch.arange(8, device=grid.device, dtype=torch.int32)
     return (bits * weights).sum(-1).to(torch.uint8)
@@ -151,38 +110,9 @@ def _lattice(t0: torch.Tensor, n: int, dt_gamma: float, dt_min: float, dt_max: f
 
 
 def march_rays_train(
-    rays_o: torch.Tensor,
-    rays_d: torch.Tensor,
-    bound: float,
-    density_bitfield: torch.Tensor,
-    C: int,
-    G: int,
-    nears: torch.Tensor,
-    fars: torch.Tensor,
-    perturb: bool = False,
-    dt_gamma: float = 0.0,
-    max_steps: int = 1024,
-    noise: torch.Tensor | None = None,
+    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb, dt_gamma, max_steps, noise
 ):
-    """Packed samples in occupied cells along each ray (training).
-
-    Args:
-        rays_o, rays_d: [N,3]; nears, fars: [N] from ``near_far_from_aabb``.
-        density_bitfield: [C*G^3/8] uint8 from ``packbits``.
-        perturb: jitter each ray's first sample by ``noise`` (drawn if None) times its step.
-        noise: [N] in [0,1), the jitter to use (for reproducible comparisons).
-
-    Returns:
-        xyzs, dirs: [M,3]; ts: [M,2] (t, dt); rays: [N,2] int32 (offset, count), each ray's
-        samples contiguous and ordered front to back.
-
-    >>> o = torch.tensor([[0.0, 0, 3]]); d = torch.tensor([[0.0, 0, -1]])
-    >>> bits = packbits(torch.ones(8**3), 0.5)
-    >>> n, f = near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
-    >>> xyzs, dirs, ts, rays = march_rays_train(o, d, 1.0, bits, 1, 8, n, f, max_steps=8)
-    >>> rays.tolist(), [round(v, 3) for v in ts[:, 0].tolist()][:3]
-    ([[0, 5]], [2.0, 2.433, 2.866])
-    """
+    """See ``raymarching.march_rays_train``."""
     N = rays_o.shape[0]
     dt_min, dt_max = _step_params(bound, C, G, max_steps)
     if perturb:
@@ -235,29 +165,8 @@ def _exclusive_depth(tau: torch.Tensor, rays: torch.Tensor, ids_c: torch.Tensor)
     return csum - csum.index_select(0, start).index_select(0, ids_c)
 
 
-def composite_rays_train(
-    sigmas: torch.Tensor,
-    rgbs: torch.Tensor,
-    ts: torch.Tensor,
-    rays: torch.Tensor,
-    T_thresh: float = 1e-4,
-):
-    """Front-to-back alpha compositing of packed samples (differentiable).
-
-    ``alpha_i = 1 - exp(-sigma_i dt_i)``, ``T_i = prod_{j<i} (1 - alpha_j)``,
-    ``w_i = alpha_i T_i``; a sample whose ``T_i < T_thresh`` is dropped (early termination).
-
-    Args:
-        sigmas: [M]; rgbs: [M,C]; ts: [M,2] (t, dt); rays: [N,2] (offset, count).
-
-    Returns:
-        weights [M], weights_sum [N], depth [N] (``sum w t``), image [N,C].
-
-    >>> w, ws, d, img = composite_rays_train(torch.tensor([1e9]), torch.ones(1, 3),
-    ...     torch.tensor([[2.0, 0.1]]), torch.tensor([[0, 1]]))
-    >>> ws.tolist(), d.tolist()
-    ([1.0], [2.0])
-    """
+def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
+    """See ``raymarching.composite_rays_train``."""
     M, N = sigmas.shape[0], rays.shape[0]
     ids = _ray_ids(rays, M)
     owned = ids >= 0
@@ -277,31 +186,8 @@ def composite_rays_train(
     return weights, weights_sum, depth, image
 
 
-def prune_rays_train(
-    sigmas: torch.Tensor,
-    ts: torch.Tensor,
-    rays: torch.Tensor,
-    T_min: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each ray's samples up to where its transmittance falls below ``T_min``.
-
-    Transmittance only decreases along a ray, so the kept samples are a prefix of each ray and
-    the packed layout survives: ``keep`` indexes the kept samples in order and ``new_rays``
-    gives each ray's (offset, count) among them. With ``T_min`` below the compositing
-    threshold, ``composite_rays_train`` of the kept samples equals that of all samples (the
-    dropped ones would get weight 0 and no gradient).
-
-    Args:
-        sigmas: [M] densities (no gradient needed); ts: [M,2] (t, dt); rays: [N,2] (offset, count).
-
-    Returns:
-        keep [M'] int64 sample indices, new_rays [N,2] int32.
-
-    >>> keep, r = prune_rays_train(torch.tensor([0.0, 1e4, 1.0, 1.0]),
-    ...     torch.tensor([[0.0, 0.1]] * 4), torch.tensor([[0, 3], [3, 1]]), 1e-5)
-    >>> keep.tolist(), r.tolist()
-    ([0, 1, 3], [[0, 2], [2, 1]])
-    """
+def prune_rays_train(sigmas, ts, rays, T_min):
+    """See ``raymarching.prune_rays_train``."""
     M, N = sigmas.shape[0], rays.shape[0]
     device = sigmas.device
     if M == 0:
@@ -334,96 +220,41 @@ def _fit_rows(t: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def march_rays_train_fixed(
-    rays_o: torch.Tensor,
-    rays_d: torch.Tensor,
-    bound: float,
-    density_bitfield: torch.Tensor,
-    C: int,
-    G: int,
-    nears: torch.Tensor,
-    fars: torch.Tensor,
-    noise: torch.Tensor | None,
-    dt_gamma: float,
-    max_steps: int,
-    capacity: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``march_rays_train`` into exactly ``capacity`` rows: the shapes a CUDA graph needs.
-
-    Rows past the samples are zeros that belong to no ray. When the samples need more rows,
-    the rays whose slices cross the end keep only what fits (which rays: unspecified; the CUDA
-    kernel packs rays in any order, this twin in ray order) and ``total`` tells.
-
-    Args:
-        noise: [N] jitter in [0,1) (``perturb``), or None for none.
-
-    Returns:
-        xyzs, dirs [capacity,3]; ts [capacity,2]; rays [N,2] int32; total [1] int32, the
-        samples needed (more than ``capacity``: some were dropped).
-    """
+    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity
+):
+    """See ``raymarching.march_rays_train_fixed`` (this twin packs the rays in ray order)."""
+    perturb = noise is not None
     xyzs, dirs, ts, rays = march_rays_train(
-        rays_o,
-        rays_d,
-        bound,
-        density_bitfield,
-        C,
-        G,
-        nears,
-        fars,
-        noise is not None,
-        dt_gamma,
-        max_steps,
-        noise,
+        rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb, dt_gamma, max_steps, noise
     )
     total = torch.full((1,), xyzs.shape[0], dtype=torch.int32, device=rays_o.device)
     return (*(_fit_rows(t, capacity) for t in (xyzs, dirs, ts)), _clip_rays(rays, capacity), total)
 
 
-def prune_rays_train_fixed(
-    sigmas: torch.Tensor, ts: torch.Tensor, rays: torch.Tensor, T_min: float, capacity: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``prune_rays_train`` into exactly ``capacity`` kept indices (zeros past the kept ones:
-    they belong to no ray); kept samples past the capacity are dropped, their rays' counts
-    clipped.
-
-    >>> keep, r, total = prune_rays_train_fixed(torch.tensor([0.0, 1e4, 1.0, 1.0]),
-    ...     torch.tensor([[0.0, 0.1]] * 4), torch.tensor([[0, 3], [3, 1]]), 1e-5, 2)
-    >>> keep.tolist(), r.tolist(), total.tolist()
-    ([0, 1], [[0, 2], [0, 0]], [3])
-    """
+def prune_rays_train_fixed(sigmas, ts, rays, T_min, capacity):
+    """See ``raymarching.prune_rays_train_fixed``."""
     keep, new_rays = prune_rays_train(sigmas, ts, rays, T_min)
     total = torch.full((1,), keep.numel(), dtype=torch.int32, device=sigmas.device)
     return _fit_rows(keep, capacity), _clip_rays(new_rays, capacity), total
 
 
 def march_rays(
-    n_alive: int,
-    n_step: int,
-    rays_alive: torch.Tensor,
-    rays_t: torch.Tensor,
-    rays_o: torch.Tensor,
-    rays_d: torch.Tensor,
-    bound: float,
-    density_bitfield: torch.Tensor,
-    C: int,
-    G: int,
-    nears: torch.Tensor,
-    fars: torch.Tensor,
-    dt_gamma: float = 0.0,
-    max_steps: int = 1024,
+    n_alive,
+    n_step,
+    rays_alive,
+    rays_t,
+    rays_o,
+    rays_d,
+    bound,
+    density_bitfield,
+    C,
+    G,
+    nears,
+    fars,
+    dt_gamma,
+    max_steps,
 ):
-    """The next ``n_step`` occupied samples of each alive ray (inference).
-
-    ``rays_t`` [N] holds each ray's next lattice point and is advanced in place past the
-    last lattice point visited; unused sample slots have ``dt = 0``. Rays with ``rays_t >=
-    far`` are exhausted.
-
-    Args:
-        rays_alive: [n_alive] int indices of the rays still marching.
-        rays_t: [N] float, updated in place; start it at ``nears``.
-
-    Returns:
-        xyzs, dirs: [n_alive*n_step, 3]; ts: [n_alive*n_step, 2] (t, dt).
-    """
+    """See ``raymarching.march_rays``."""
     dt_min, dt_max = _step_params(bound, C, G, max_steps)
     idx = rays_alive.long()
     o, d, far = rays_o[idx], rays_d[idx], fars[idx]
@@ -463,24 +294,9 @@ def march_rays(
 
 
 def composite_rays(
-    n_alive: int,
-    n_step: int,
-    rays_alive: torch.Tensor,
-    rays_t: torch.Tensor,
-    sigmas: torch.Tensor,
-    rgbs: torch.Tensor,
-    ts: torch.Tensor,
-    weights_sum: torch.Tensor,
-    depth: torch.Tensor,
-    image: torch.Tensor,
-    fars: torch.Tensor,
-    T_thresh: float = 1e-2,
-) -> None:
-    """Accumulate one ``march_rays`` batch into the frame, in place (inference).
-
-    Rays whose transmittance falls below ``T_thresh``, or that are exhausted
-    (``rays_t >= far``), are marked dead by setting ``rays_alive[i] = -1``.
-    """
+    n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image, fars, T_thresh
+):
+    """See ``raymarching.composite_rays``."""
     idx = rays_alive.long()
     sig = sigmas.float().reshape(n_alive, n_step)
     dt = ts[:, 1].reshape(n_alive, n_step)

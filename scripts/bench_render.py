@@ -17,7 +17,9 @@ against full sweeps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -28,16 +30,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gridencoder  # noqa: E402
-import gridencoder._cuda as gc  # noqa: E402
 import raymarching  # noqa: E402
-import raymarching._cuda as rc  # noqa: E402
 from main import nerf_configs, parse_args  # noqa: E402
 from nerf.network_base import build_field  # noqa: E402
 from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
 
-# The grid encoder's CUDA kernel layouts compared by --kernel_variants: (AGG_MODE, SOA).
+# The grid encoder's CUDA kernel layouts compared by --kernel_variants: (agg_mode, soa), the
+# GridEncoder attributes (see gridencoder.grid_encode).
 GRID_LAYOUTS = ((0, False), (1, False), (0, True), (1, True))
+
+
+def grid_layout(model) -> tuple[int, bool]:
+    """The (agg_mode, soa) of the model's grid encoder."""
+    return model.encoder.agg_mode, model.encoder.soa
+
+
+def set_grid_layout(model, layout: tuple[int, bool]) -> None:
+    model.encoder.agg_mode, model.encoder.soa = layout
 
 
 # The fitted object: a ball (centre, radius) on a box (centre, half sizes).
@@ -125,6 +135,20 @@ def render_frame(model, ro: torch.Tensor, rd: torch.Tensor) -> dict:
     dev = ro.device.type
     with torch.no_grad(), torch.autocast(dev, dtype=torch.float16, enabled=dev == "cuda"):
         return model.render(ro, rd, bg_color=torch.ones(3, device=ro.device), max_ray_batch=4096)
+
+
+@contextlib.contextmanager
+def march_warp(warp: bool):
+    """The renderer's training marches with ``warp`` (a warp per ray, or a thread walking each
+    ray): raymarching.march_rays_train(_fixed) wrapped for the duration, as ``counted`` wraps
+    march_rays (the renderer has no option for it)."""
+    saved = raymarching.march_rays_train, raymarching.march_rays_train_fixed
+    raymarching.march_rays_train = functools.partial(saved[0], warp=warp)
+    raymarching.march_rays_train_fixed = functools.partial(saved[1], warp=warp)
+    try:
+        yield
+    finally:
+        raymarching.march_rays_train, raymarching.march_rays_train_fixed = saved
 
 
 def counted(fn) -> tuple[object, list[tuple[int, int]]]:
@@ -263,10 +287,10 @@ def grid_kernels(model, device) -> list[str]:
         "",
         f"Hash grid on one training step: {x.shape[0]} kept samples + {fd.shape[0]} fd points.",
         "",
-        "| AGG_MODE | SOA | forward ms (main + fd) | forward + backward ms |",
+        "| agg_mode | soa | forward ms (main + fd) | forward + backward ms |",
         "|---|---|---|---|",
     ]
-    saved = (gc.AGG_MODE, gc.SOA)
+    saved = grid_layout(model)
 
     def fwd():
         with torch.no_grad():
@@ -278,11 +302,11 @@ def grid_kernels(model, device) -> list[str]:
         torch.autograd.backward(ys, [up["main"], up["fd"]])
 
     for agg, soa in GRID_LAYOUTS:
-        gc.AGG_MODE, gc.SOA = agg, soa
+        set_grid_layout(model, (agg, soa))
         f_ms, _ = timeit(fwd, 20, device)
         fb_ms, _ = timeit(fwd_bwd, 20, device)
         lines.append(f"| {agg} | {soa} | {f_ms:.2f} | {fb_ms:.2f} |")
-    gc.AGG_MODE, gc.SOA = saved
+    set_grid_layout(model, saved)
     L = enc.num_levels
     cum = [timeit(lambda k=k: fwd_bwd(k / L), 10, device)[0] for k in range(1, L + 1)]
     per = [cum[0]] + [b - a for a, b in zip(cum, cum[1:])]
@@ -307,12 +331,12 @@ def ab_rounds(model, device, light, repeat: int, attr: str, values, shadings=("l
 def ab_march(model, device, light, repeat: int) -> list[str]:
     """Training renders, eager and replayed from CUDA graphs (--graph_render), with the CUDA
     training march as a thread walking each ray and as a warp per ray
-    (``raymarching._cuda.MARCH_WARP``), alternating, three rounds per case; each graphed
+    (``raymarching.march_rays_train``'s ``warp``, through ``march_warp``), alternating, three rounds per case; each graphed
     measurement captures its graphs anew (the march is chosen at capture)."""
     from nerf.graphed import GraphedRender
 
     ro, rd = rays(device, 64, 64)
-    saved = (rc.MARCH_WARP, model.graph_render, model.render_graphs)
+    saved = (model.graph_render, model.render_graphs)
     lines = ["", "| training render | round | thread per ray, ms | warp per ray, ms |", "|---|---|---|---|"]
     for graphed in (False, True):
         model.graph_render = graphed
@@ -320,13 +344,13 @@ def ab_march(model, device, light, repeat: int) -> list[str]:
             for r in range(3):
                 ms = []
                 for warp in (False, True):
-                    rc.MARCH_WARP = warp
-                    model.render_graphs = GraphedRender(max_work=saved[2].max_work)
+                    model.render_graphs = GraphedRender(max_work=saved[1].max_work)
                     fn = lambda s=shading: train_render(model, ro, rd, light, s)  # noqa: E731
-                    ms.append(timeit(fn, repeat, device, warmup=8)[0])
+                    with march_warp(warp):
+                        ms.append(timeit(fn, repeat, device, warmup=8)[0])
                 label = f"{shading}{', graphed' if graphed else ''}"
                 lines.append(f"| {label} | {r + 1} | {ms[0]:.2f} | {ms[1]:.2f} |")
-    rc.MARCH_WARP, model.graph_render, model.render_graphs = saved
+    model.graph_render, model.render_graphs = saved
     return lines
 
 
@@ -393,7 +417,7 @@ def main() -> None:
     ap.add_argument(
         "--kernel_variants",
         action="store_true",
-        help="add rows for the grid encoder's other kernel layouts (gridencoder._cuda AGG_MODE, SOA)",
+        help="add rows for the grid encoder's other kernel layouts (GridEncoder agg_mode, soa)",
     )
     ap.add_argument(
         "--stencil_calls",
@@ -424,7 +448,7 @@ def main() -> None:
         "--ab_march",
         action="store_true",
         help="also time the training renders (eager and graphed) with the CUDA training march as a "
-        "thread per ray against a warp per ray (raymarching._cuda.MARCH_WARP), alternating",
+        "thread per ray against a warp per ray (raymarching.march_rays_train's warp), alternating",
     )
     ap.add_argument(
         "--ab",
@@ -448,7 +472,7 @@ def main() -> None:
     grid_full = model.density_grid.clone()
 
     rows = []
-    # (name, backend, cuda_ray, prune, grid-encoder kernel layout {AGG_MODE, SOA} or None,
+    # (name, backend, cuda_ray, prune, grid-encoder kernel layout (agg_mode, soa) or None,
     # --graph_pass / --graph_render or None)
     variants = [
         ("run_cuda, CUDA kernels", "auto", True, True, None, None),
@@ -468,17 +492,17 @@ def main() -> None:
     if device.type != "cuda":
         variants = variants[4:]
     elif args.kernel_variants:
-        default = (gc.AGG_MODE, gc.SOA)
+        default = grid_layout(model)
         for agg, soa in GRID_LAYOUTS:
             if (agg, soa) != default:
-                name = f"run_cuda, CUDA kernels, grid AGG_MODE {agg}" + (" SOA" if soa else "")
+                name = f"run_cuda, CUDA kernels, grid agg_mode {agg}" + (" soa" if soa else "")
                 variants.insert(1, (name, "auto", True, True, (agg, soa), None))
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device=device), dim=-1)
     for name, backend, cuda_ray, prune, layout, graph in variants:
-        saved = (gc.AGG_MODE, gc.SOA)
+        saved = grid_layout(model)
         model.graph_pass, model.graph_render = graph == "pass", graph == "render"
         if layout is not None:
-            gc.AGG_MODE, gc.SOA = layout
+            set_grid_layout(model, layout)
         model.cfg = dataclasses.replace(model.cfg, prune_samples=prune)
         raymarching.set_backend(backend)
         gridencoder.set_backend(backend)
@@ -506,7 +530,7 @@ def main() -> None:
             print(
                 f"--graph_render: {g.captures} captures, {g.overflows} overflows, counts {[s.need for s in g.sizes.values()]}"
             )
-        gc.AGG_MODE, gc.SOA = saved
+        set_grid_layout(model, saved)
     raymarching.set_backend("auto")
     gridencoder.set_backend("auto")
     model.cuda_ray = True

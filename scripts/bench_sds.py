@@ -18,16 +18,13 @@ regularizers, backward, Adan step, EMA) in the RGB phase, and reports
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import importlib
 import json
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-import unittest.mock
 from pathlib import Path
 
 import torch
@@ -172,23 +169,7 @@ VARIANTS: dict[str, list[str]] = {
         "--compile_vae",
     ],
 }
-# Variants that also set module attributes (kernel choices that are no command-line option):
-# name -> (main.py options, {"module.ATTR": value}), restored after the variant.
-PATCHED: dict[str, tuple[list[str], dict[str, object]]] = {
-    # The training march as a thread walking each ray (the default before the warp per ray).
-    "-O default with the thread-per-ray march": (O_DEFAULT, {"raymarching._cuda.MARCH_WARP": False}),
-}
-VARIANTS.update({name: options for name, (options, _) in PATCHED.items()})
 DEFAULT_VARIANTS = list(VARIANTS)[:5]
-
-
-def patched(name: str) -> contextlib.AbstractContextManager:
-    """Set the module attributes of PATCHED[name] (if any) for the duration of a variant."""
-    stack = contextlib.ExitStack()
-    for path, value in PATCHED.get(name, ([], {}))[1].items():
-        mod, attr = path.rsplit(".", 1)
-        stack.enter_context(unittest.mock.patch.object(importlib.import_module(mod), attr, value))
-    return stack
 
 
 def sync(device: torch.device) -> None:
@@ -607,8 +588,7 @@ def main() -> None:
         model_path = args.hf_key or str(build_sd(tmp / "sd", args.model))
         results = []
         for n in names:
-            with patched(n):
-                r = run_variant(n, VARIANTS[n], args, model_path, device, tmp)
+            r = run_variant(n, VARIANTS[n], args, model_path, device, tmp)
             print(
                 f"{n}: {r['ms']:.1f} ms/iter, {r['its']:.2f} it/s, warm-up {r['warmup_s']:.1f} s, "
                 f"alloc {r.get('alloc_gib', 0):.2f} GiB, reserved {r.get('reserved_gib', 0):.2f} GiB; "

@@ -57,7 +57,7 @@ def main() -> None:
         "--unroll",
         action="store_true",
         help="also time the fused encoder and its largest GroupNorm with the kernels' pixels per "
-        "thread iteration (guidance.groupnorm.UNROLL) at 1, 2 and 4, alternating",
+        "thread iteration (GroupNormAct.unroll, group_norm_act's unroll) at 1, 2 and 4, alternating",
     )
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -105,7 +105,7 @@ def main() -> None:
             f"{name}: {ms:.2f} ms, compiled in {compile_s:.0f} s, grad rel diff {diff:.2e}, {parts}",
             flush=True,
         )
-    extra = unroll_rounds(compiled, x_in, g, args.repeat) if args.unroll else []
+    extra = unroll_rounds(compiled, vae.encoder, x_in, g, args.repeat) if args.unroll else []
     print(f"\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}\n")
     kinds = ["convolutions and GEMMs", "GroupNorm, SiLU and other element-wise", "other"]
     print("| encoder | fwd + bwd ms | " + " | ".join(f"{k}, ms" for k in kinds) + " | grad rel. diff |")
@@ -119,16 +119,18 @@ def main() -> None:
     print("\n".join(extra))
 
 
-def unroll_rounds(compiled, x_in, g, repeat: int) -> list[str]:
+def unroll_rounds(compiled, encoder, x_in, g, repeat: int) -> list[str]:
     """The fused encoder (recaptured per setting: the kernels are chosen at capture) and its
-    largest GroupNorm + SiLU alone (1x128x512x512, forward + backward), for UNROLL 1, 2, 4 in
-    turn, three rounds; and the input gradient's largest difference between the settings."""
+    largest GroupNorm + SiLU alone (1x128x512x512, forward + backward), for unroll 1, 2, 4 in
+    turn (``GroupNormAct.unroll`` of the encoder's fused norms), three rounds; and the input
+    gradient's largest difference between the settings."""
     from guidance import groupnorm
 
     dev = x_in.device
     values = (1, 2, 4)
-    saved = groupnorm.UNROLL
-    lines = ["", "| case | round | " + " | ".join(f"UNROLL {u}, ms" for u in values) + " |"]
+    norms = [m for m in encoder.modules() if isinstance(m, groupnorm.GroupNormAct)]
+    saved = [m.unroll for m in norms]
+    lines = ["", "| case | round | " + " | ".join(f"unroll {u}, ms" for u in values) + " |"]
     lines.append("|---|---|" + "---|" * len(values))
     xs = torch.randn(1, 128, 512, 512, device=dev, dtype=torch.half).contiguous(
         memory_format=torch.channels_last
@@ -136,15 +138,16 @@ def unroll_rounds(compiled, x_in, g, repeat: int) -> list[str]:
     w, b = torch.rand(128, device=dev) + 0.5, torch.randn(128, device=dev)
     dy = torch.randn_like(xs)
 
-    def gn_step():
+    def gn_step(unroll: int):
         x = xs.detach().requires_grad_(True)
-        groupnorm.group_norm_act(x, w, b, 32, 1e-6, True)[0].backward(dy)
+        groupnorm.group_norm_act(x, w, b, 32, 1e-6, True, unroll)[0].backward(dy)
 
     grads, again = {}, None
     for r in range(3):
         enc_ms, gn_ms = [], []
         for u in values:
-            groupnorm.UNROLL = u
+            for m in norms:
+                m.unroll = u
             fn = torch.cuda.make_graphed_callables(compiled, (x_in.clone().requires_grad_(True),))
 
             def step(fn=fn):
@@ -156,21 +159,22 @@ def unroll_rounds(compiled, x_in, g, repeat: int) -> list[str]:
             if u == values[0] and again is None:
                 again = step().float()  # the same setting twice: the run-to-run difference
             enc_ms.append(timeit(step, repeat, dev)[0])
-            gn_ms.append(timeit(gn_step, repeat, dev)[0])
+            gn_ms.append(timeit(lambda u=u: gn_step(u), repeat, dev)[0])
         lines.append(f"| encoder fwd + bwd | {r + 1} | " + " | ".join(f"{m:.2f}" for m in enc_ms) + " |")
         lines.append(
             f"| GroupNorm+SiLU 128x512x512 | {r + 1} | " + " | ".join(f"{m:.3f}" for m in gn_ms) + " |"
         )
-    groupnorm.UNROLL = saved
+    for m, u in zip(norms, saved):
+        m.unroll = u
     ref = grads[values[0]]
 
     def rel(a):
         return ((a - ref).norm() / ref.norm()).item()
 
     lines.append(
-        "input gradient, relative L2 difference from UNROLL 1: "
-        + ", ".join(f"UNROLL {u} {rel(grads[u]):.1e}" for u in values[1:])
-        + f"; UNROLL 1 run twice: {rel(again):.1e} (atomic adds make runs differ)"
+        "input gradient, relative L2 difference from unroll 1: "
+        + ", ".join(f"unroll {u} {rel(grads[u]):.1e}" for u in values[1:])
+        + f"; unroll 1 run twice: {rel(again):.1e} (atomic adds make runs differ)"
     )
     return lines
 

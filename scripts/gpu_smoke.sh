@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 python3 -c "from guidance.sd_factory import build_sd; build_sd('/tmp/tsd', 'tiny'); build_sd('/tmp/sd21', 'sd2.1-base')" > /dev/null 2>&1
 echo "== kernel build (first use; cold when the cache folder is new)"
-python3 -c "from raymarching import _build; m = _build.load_kernels(); print('built' if m else 'FAILED', f'in {_build.build_seconds:.1f} s at', _build.cache_dir())"
+python3 -c "from cuda_kernels import build; m = build.load_kernels(); print('built' if m else 'FAILED', f'in {build.build_seconds:.1f} s at', build.cache_dir())"
 echo "== CUDA tests"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_renderer.py tests/test_speed.py tests/test_guidance.py tests/test_provider.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -4 "$OUT/pytest.log"

@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_raymarching import _field, assert_mostly_equal, random_scene, render_inference
 
+from cuda_kernels import build
 from gridencoder import GridEncoder
 from gridencoder import _cuda as gc
 from gridencoder import _torch_impl as ge
-from raymarching import _build
 from raymarching import _cuda as rc
 from raymarching import _torch_impl as rm
 from tests.conftest import nerf_configs
@@ -28,11 +28,11 @@ DEV = "cuda"
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    if _build.find_nvcc() is None:
+    if build.find_nvcc() is None:
         pytest.skip("no CUDA compiler found (set CUDA_HOME or put nvcc on PATH)")
-    mod = _build.load_kernels()
+    mod = build.load_kernels()
     assert mod is not None, "the CUDA kernels failed to build"
-    print(f"\n[kernels] loaded in {_build.build_seconds:.1f} s from {_build.cache_dir()}")
+    print(f"\n[kernels] loaded in {build.build_seconds:.1f} s from {build.cache_dir()}")
     return mod
 
 
@@ -104,7 +104,7 @@ def march_inputs(C, G, bound, perturb, p=0.05, N=4096, seed=0):
     return o, d, bits, nears, fars, noise
 
 
-def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0):
+def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0, warp=True):
     o, d, bits, nears, fars, noise = march_inputs(C, G, bound, perturb, p, N, seed)
     ref = rm.march_rays_train(o, d, bound, bits, C, G, nears, fars, perturb, dt_gamma, max_steps, noise)
     got = rc.march_rays_train(
@@ -120,21 +120,21 @@ def march_both(C, G, bound, dt_gamma, max_steps, perturb, p=0.05, N=4096, seed=0
         dt_gamma,
         max_steps,
         None if noise is None else noise.to(DEV),
+        warp,
     )
     return ref, got
 
 
 @pytest.fixture(params=[True, False], ids=["warp", "walk"])
-def march_mode(request, monkeypatch):
-    """Both CUDA training marches: a warp per ray (the default with dt_gamma 0) and a thread
-    walking each ray with empty-space skips (dt_gamma > 0 always walks)."""
-    monkeypatch.setattr(rc, "MARCH_WARP", request.param)
+def march_mode(request):
+    """Both CUDA training marches (``warp``): a warp per ray (the default with dt_gamma 0) and a
+    thread walking each ray with empty-space skips (dt_gamma > 0 always walks)."""
     return request.param
 
 
 @pytest.mark.parametrize("case", MARCH_CASES)
 def test_march_rays_train_matches_twin(case, march_mode):
-    ref, got = march_both(*case)
+    ref, got = march_both(*case, warp=march_mode)
     xyzs, dirs, ts, rays = ref
     assert got[3].dtype == torch.int32 and got[0].shape == xyzs.shape
     bad = (got[3][:, 1].cpu() != rays[:, 1]).sum().item()
@@ -167,7 +167,7 @@ def test_composite_rays_train_forward_backward(channels):
     ref = rm.composite_rays_train(s_ref, c_ref, ts_c.cpu(), rays_c.cpu())
     torch.autograd.backward(ref, ups)
     s_got, c_got = sig.to(DEV).requires_grad_(), rgb.to(DEV).requires_grad_()
-    got = rc.composite_rays_train(s_got, c_got, ts_c, rays_c)
+    got = rc.composite_rays_train(s_got, c_got, ts_c, rays_c, 1e-4)
     torch.autograd.backward(got, [u.to(DEV) for u in ups])
     errs = {name: rel_err(a, b) for name, a, b in zip(("weights", "weights_sum", "depth", "image"), got, ref)}
     errs["grad_sigmas"] = rel_err(s_got.grad, s_ref.grad)
@@ -203,7 +203,7 @@ def test_composite_rays_train_gradcheck_float64():
         device=DEV,
     )
     rays = torch.tensor([[4, 3], [0, 2], [2, 2]], dtype=torch.int32, device=DEV)
-    assert torch.autograd.gradcheck(lambda s, c: rc.composite_rays_train(s, c, ts, rays), (sig, rgb))
+    assert torch.autograd.gradcheck(lambda s, c: rc.composite_rays_train(s, c, ts, rays, 1e-4), (sig, rgb))
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,9 @@ def test_inference_equals_training_on_gpu():
     o, d, bits = random_scene(2048, C, G, bound, seed=9)
     o, d, bits = o.to(DEV), d.to(DEV), bits.to(DEV)
     nears, fars = rc.near_far_from_aabb(o, d, torch.tensor([-1.0] * 3 + [1.0] * 3, device=DEV), 0.05)
-    xyzs, _, ts, rays = rc.march_rays_train(o, d, bound, bits, C, G, nears, fars)
+    xyzs, _, ts, rays = rc.march_rays_train(
+        o, d, bound, bits, C, G, nears, fars, False, 0.0, 1024, None, True
+    )
     sig, rgb = _field(xyzs)
     _, ws, depth, image = rc.composite_rays_train(sig, rgb, ts, rays, 1e-4)
     inference = render_inference(
@@ -384,12 +386,10 @@ def test_grid_encoder_module_normals_on_gpu():
 
 
 @pytest.mark.parametrize("agg_mode,soa", [(0, False), (1, False), (0, True), (1, True)])
-def test_grid_encode_backward_with_warp_groups_matches_twin(monkeypatch, agg_mode, soa):
+def test_grid_encode_backward_with_warp_groups_matches_twin(agg_mode, soa):
     """Points along rays (as the ray marcher emits them) share cells inside a warp at coarse
     levels: every way of merging the warp's atomics (and both feature layouts) must still give
     the twin's gradients."""
-    monkeypatch.setattr(gc, "AGG_MODE", agg_mode)
-    monkeypatch.setattr(gc, "SOA", soa)
     offsets, points, scale, emb, _ = grid_setup(3, 16, 2, 19, 16, 2048, False)
     g = torch.Generator().manual_seed(7)
     o = torch.rand(37, 1, 3, generator=g)  # 37 rays of 1000 samples, 0.0005 apart
@@ -401,7 +401,19 @@ def test_grid_encode_backward_with_warp_groups_matches_twin(monkeypatch, agg_mod
     ge.grid_encode(x_ref, e_ref, offsets, points, scale, 16, False, "smoothstep").backward(up)
     for max_level in (None, 11):  # also with a warp straddling used and zeroed levels
         e_got, x_got = emb.to(DEV).requires_grad_(), x.to(DEV).requires_grad_()
-        got = gc.grid_encode(x_got, e_got, offsets, points, scale, 16, False, "smoothstep", max_level)
+        got = gc.grid_encode(
+            x_got,
+            e_got,
+            offsets,
+            points,
+            scale,
+            16,
+            False,
+            "smoothstep",
+            max_level,
+            agg_mode=agg_mode,
+            soa=soa,
+        )
         assert got.shape == (x.shape[0], 32)
         # The upstream gradient row-major, or feature-major (read in place by the kernel).
         up_dev = up.to(DEV) if max_level is None else up.t().contiguous().to(DEV).t()
@@ -549,14 +561,14 @@ def test_fixed_size_march_and_prune_match_twin(fit, march_mode):
     samples and kept indices of the variable-size kernels plus zero padding in no ray; past the
     capacity, the true totals, clipped rays inside it, and each ray a prefix of its samples."""
     case = (2, 64, 2.0, 0.0, 1024, True)
-    (_, _, ts_t, rays_t), (xyzs, _, ts, rays) = march_both(*case)  # twin, CUDA
+    (_, _, ts_t, rays_t), (xyzs, _, ts, rays) = march_both(*case, warp=march_mode)  # twin, CUDA
     M = xyzs.shape[0]
     o, d, bits, nears, fars, noise = march_inputs(2, 64, 2.0, True)  # march_both's scene
     cap = M + 1000 if fit == "room" else M // 2
     args = (
         [t.to(DEV) for t in (o, d)] + [2.0, bits.to(DEV), 2, 64] + [t.to(DEV) for t in (nears, fars, noise)]
     )
-    fx, _, ft, frays, total = rc.march_rays_train_fixed(*args, 0.0, 1024, cap)
+    fx, _, ft, frays, total = rc.march_rays_train_fixed(*args, 0.0, 1024, cap, march_mode)
     assert fx.shape == (cap, 3) and ft.shape == (cap, 2) and total.tolist() == [M]
     counts = frays[:, 1].long().cpu()
     assert int((frays[:, 0].long().cpu() + counts).max()) <= cap and int(counts.sum()) == min(M, cap)
@@ -682,13 +694,13 @@ def test_timing_report():
     o, d, bits = o.to(DEV), d.to(DEV), bits.to(DEV)
     aabb = torch.tensor([-1.0] * 3 + [1.0] * 3, device=DEV)
     nears, fars = rc.near_far_from_aabb(o, d, aabb, 0.05)
-    march = lambda: rc.march_rays_train(o, d, 1.0, bits, 1, 128, nears, fars, True)  # noqa: E731
+    march = lambda: rc.march_rays_train(o, d, 1.0, bits, 1, 128, nears, fars, True, 0.0, 1024, None, True)  # noqa: E731
     xyzs, _, ts, rays = march()
     sig = torch.rand(xyzs.shape[0], device=DEV, requires_grad=True)
     rgb = torch.rand(xyzs.shape[0], 3, device=DEV, requires_grad=True)
 
     def composite():
-        out = rc.composite_rays_train(sig, rgb, ts, rays)
+        out = rc.composite_rays_train(sig, rgb, ts, rays, 1e-4)
         (out[1].sum() + out[3].sum()).backward()
 
     enc = GridEncoder(desired_resolution=2048).to(DEV)

@@ -78,17 +78,16 @@ def test_fused_encoder_gives_the_same_moments_and_input_gradient():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_kernels_match_the_twin(dtype, unroll, monkeypatch):
+def test_cuda_kernels_match_the_twin(dtype, unroll):
     """The kernels on channels_last CUDA tensors against the twin (float32 arithmetic on the same
     rounded inputs) for the SD VAE encoder's shapes (and an odd pixel count), forward and the
     gradient to the input, with and without the SiLU; opcheck on the CUDA op."""
-    from raymarching._build import load_kernels
+    from cuda_kernels.build import load_kernels
 
     if load_kernels() is None:
         pytest.skip("the CUDA kernels did not build")
     from guidance import groupnorm
 
-    monkeypatch.setattr(groupnorm, "UNROLL", unroll)  # pixels per thread per loop iteration
     torch.manual_seed(0)
     # The SD VAE's shapes, an odd pixel count, and the built-in prior's first level (one channel
     # per group).
@@ -101,7 +100,7 @@ def test_cuda_kernels_match_the_twin(dtype, unroll, monkeypatch):
             w = torch.randn(shape[1], device="cuda", dtype=dtype)
             b = torch.randn(shape[1], device="cuda", dtype=dtype)
             assert groupnorm._use_kernel(x, 32)
-            y, mean, rstd = group_norm_act(x, w, b, 32, 1e-6, silu)
+            y, mean, rstd = group_norm_act(x, w, b, 32, 1e-6, silu, unroll)  # unroll: pixels/thread/iteration
             assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
             dy = torch.randn_like(y)
             (dx,) = torch.autograd.grad(y, x, dy)
@@ -116,4 +115,4 @@ def test_cuda_kernels_match_the_twin(dtype, unroll, monkeypatch):
                 mean.cpu(), xc.detach().reshape(shape[0], 32, -1).mean(-1), rtol=0, atol=1e-4
             )
         if shape[2] < 64:
-            torch.library.opcheck(group_norm_act, (x, w, b, 32, 1e-6, True))
+            torch.library.opcheck(group_norm_act, (x, w, b, 32, 1e-6, True, unroll))

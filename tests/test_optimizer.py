@@ -265,9 +265,9 @@ def test_gated_adan_counts_steps_per_parameter():
 def test_fused_cuda_adan_equals_the_foreach_gated_update():
     """nerf/csrc/adan.cu against _step_gated's foreach arithmetic: two groups, global-norm
     clipping, a late-starting parameter, skipped steps (NaN gradients, the very first step)."""
-    from raymarching import _build
+    from cuda_kernels.build import load_kernels
 
-    if _build.load_kernels() is None:
+    if load_kernels() is None:
         pytest.skip("the CUDA kernels are not available")
 
     def make(fused):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import raymarching
 from raymarching import _torch_impl as rm
 
 UNIT_BOX = torch.tensor([-1.0, -1, -1, 1, 1, 1])
@@ -46,8 +47,9 @@ def test_packbits_bit_order():
 
 
 def _march(o, d, bits, C, G, bound, **kw):
+    """The public march (its defaults; on CPU tensors it runs the twin)."""
     nears, fars = rm.near_far_from_aabb(o, d, torch.tensor([-bound] * 3 + [bound] * 3), 0.05)
-    return rm.march_rays_train(o, d, bound, bits, C, G, nears, fars, **kw)
+    return raymarching.march_rays_train(o, d, bound, bits, C, G, nears, fars, **kw)
 
 
 def test_full_grid_gives_the_documented_lattice():
@@ -222,7 +224,7 @@ def test_inference_equals_training_on_a_random_grid():
     C, G, bound = 1, 16, 1.0  # the box's diagonal fits in max_steps, so no ray is capped
     o, d, bits = random_scene(200, C, G, bound, seed=3)
     nears, fars = rm.near_far_from_aabb(o, d, UNIT_BOX * bound, 0.05)
-    xyzs, _, ts, rays = rm.march_rays_train(o, d, bound, bits, C, G, nears, fars)
+    xyzs, _, ts, rays = rm.march_rays_train(o, d, bound, bits, C, G, nears, fars, False, 0.0, 1024, None)
     sigma, rgb = _field(xyzs)
     _, ws, depth, image = rm.composite_rays_train(sigma, rgb, ts, rays, T_thresh=1e-4)
     inference = render_inference(o, d, bits, C, G, bound, T_thresh=1e-4)

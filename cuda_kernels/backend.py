@@ -1,5 +1,5 @@
-"""Lazy choice between a package's CUDA module and its PyTorch twin (shared by
-``raymarching`` and ``gridencoder``)."""
+"""Lazy choice between a package's CUDA module and its PyTorch twin (used by
+``raymarching`` and ``gridencoder``; the package is named by a string, not imported here)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,11 @@ def find_nvcc() -> str | None:
 
 
 def cache_dir() -> Path:
-    """Build folder, keyed by torch, CUDA and Python versions (binaries match all three)."""
+    """Build folder, keyed by torch, CUDA and Python versions (binaries match all three).
+
+    >>> cache_dir().name, cache_dir().parent.name.startswith("torch")
+    ('dreamfusion_kernels', True)
+    """
     root = os.environ.get("DREAMFUSION_KERNEL_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "dreamfusion" / "kernels"
     torch_ver = torch.__version__.split("+")[0]
