@@ -32,8 +32,8 @@ class Adan(torch.optim.Optimizer):
     count as a device tensor and, on CUDA, runs one fused kernel per parameter tensor
     (``fused``: None uses it when our kernels build, False never) instead of the foreach passes.
 
-    >>> p = torch.nn.Parameter(torch.ones(2)); opt = Adan([p], lr=0.1)
-    >>> p.grad = torch.ones(2); opt.step(); p.detach().tolist()
+    >>> p = torch.nn.Parameter(torch.ones(2)); adan = Adan([p], lr=0.1)
+    >>> p.grad = torch.ones(2); adan.step(); p.detach().tolist()
     [0.8999999761581421, 0.8999999761581421]
     """
 

@@ -219,34 +219,33 @@ class Trainer:
         self.cfg, self.losses, self.cond = cfg, losses, cond
         # The run's whole option set, for the log and each checkpoint's record (never read).
         self.options = dict(options or {})
-        opt = cfg
         self.device = device
         self.model = model.to(device)
         self.guidance = guidance
-        self.workspace = Path(opt.workspace)
+        self.workspace = Path(cfg.workspace)
         self.ckpt_dir = self.workspace / "checkpoints"
         for sub in ("checkpoints", "validation", "results", "run"):
             (self.workspace / sub).mkdir(parents=True, exist_ok=True)
         self.log_path = self.workspace / f"log_{self.name}.txt"
 
         # Precision: fp16 autocast with a GradScaler, or bf16 autocast without one.
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opt.precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=opt.precision == "fp16")
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-        if opt.optim == "adan":
+        if cfg.optim == "adan":
             # Adan takes 5x the base rate; the hash grid gets a further 10x (get_params).
             self.optimizer = Adan(
-                model.get_params(5 * opt.lr), eps=1e-8, weight_decay=2e-5, max_grad_norm=5.0
+                model.get_params(5 * cfg.lr), eps=1e-8, weight_decay=2e-5, max_grad_norm=5.0
             )
         else:
-            self.optimizer = torch.optim.Adam(model.get_params(opt.lr), betas=(0.9, 0.99), eps=1e-15)
+            self.optimizer = torch.optim.Adam(model.get_params(cfg.lr), betas=(0.9, 0.99), eps=1e-15)
         if getattr(model, "lr_decay", False):
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, lambda it: 0.1 ** min(it / opt.iters, 1.0)
+                self.optimizer, lambda it: 0.1 ** min(it / cfg.iters, 1.0)
             )
         else:
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: 1.0)
-        self.ema = EMA(model.parameters(), opt.ema_decay) if opt.ema_decay > 0 else None
+        self.ema = EMA(model.parameters(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         # With Adan the skip of a non-finite step is decided on the device, so on a GPU the
         # host reads each step's loss back one step later instead of waiting for it: the next
         # step's host work (batch, launches) overlaps the GPU's work on this one.
@@ -284,13 +283,13 @@ class Trainer:
     # --- prompts --------------------------------------------------------------------------
     def prepare_embeddings(self) -> None:
         """Embed the prompt, its view variants and the negative prompt once (disk-cached)."""
-        opt = self.cond
-        if "SD" not in self.guidance or opt.text is None:
+        cond = self.cond
+        if "SD" not in self.guidance or cond.text is None:
             return
         sd = self.guidance["SD"]
         names = ["uncond", "default"] + list(INTERP_VIEWS)
         dirs = {"front": FRONT, "side": SIDE, "back": BACK, "overhead": OVERHEAD, "bottom": BOTTOM}
-        prompts = [opt.negative, opt.text] + [view_prompt(opt.text, dirs[v]) for v in INTERP_VIEWS]
+        prompts = [cond.negative, cond.text] + [view_prompt(cond.text, dirs[v]) for v in INTERP_VIEWS]
         # Loading a text encoder initialises weights from the global RNG: keep it out of the
         # training stream so a cached run and a fresh one draw the same random numbers.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -300,13 +299,13 @@ class Trainer:
 
     def text_embeddings_for(self, data: dict) -> torch.Tensor:
         """[2B,77,D]: the negative prompt for each view, then the view-dependent prompt."""
-        opt, E = self.cond, self.embeddings
+        cond, E = self.cond, self.embeddings
         B = data["polar"].shape[0]
-        if opt.view_prompt == "interp":
+        if cond.view_prompt == "interp":
             w = data["view_weights"]  # interp_view_weights, computed with the cameras
             stack = torch.cat([E[v] for v in INTERP_VIEWS])  # [5,77,D]
             cond = torch.einsum("bk,kld->bld", w.to(stack.dtype), stack)
-        elif opt.view_prompt == "discrete":
+        elif cond.view_prompt == "discrete":
             by_class = {
                 FRONT: "front",
                 SIDE: "side",
@@ -324,29 +323,29 @@ class Trainer:
     def progress(self, step: int | None = None) -> float:
         """Fraction of the run done at ``step`` (default: now), for schedules
         (``--exp_start_iter``/``--exp_end_iter``)."""
-        opt = self.cfg
-        start = opt.exp_start_iter or 0
-        end = opt.exp_end_iter or opt.iters
+        cfg = self.cfg
+        start = cfg.exp_start_iter or 0
+        end = cfg.exp_end_iter or cfg.iters
         step = self.global_step if step is None else step
         return min(max((step - start) / max(end - start, 1), 0.0), 1.0)
 
     def shading_for_step(self, ratio: float) -> tuple[str, float, bool]:
         """(shading, ambient ratio, as_latent) of this step: the latent warm-up renders normals
         + mask as the latent; then albedo; then random ambient with lambertian or textureless."""
-        opt = self.cfg
-        if ratio < opt.latent_iter_ratio:
+        cfg = self.cfg
+        if ratio < cfg.latent_iter_ratio:
             return "normal", 1.0, True
-        if ratio < opt.albedo_iter_ratio:
+        if ratio < cfg.albedo_iter_ratio:
             return "albedo", 1.0, False
-        ambient = opt.min_ambient_ratio + (1 - opt.min_ambient_ratio) * torch.rand(()).item()
-        shading = "textureless" if torch.rand(()).item() < opt.textureless_ratio else "lambertian"
+        ambient = cfg.min_ambient_ratio + (1 - cfg.min_ambient_ratio) * torch.rand(()).item()
+        shading = "textureless" if torch.rand(()).item() < cfg.textureless_ratio else "lambertian"
         return shading, ambient, False
 
     def train_step(self, data: dict, save_guidance_path: str | None = None) -> tuple[torch.Tensor, dict]:
         """Render one batch of random cameras and score it: returns (loss, parts)."""
-        opt, model = self.cfg, self.model
+        cfg, model = self.cfg, self.model
         ratio = self.progress()
-        if opt.progressive_level:
+        if cfg.progressive_level:
             model.max_level = min(1.0, 0.25 + 2.0 * ratio)
         shading, ambient, as_latent = self.shading_for_step(ratio)
         rays_o, rays_d = data["rays_o"], data["rays_d"]
@@ -372,9 +371,9 @@ class Trainer:
             pred = torch.cat([image, out["weights_sum"].reshape(B, 1, H, W)], 1)
         else:
             pred = image
-        if opt.grad_clip_rgb > 0 and pred.requires_grad:
+        if cfg.grad_clip_rgb > 0 and pred.requires_grad:
             limit = (
-                opt.grad_clip_rgb * self.scaler.get_scale() if self.scaler.is_enabled() else opt.grad_clip_rgb
+                cfg.grad_clip_rgb * self.scaler.get_scale() if self.scaler.is_enabled() else cfg.grad_clip_rgb
             )
             pred.register_hook(lambda g: g.clamp(-limit, limit))
 
@@ -395,7 +394,7 @@ class Trainer:
         if self.losses.lambda_entropy > 0 and "weights" in out:
             entropy = weight_entropy(out["weights"], out.get("n_pruned", 0), out.get("n_padding", 0))
             parts["entropy"] = (
-                self.losses.lambda_entropy * min(1.0, 2 * self.global_step / opt.iters) * entropy
+                self.losses.lambda_entropy * min(1.0, 2 * self.global_step / cfg.iters) * entropy
             )
         if self.losses.lambda_opacity > 0:
             parts["opacity"] = self.losses.lambda_opacity * (out["weights_sum"].float() ** 2).mean()
@@ -474,14 +473,14 @@ class Trainer:
         or with ``defer_sync`` the previous step's (None after the first; ``flush()`` gives
         the last). With Adan the skip is decided on the device, so the host reads the loss
         back one step late, while the GPU works, instead of waiting for it every step."""
-        opt, model = self.cfg, self.model
+        cfg, model = self.cfg, self.model
         model.train()
         if model.cuda_ray and self.global_step % model.cfg.update_extra_interval == 0:
             with self.autocast():
                 model.update_extra_state()
         self.optimizer.zero_grad(set_to_none=True)
         save_path = None
-        if opt.save_guidance and self.global_step % opt.save_guidance_interval == 0:
+        if cfg.save_guidance and self.global_step % cfg.save_guidance_interval == 0:
             save_path = str(self.workspace / "guidance" / f"step_{self.global_step:07d}.png")
         with self.autocast():
             loss, parts = self.train_step(data, save_guidance_path=save_path)
@@ -499,8 +498,8 @@ class Trainer:
         rec = self._readback(finite, loss, parts, complete)
         done: _StepRecord | dict | None
         if self._gated():
-            if opt.grad_clip > 0:
-                torch.nn.utils.clip_grad_value_(model.parameters(), opt.grad_clip)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
             # = scaler.step(optimizer) with the found-inf decision left on the device.
             self.optimizer.step(ok=finite)
             self.scaler.update()  # lowers the loss scale after an overflow, as GradScaler does
@@ -513,8 +512,8 @@ class Trainer:
         else:
             done = self._finish(rec)  # the host decides: one sync per step
             if done["ok"]:
-                if opt.grad_clip > 0:
-                    torch.nn.utils.clip_grad_value_(model.parameters(), opt.grad_clip)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 if self.ema is not None:
                     self.ema.update()
@@ -597,9 +596,9 @@ class Trainer:
     def train(
         self, train_set: NeRFDataset, valid_set: NeRFDataset | None, test_set: NeRFDataset | None
     ) -> None:
-        opt = self.cfg
+        cfg = self.cfg
         per_epoch = train_set.size
-        max_epoch = math.ceil(opt.iters / per_epoch)
+        max_epoch = math.ceil(cfg.iters / per_epoch)
         kill_at = int(os.environ.get("DREAMFUSION_KILL_AFTER_STEP", "0"))  # fault injection for tests
         self.prepare_embeddings()
         start = time.time()
@@ -607,21 +606,21 @@ class Trainer:
             self._train_epochs(train_set, valid_set, test_set, max_epoch, per_epoch, kill_at)
         finally:
             thaw()  # --graph_render froze the run's objects for cheap collections: not past the run
-        self.log(f"[done] {self.global_step} steps in {time.time() - start:.1f} s", echo=not opt.quiet)
+        self.log(f"[done] {self.global_step} steps in {time.time() - start:.1f} s", echo=not cfg.quiet)
 
     def _train_epochs(
         self, train_set, valid_set, test_set, max_epoch: int, per_epoch: int, kill_at: int
     ) -> None:
-        opt = self.cfg
-        while self.epoch < max_epoch and self.global_step < opt.iters:
+        cfg = self.cfg
+        while self.epoch < max_epoch and self.global_step < cfg.iters:
             self.epoch += 1
-            steps = min(per_epoch, opt.iters - self.global_step)
+            steps = min(per_epoch, cfg.iters - self.global_step)
             bar = tqdm(
                 total=steps,
                 desc=f"epoch {self.epoch}/{max_epoch}",
                 dynamic_ncols=True,
                 leave=False,
-                disable=opt.quiet,
+                disable=cfg.quiet,
             )
             t0, losses = time.time(), []
             # The epoch's cameras are drawn a block at a time (one vectorised draw instead of
@@ -651,13 +650,13 @@ class Trainer:
                 f"[epoch {self.epoch}] step {self.global_step} loss {mean_loss:.5g} "
                 f"({steps / max(time.time() - t0, 1e-9):.2f} it/s, skipped {self.nonfinite_total}"
                 f"{f' + {self.incomplete_total} incomplete renders' if self.incomplete_total else ''}{mem})",
-                echo=not opt.quiet,
+                echo=not cfg.quiet,
             )
             self.save_checkpoint()
-            last = self.global_step >= opt.iters
-            if valid_set is not None and (self.epoch % opt.eval_interval == 0 or last):
+            last = self.global_step >= cfg.iters
+            if valid_set is not None and (self.epoch % cfg.eval_interval == 0 or last):
                 self.evaluate(valid_set)
-            if test_set is not None and (self.epoch % opt.test_interval == 0 or last):
+            if test_set is not None and (self.epoch % cfg.test_interval == 0 or last):
                 self.test(test_set)
 
     def _render_frame(self, data: dict, shading: str = "albedo", need_normal: bool = False) -> dict:
