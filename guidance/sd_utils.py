@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import option
+from common.files import atomic_write
 
 from .base import GuidanceConfig, register
 from .sd_fast import SDSpeedConfig
@@ -378,9 +379,7 @@ class StableDiffusion(torch.nn.Module):
                 ).input_ids.to(self.device)
                 emb = enc(ids)[0].float().cpu()
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file({"embeds": emb.contiguous()}, str(tmp))
-                os.replace(tmp, path)
+                atomic_write(path, lambda tmp, emb=emb: save_file({"embeds": emb.contiguous()}, str(tmp)))
             out.append(emb)
         return torch.cat(out).to(self.device)
 

@@ -19,7 +19,7 @@ Conventions:
 * ``uv`` follows the OBJ/OpenGL convention: (0, 0) is the bottom-left corner of the texture
   image, so texel row 0 (the top row of the PNG) holds ``v`` close to 1.
 
-The module imports nothing else from the project, so it works on any pair of callables.
+The module imports nothing of ``nerf/`` (only ``common/``), so it works on any pair of callables.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from common.config import option
+from common.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -499,17 +500,14 @@ def bake_texture(
 def _atomic_write(path: Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write)
 
 
 def _png_bytes(texture: np.ndarray) -> bytes:

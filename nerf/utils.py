@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.config import option
+from common.files import atomic_write
+from common.rng import forked_rng
 from guidance.base import GuidanceConfig
 
 from .graphed import thaw
@@ -113,10 +115,7 @@ class CheckpointError(RuntimeError):
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never
     leaves a half-written checkpoint in place of a finished one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
@@ -150,10 +149,7 @@ def _normalize_depth(depth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def write_image(path: str | os.PathLike, arr: np.ndarray) -> None:
     import imageio.v2 as imageio
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    imageio.imwrite(tmp, arr)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: imageio.imwrite(tmp, arr))
 
 
 def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 25) -> bool:
@@ -166,10 +162,7 @@ def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 25
     except ImportError:
         tqdm.write("[video] imageio-ffmpeg is not installed: mp4 skipped, PNG frames kept")
         return False
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    imageio.mimwrite(tmp, frames, fps=fps, quality=8, macro_block_size=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: imageio.mimwrite(tmp, frames, fps=fps, quality=8, macro_block_size=1))
     return True
 
 
@@ -292,7 +285,7 @@ class Trainer:
         prompts = [cond.negative, cond.text] + [view_prompt(cond.text, dirs[v]) for v in INTERP_VIEWS]
         # Loading a text encoder initialises weights from the global RNG: keep it out of the
         # training stream so a cached run and a fresh one draw the same random numbers.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with forked_rng(self.device):
             embeds = sd.get_text_embeds(prompts)
         self.embeddings = {n: embeds[i : i + 1] for i, n in enumerate(names)}
         sd.release_text_encoder()
@@ -702,7 +695,7 @@ class Trainer:
         self.model.eval()
         rows = []
         with (
-            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            forked_rng(self.device),
             self._with_ema(),
         ):
             for i in range(len(valid_set)):
@@ -731,7 +724,7 @@ class Trainer:
         if write_frames:
             frame_dir.mkdir(parents=True, exist_ok=True)
         with (
-            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            forked_rng(self.device),
             self._with_ema(),
         ):
             for i in tqdm(range(len(test_set)), desc="test video", leave=False, disable=self.cfg.quiet):
@@ -767,9 +760,7 @@ class Trainer:
         self._links = links
         lines = [f"# {self.cond.text or 'run'}", "", f"step {self.global_step}, epoch {self.epoch}", ""]
         lines += [f"- [{k}]({os.path.relpath(p, self.workspace)})" for k, p in links.items()]
-        tmp = index.with_name(".README.md.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, index)
+        atomic_write(index, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
     def six_views(self, cameras: CameraConfig) -> list[Path]:
         """PNGs of the front, right, back, left, top and bottom views (EMA weights)."""
@@ -787,7 +778,7 @@ class Trainer:
         paths = []
         self.model.eval()
         with (
-            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            forked_rng(self.device),
             self._with_ema(),
         ):
             for name, (theta, phi) in views.items():
