@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import add_config_arguments, from_namespace, option
+from guidance import sd_utils  # noqa: F401 - registers --guidance SD (and its configs)
 from guidance.base import REGISTRY, GuidanceConfig
-from guidance.sd_fast import SDSpeedConfig  # noqa: F401 - registers with the SD guidance
-from guidance.sd_utils import SDConfig  # noqa: F401 - registers --guidance SD
 from nerf.fast import NeRFSpeedConfig
 from nerf.losses import LossConfig
 from nerf.mesh import MeshConfig

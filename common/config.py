@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -42,26 +43,26 @@ def config_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def _base_type(cls: type, f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(cls)
-    tp = hints[f.name]
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        tp = args[0]
-    return tp
+def _base_type(hint: Any) -> Any:
+    """``int`` for ``int``, ``int | None`` and ``Optional[int]``: the type an option parses."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if args else hint
+    return hint
 
 
 def add_config_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, prefix: str = ""
 ) -> None:
     """Add one ``--<prefix><name>`` option per documented field of ``cls`` to ``parser``."""
+    hints = typing.get_type_hints(cls)
     for f in config_fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help")
         tristate = meta.pop("tristate", False)
         flags = [f"--{prefix}{f.name}"] + list(meta.pop("aliases", ()))
         default = f.default
-        tp = _base_type(cls, f)
+        tp = _base_type(hints[f.name])
         if tristate:
             parser.add_argument(
                 *flags, action=argparse.BooleanOptionalAction, default=default, help=help_text, **meta
