@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 _OUT = 4  # head outputs: density logit and three albedo logits
 _O_TILE = 16  # head columns in the kernels (tensor-core tiles need 16)
-# Launch settings (scripts/bench_fused_mlp.py sweeps them): rows per tile, warps per program,
+# Launch settings (scripts/lab/bench_fused_mlp.py sweeps them): rows per tile, warps per program,
 # backward programs per SM.
 _BM = 64
 _WARPS = 4

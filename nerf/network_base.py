@@ -128,7 +128,7 @@ def bucket_rows(n: int) -> int:
 
     cuBLASLt chooses a GEMM algorithm for each new shape: that cost 0.27-0.55 ms of host time
     per ReLU-epilogue GEMM against 0.03-0.04 ms for a shape seen before (H100, torch 2.11,
-    scripts/bench_gemm.py), and the sample count changes at every step. Padding the rows to
+    scripts/lab/bench_gemm.py), and the sample count changes at every step. Padding the rows to
     64-128 sizes per octave makes the shapes repeat (a 10k-step run meets a few hundred
     sizes), for at most 1.6% more rows (with buckets of up to 6%, bench_sds's allocation peak
     was 0.17 GiB higher).
@@ -164,7 +164,7 @@ def _head_forward(
         if pad and out_pad and h.shape[0] >= _PAD_OUT_MIN_ROWS:
             # 4 output columns: padded to 8 (zero rows of W) cuBLAS picks a faster kernel, 0.6x
             # to 0.8x the time at 400k rows on the H100; at 100k rows padding is slower
-            # (scripts/bench_gemm.py).
+            # (scripts/lab/bench_gemm.py).
             w, b = F.pad(w, (0, 0, 0, out_pad)), F.pad(b, (0, out_pad))
         h = torch.addmm(b, h, w.t())[:, :out]
     logit = h[:, 0].float() + blob

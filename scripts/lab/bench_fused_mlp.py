@@ -4,7 +4,7 @@ of a fitted scene's 64x64 render (100k), its fd passes (700k) and a fresh field'
 ``--sweep``, the kernels' launch settings (rows per tile, warps, backward programs per SM); and
 the host's cost per call on 256 rows (launches, Python), for the head and the fd shading.
 
-    python scripts/bench_fused_mlp.py [--sweep] [--repeat 20]
+    python scripts/lab/bench_fused_mlp.py [--sweep] [--repeat 20]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nerf import fused_mlp  # noqa: E402
 from nerf.network_base import _FDShade, _MLPHead, bucket_rows  # noqa: E402

@@ -8,7 +8,7 @@
 2. The last layer maps 64 features to 4 outputs; this times it against the same GEMM with the
    weight padded to 8 or 16 output rows.
 
-    python scripts/bench_gemm.py
+    python scripts/lab/bench_gemm.py
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ difference of its output from the first variant's (same weights and inputs), and
 call by kind of kernel (convolutions, GEMMs, attention, Inductor's GroupNorm kernels, other
 element-wise) from 5 profiled calls, with the longest kernels. Needs a GPU:
 
-    python scripts/profile_unet.py [--variants "compiled,compiled + fused qkv"] [--top 25]
+    python scripts/lab/profile_unet.py [--variants "compiled,compiled + fused qkv"] [--top 25]
 
 Variants (comma-separated names of ``VARIANTS``):
   compiled: the -O UNet (``torch.compile`` defaults).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from guidance.sd_factory import CONFIGS  # noqa: E402
 from guidance.sd_utils import fuse_qkv  # noqa: E402
 from scripts.trace_stats import device_ms, ms_by_kind  # noqa: E402

@@ -5,7 +5,7 @@ field, composite, backward...) with wrappers that time each call on the host (no
 a section that syncs, like the march, also includes waiting for the GPU), then the top of a
 cProfile of 30 lambertian renders. Where the eager render's host time goes, on a fitted scene.
 
-    python scripts/profile_render_host.py      (needs a GPU)
+    python scripts/lab/profile_render_host.py      (needs a GPU)
 """
 
 import cProfile
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import raymarching  # noqa: E402
 from main import nerf_configs, parse_args  # noqa: E402
 from nerf import fused_mlp  # noqa: E402

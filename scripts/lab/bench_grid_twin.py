@@ -4,7 +4,7 @@ Times ``gridencoder._torch_impl.grid_encode`` forward + backward (table and inpu
 and the forward without gradients, on random points and the built-in prior's grid (16 levels
 here, 2^14 table, finest 256). Medians over ``--repeat`` calls, alternating the two.
 
-    python scripts/bench_grid_twin.py [--points 60000] [--repeat 9]
+    python scripts/lab/bench_grid_twin.py [--points 60000] [--repeat 9]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gridencoder._torch_impl import grid_encode, level_layout  # noqa: E402
 

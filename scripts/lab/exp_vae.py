@@ -1,6 +1,6 @@
 """Experiment: VAE encoder forward + backward-to-input at 512x512 (SD 2.1 VAE, random weights).
 
-python scripts/exp_vae.py
+python scripts/lab/exp_vae.py
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from guidance.sd_factory import random_vae  # noqa: E402
 from scripts.bench_render import timeit as bench_timeit  # noqa: E402
 
