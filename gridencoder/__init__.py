@@ -1,8 +1,9 @@
 """Multi-resolution hash-grid encoder with a CUDA kernel and a PyTorch twin.
 
-``grid_encode`` (and ``GridEncoder``, which calls it) runs ``gridencoder/_cuda.py`` when its
-input lives on a GPU, the extension builds and the kernels take the inputs, and
-``_torch_impl.grid_encode`` otherwise (which defines the semantics, see there).
+``grid_encode`` (and ``GridEncoder``, which calls it) is the twin ``_torch_impl.grid_encode``
+(which defines the semantics and carries the one typed, documented signature) wrapped by a
+dispatch: it runs ``gridencoder/_cuda.py`` (which takes the same arguments) when its input lives
+on a GPU, the extension builds and the kernels take the inputs, and the twin otherwise.
 Set ``DREAMFUSION_GRIDENCODER=torch`` to force the twin everywhere.
 """
 
@@ -12,7 +13,7 @@ import math
 from types import ModuleType
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cuda_kernels.backend import CudaBackend
 
@@ -32,75 +33,8 @@ def set_backend(name: str) -> None:
     _backend.set(name)
 
 
-def grid_encode(
-    inputs: Tensor,
-    embeddings: Tensor,
-    offsets: list[int],
-    points: list[int],
-    per_level_scale: float,
-    base_resolution: int,
-    align_corners: bool = False,
-    interpolation: str = "linear",
-    max_level: int | None = None,
-    *,
-    out_dtype: torch.dtype | None = None,
-    live: tuple[Tensor, int] | None = None,
-    agg_mode: int = 1,
-    soa: bool = True,
-) -> Tensor:
-    """Encode points with a multi-resolution grid (``_torch_impl``'s docstring: the layout).
-
-    Args:
-        inputs: [N,D] coordinates in [0,1], float32 (float64 for gradcheck; float16/bfloat16
-            are computed in float32).
-        embeddings: [T,F] all levels' tables, level ``l`` at rows ``offsets[l]:offsets[l+1]``
-            (float32, float16 or bfloat16; float64 with float64 inputs).
-        offsets, points: [L+1] and [L] from ``level_layout``.
-        per_level_scale, base_resolution: the levels' scales (see ``_torch_impl``).
-        align_corners: lattice points on the box's corners.
-        interpolation: "linear" or "smoothstep".
-        max_level: levels >= max_level give zeros (None: all levels).
-        out_dtype: CUDA only: the features' dtype: the table's (None), or float16/bfloat16 for
-            a float32 table (what autocast would cast them to: interpolated in float32, rounded
-            once, and their gradient read in that dtype; saves the cast and its memory).
-        live: CUDA only: (count [1] int32 on the GPU, period): only rows n with n % period <
-            count are computed; the others give zero features and pass no gradient (padding
-            rows of a fixed-size CUDA graph replay). None: every row. The twin computes every row.
-        agg_mode: CUDA only: 1 (the default): a warp first sums the embedding-gradient atomics
-            of consecutive lanes on the same table row (samples of one ray share cells at
-            coarse levels); 0: every atomic is issued. The same gradients up to rounding;
-            ``scripts/bench_render.py --kernel_variants`` times both.
-        soa: CUDA only: True (the default): features computed as [L*F, N] (a warp's stores
-            coalesce) and returned as the transposed [N, L*F] view (the Linear layers after it
-            take the transposed layout as is); False: computed as [N, L*F].
-
-    Returns:
-        [N, L*F] features, level-major (level 0's F features first), in the embeddings' dtype
-        (or ``out_dtype``); differentiable with respect to both ``embeddings`` and ``inputs``.
-
-    >>> off, pts = level_layout(3, 2, 2.0, 4, 19, align_corners=True)
-    >>> emb = torch.arange(off[-1], dtype=torch.float32)[:, None]
-    >>> grid_encode(torch.zeros(1, 3), emb, off, pts, 2.0, 4, align_corners=True).tolist()
-    [[0.0, 64.0]]
-    """
-    args = (
-        inputs,
-        embeddings,
-        offsets,
-        points,
-        per_level_scale,
-        base_resolution,
-        align_corners,
-        interpolation,
-        max_level,
-    )
-    if inputs.is_cuda:
-        cuda = cuda_backend()
-        if cuda is not None:
-            out = cuda.grid_encode(*args, out_dtype=out_dtype, live=live, agg_mode=agg_mode, soa=soa)
-            if out is not NotImplemented:
-                return out
-    return _torch_impl.grid_encode(*args)
+# The public function: the twin (its typed signature and docs), run by the kernels for GPU inputs.
+grid_encode = _backend.dispatch(_torch_impl.grid_encode, on="inputs")
 
 
 class GridEncoder(nn.Module):

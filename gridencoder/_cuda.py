@@ -1,4 +1,5 @@
-"""CUDA hash-grid encoding: ``grid_encode`` of ``_torch_impl`` on GPU tensors.
+"""CUDA hash-grid encoding: ``grid_encode`` of ``_torch_impl`` on GPU tensors (with its
+arguments, handed over by name by ``takes_args_of``).
 
 Kernels live in ``gridencoder/csrc`` and are built (with the ray marcher's, as one
 extension) on first use by ``cuda_kernels/build.py``. Supported: D in {2, 3}, at most 8
@@ -12,10 +13,11 @@ runs the twin's arithmetic instead, so second derivatives are exact, at the twin
 
 from __future__ import annotations
 
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
+from cuda_kernels.backend import takes_args_of
 from cuda_kernels.build import load_kernels
 
 from . import _torch_impl
@@ -43,54 +45,47 @@ _layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _layout(
-    offsets: list[int],
-    points: list[int],
-    per_level_scale: float,
-    base_resolution: int,
-    align_corners: bool,
-    dtype: torch.dtype,
-    device: torch.device,
+    a: SimpleNamespace, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Device copies of offsets [L+1] int32, points [L] int32 and the position scales [L],
-    cached (one upload per encoder). The scales are computed on the CPU in float32 exactly as
-    the twin does, so that both put every point in the same cell."""
-    key = (tuple(offsets), tuple(points), per_level_scale, base_resolution, align_corners, dtype, device)
+    """Device copies of offsets [L+1] int32, points [L] int32 and the position scales [L] of
+    ``grid_encode``'s arguments ``a``, cached (one upload per encoder). The scales are computed
+    on the CPU in float32 exactly as the twin does, so that both put every point in the same
+    cell."""
+    key = (
+        tuple(a.offsets),
+        tuple(a.points),
+        a.per_level_scale,
+        a.base_resolution,
+        a.align_corners,
+        dtype,
+        device,
+    )
     if key not in _layouts:
-        levels = torch.arange(len(points), dtype=torch.float32)
-        scale = base_resolution * torch.pow(torch.tensor(per_level_scale), levels) - 1
-        if align_corners:
+        levels = torch.arange(len(a.points), dtype=torch.float32)
+        scale = a.base_resolution * torch.pow(torch.tensor(a.per_level_scale), levels) - 1
+        if a.align_corners:
             scale = torch.ceil(scale)
         _layouts[key] = (
-            torch.tensor(offsets, dtype=torch.int32, device=device),
-            torch.tensor(points, dtype=torch.int32, device=device),
+            torch.tensor(a.offsets, dtype=torch.int32, device=device),
+            torch.tensor(a.points, dtype=torch.int32, device=device),
             scale.to(dtype).to(device),
         )
     return _layouts[key]
 
 
-_N_CONFIG_ARGS = 11  # _GridEncode.forward's arguments after inputs and embeddings (no gradient)
+_N_CONFIG_ARGS = 6  # _GridEncode.forward's arguments after inputs and embeddings (no gradient)
 
 
 class _GridEncode(torch.autograd.Function):
+    """The kernels' forward and backward. ``options``: ``grid_encode``'s other arguments by
+    name (the twin's backward recomputes from them); ``levels``: ``max_level`` clamped to
+    [0, L]; ``out_dtype``: the features' dtype."""
+
     @staticmethod
-    def forward(
-        ctx,
-        inputs,
-        embeddings,
-        offsets_t,
-        points_t,
-        scales,
-        align_corners,
-        smoothstep,
-        max_level,
-        out_dtype,
-        twin_args,
-        live,
-        agg_mode,
-        soa,
-    ):
-        soa = bool(soa)
-        live_t, period = live if live is not None else (None, 1)
+    def forward(ctx, inputs, embeddings, offsets_t, points_t, scales, options, levels, out_dtype):
+        soa = bool(options["soa"])
+        align_corners, smoothstep = bool(options["align_corners"]), options["interpolation"] == "smoothstep"
+        live_t, period = options["live"] if options["live"] is not None else (None, 1)
         out = _ext().grid_encode_forward(
             inputs,
             embeddings,
@@ -99,15 +94,15 @@ class _GridEncode(torch.autograd.Function):
             scales,
             align_corners,
             smoothstep,
-            max_level,
+            levels,
             soa,
             out_dtype,
             live_t,
             period,
         )
         ctx.save_for_backward(inputs, embeddings, offsets_t, points_t, scales)
-        ctx.cfg = (align_corners, smoothstep, max_level)
-        ctx.twin_args, ctx.live, ctx.agg_mode = twin_args, (live_t, period), int(agg_mode)
+        ctx.cfg = (align_corners, smoothstep, levels)
+        ctx.options, ctx.live, ctx.agg_mode = options, (live_t, period), int(options["agg_mode"])
         return out.t() if soa else out
 
     @staticmethod
@@ -117,7 +112,7 @@ class _GridEncode(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph: the kernels have no backward of their own, so the twin recomputes
             # the encoding and differentiates it with a graph (exact second derivatives).
-            grads = _twin_backward(grad_out, inputs, embeddings, ctx.twin_args, need_inputs, need_emb)
+            grads = _twin_backward(grad_out, inputs, embeddings, ctx.options, need_inputs, need_emb)
             return (*grads, *[None] * _N_CONFIG_ARGS)
         # The kernel reads the gradient in either layout, so no transposed copy is made (a
         # Linear's backward gives [N, L*F] row-major even when the forward wrote [L*F, N]).
@@ -148,16 +143,16 @@ def _twin_backward(
     grad_out: torch.Tensor,
     inputs: torch.Tensor,
     embeddings: torch.Tensor,
-    twin_args: tuple,
+    options: dict,
     need_inputs: bool,
     need_emb: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(d inputs, d embeddings) of <grad_out [N, L*F], features>, differentiable in grad_out,
     inputs and embeddings: the twin's encoding of the saved tensors, differentiated with a
-    graph."""
+    graph; ``options``: ``grid_encode``'s other arguments by name."""
     with torch.enable_grad():
         # need_inputs is inputs.requires_grad (autograd's needs_input_grad): no detached copy.
-        feats = _torch_impl.grid_encode(inputs, embeddings, *twin_args)
+        feats = _torch_impl.grid_encode(inputs, embeddings, **options)
         wrt = [t for t, need in ((inputs, need_inputs), (embeddings, need_emb)) if need]
         grads = iter(
             torch.autograd.grad(feats, wrt, grad_out.to(feats.dtype), create_graph=True, allow_unused=True)
@@ -165,29 +160,16 @@ def _twin_backward(
     return (next(grads) if need_inputs else None, next(grads) if need_emb else None)
 
 
-def grid_encode(
-    inputs,
-    embeddings,
-    offsets,
-    points,
-    per_level_scale,
-    base_resolution,
-    align_corners,
-    interpolation,
-    max_level=None,
-    *,
-    out_dtype=None,
-    live=None,
-    agg_mode=1,
-    soa=True,
-):
-    """``gridencoder.grid_encode`` (where the arguments are documented) on GPU tensors, or
+@takes_args_of(_torch_impl.grid_encode)
+def grid_encode(a: SimpleNamespace):
+    """``_torch_impl.grid_encode`` (where the arguments are documented) on GPU tensors, or
     NotImplemented for inputs the kernels do not take. Returns [N, L*F] (a transposed view with
-    ``soa``)."""
-    if interpolation not in ("linear", "smoothstep"):
-        raise ValueError(f"unknown interpolation {interpolation!r}")
+    ``a.soa``)."""
+    if a.interpolation not in ("linear", "smoothstep"):
+        raise ValueError(f"unknown interpolation {a.interpolation!r}")
+    inputs, embeddings = a.inputs, a.embeddings
     N, D = inputs.shape
-    L, F = len(points), embeddings.shape[1]
+    L, F = len(a.points), embeddings.shape[1]
     if inputs.dtype in (torch.float16, torch.bfloat16):
         inputs = inputs.float()  # the twin computes positions in float32 too
     pair_ok = (inputs.dtype == torch.float32 and embeddings.dtype in _EMB_DTYPES) or (
@@ -199,27 +181,15 @@ def grid_encode(
         and D in (2, 3)
         and 1 <= F <= 8
         and pair_ok
-        and offsets[-1] < 2**31
+        and a.offsets[-1] < 2**31
     ):
         return NotImplemented
-    offsets_t, points_t, scales = _layout(
-        offsets, points, per_level_scale, base_resolution, align_corners, inputs.dtype, inputs.device
-    )
-    levels = L if max_level is None else max(0, min(int(max_level), L))
+    offsets_t, points_t, scales = _layout(a, inputs.dtype, inputs.device)
+    levels = L if a.max_level is None else max(0, min(int(a.max_level), L))
+    out_dtype = a.out_dtype
     if out_dtype is None or embeddings.dtype != torch.float32:
         out_dtype = embeddings.dtype
+    options = {k: v for k, v in vars(a).items() if k not in ("inputs", "embeddings")}
     return _GridEncode.apply(
-        inputs.contiguous(),
-        embeddings.contiguous(),
-        offsets_t,
-        points_t,
-        scales,
-        bool(align_corners),
-        interpolation == "smoothstep",
-        levels,
-        out_dtype,
-        (offsets, points, per_level_scale, base_resolution, align_corners, interpolation, max_level),
-        live,
-        agg_mode,
-        soa,
+        inputs.contiguous(), embeddings.contiguous(), offsets_t, points_t, scales, options, levels, out_dtype
     )

@@ -1,6 +1,9 @@
 """Pure-PyTorch multi-resolution hash-grid encoding (instant-ngp style).
 
-This defines the semantics that the CUDA kernel (``gridencoder/_cuda.py``) reproduces.
+This defines the semantics that the CUDA kernel (``gridencoder/_cuda.py``) reproduces, and
+``grid_encode`` here is the one typed, documented signature: ``gridencoder.grid_encode`` is it
+wrapped by the CUDA-or-twin dispatch (``cuda_kernels.backend``), and ``_cuda.grid_encode``
+takes the same arguments.
 
 Level ``l`` has scale ``s_l = base_resolution * per_level_scale**l - 1`` and
 ``res_l = ceil(s_l) + 1``. With ``align_corners=False`` a point ``x`` in [0,1] sits at
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
 
@@ -50,17 +54,57 @@ def level_layout(
 
 
 def grid_encode(
-    inputs,
-    embeddings,
-    offsets,
-    points,
-    per_level_scale,
-    base_resolution,
-    align_corners=False,
-    interpolation="linear",
-    max_level=None,
-):
-    """See ``gridencoder.grid_encode`` (without its CUDA-only options)."""
+    inputs: Tensor,
+    embeddings: Tensor,
+    offsets: list[int],
+    points: list[int],
+    per_level_scale: float,
+    base_resolution: int,
+    align_corners: bool = False,
+    interpolation: str = "linear",
+    max_level: int | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+    live: tuple[Tensor, int] | None = None,
+    agg_mode: int = 1,
+    soa: bool = True,
+) -> Tensor:
+    """Encode points with a multi-resolution grid (this module's docstring: the layout).
+
+    Args:
+        inputs: [N,D] coordinates in [0,1], float32 (float64 for gradcheck; float16/bfloat16
+            are computed in float32).
+        embeddings: [T,F] all levels' tables, level ``l`` at rows ``offsets[l]:offsets[l+1]``
+            (float32, float16 or bfloat16; float64 with float64 inputs).
+        offsets, points: [L+1] and [L] from ``level_layout``.
+        per_level_scale, base_resolution: the levels' scales (see this module's docstring).
+        align_corners: lattice points on the box's corners.
+        interpolation: "linear" or "smoothstep".
+        max_level: levels >= max_level give zeros (None: all levels).
+        out_dtype: CUDA only (the twin ignores it): the features' dtype: the table's (None), or float16/bfloat16 for
+            a float32 table (what autocast would cast them to: interpolated in float32, rounded
+            once, and their gradient read in that dtype; saves the cast and its memory).
+        live: CUDA only (the twin ignores it: it computes every row): (count [1] int32 on the
+            GPU, period): only rows n with n % period < count are computed; the others give zero
+            features and pass no gradient (padding rows of a fixed-size CUDA graph replay).
+            None: every row.
+        agg_mode: CUDA only (the twin ignores it): 1 (the default): a warp first sums the embedding-gradient atomics
+            of consecutive lanes on the same table row (samples of one ray share cells at
+            coarse levels); 0: every atomic is issued. The same gradients up to rounding;
+            ``scripts/bench_render.py --kernel_variants`` times both.
+        soa: CUDA only (the twin ignores it): True (the default): features computed as [L*F, N] (a warp's stores
+            coalesce) and returned as the transposed [N, L*F] view (the Linear layers after it
+            take the transposed layout as is); False: computed as [N, L*F].
+
+    Returns:
+        [N, L*F] features, level-major (level 0's F features first), in the embeddings' dtype
+        (or ``out_dtype``); differentiable with respect to both ``embeddings`` and ``inputs``.
+
+    >>> off, pts = level_layout(3, 2, 2.0, 4, 19, align_corners=True)
+    >>> emb = torch.arange(off[-1], dtype=torch.float32)[:, None]
+    >>> grid_encode(torch.zeros(1, 3), emb, off, pts, 2.0, 4, align_corners=True).tolist()
+    [[0.0, 64.0]]
+    """
     N, D = inputs.shape
     L = len(points)
     F_ = embeddings.shape[1]

@@ -1,9 +1,10 @@
 """CUDA ray marcher: the kernels of ``raymarching``'s functions on GPU tensors.
 
-Each function takes the arguments of its public namesake (``raymarching.<name>``, where they
-are documented; the twin ``_torch_impl`` defines the semantics) and returns the same shapes and
-dtypes, or NotImplemented for inputs the kernels do not take (other dtypes, CPU tensors, more
-than 16 composite channels): ``raymarching`` then runs the twin. Kernels live in
+Each function takes the arguments of its twin (``_torch_impl.<name>``, where they are typed and
+documented, and which defines the semantics; ``takes_args_of`` hands them over by name, as
+``a.<argument>``) and returns the same shapes and dtypes, or NotImplemented for inputs the
+kernels do not take (other dtypes, CPU tensors, more than 16 composite channels):
+``raymarching`` then runs the twin. Kernels live in
 ``raymarching/csrc`` and are built on first use (``cuda_kernels/build.py``). Ray order in
 ``march_rays_train``'s packed arrays is arbitrary (rays reserve slices atomically), but each
 ray's samples are contiguous and front to back, as ``rays`` says.
@@ -11,11 +12,12 @@ ray's samples are contiguous and front to back, as ``rays`` says.
 
 from __future__ import annotations
 
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from cuda_kernels.backend import takes_args_of
 from cuda_kernels.build import load_kernels
 
 from . import _torch_impl
@@ -43,76 +45,76 @@ def _is_f32_cuda(*ts: torch.Tensor) -> bool:
     return all(t.is_cuda and t.dtype == torch.float32 for t in ts)
 
 
-def near_far_from_aabb(rays_o, rays_d, aabb, min_near):
-    if not _is_f32_cuda(rays_o, rays_d):
+@takes_args_of(_torch_impl.near_far_from_aabb)
+def near_far_from_aabb(a: SimpleNamespace):
+    if not _is_f32_cuda(a.rays_o, a.rays_d):
         return NotImplemented
     nears, fars = _ext().near_far_from_aabb(
-        rays_o.contiguous(), rays_d.contiguous(), _f32(aabb.to(rays_o.device)), float(min_near)
+        a.rays_o.contiguous(), a.rays_d.contiguous(), _f32(a.aabb.to(a.rays_o.device)), float(a.min_near)
     )
     return nears, fars
 
 
-def morton3D(coords):  # noqa: N802 - the twin's name
-    if not coords.is_cuda:
+@takes_args_of(_torch_impl.morton3D)
+def morton3D(a: SimpleNamespace):  # noqa: N802 - the twin's name
+    if not a.coords.is_cuda:
         return NotImplemented
-    return _ext().morton3D(coords.to(torch.int32).contiguous())
+    return _ext().morton3D(a.coords.to(torch.int32).contiguous())
 
 
-def morton3D_invert(indices):  # noqa: N802 - the twin's name
-    if not indices.is_cuda:
+@takes_args_of(_torch_impl.morton3D_invert)
+def morton3D_invert(a: SimpleNamespace):  # noqa: N802 - the twin's name
+    if not a.indices.is_cuda:
         return NotImplemented
-    return _ext().morton3D_invert(indices.to(torch.int64).contiguous())
+    return _ext().morton3D_invert(a.indices.to(torch.int64).contiguous())
 
 
-def packbits(grid, thresh):
-    if not _is_f32_cuda(grid):
+@takes_args_of(_torch_impl.packbits)
+def packbits(a: SimpleNamespace):
+    if not _is_f32_cuda(a.grid):
         return NotImplemented
-    return _ext().packbits(grid.contiguous().reshape(-1), float(thresh))
+    return _ext().packbits(a.grid.contiguous().reshape(-1), float(a.thresh))
 
 
-def march_rays_train(
-    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb, dt_gamma, max_steps, noise, warp
-):
-    if not _is_f32_cuda(rays_o, rays_d, nears, fars):
+@takes_args_of(_torch_impl.march_rays_train)
+def march_rays_train(a: SimpleNamespace):
+    if not _is_f32_cuda(a.rays_o, a.rays_d, a.nears, a.fars):
         return NotImplemented
-    if perturb and noise is None:
-        noise = torch.rand(rays_o.shape[0], device=rays_o.device)
-    noise = noise if perturb else None
-    args = (rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps)
-    return tuple(_march_train(*args, -1, warp)[:4])
+    noise = a.noise
+    if a.perturb and noise is None:
+        noise = torch.rand(a.rays_o.shape[0], device=a.rays_o.device)
+    noise = noise if a.perturb else None
+    return tuple(_march_train(a, noise, -1)[:4])
 
 
-def march_rays_train_fixed(
-    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity, warp
-):
-    if not _is_f32_cuda(rays_o, rays_d, nears, fars):
+@takes_args_of(_torch_impl.march_rays_train_fixed)
+def march_rays_train_fixed(a: SimpleNamespace):
+    if not _is_f32_cuda(a.rays_o, a.rays_d, a.nears, a.fars):
         return NotImplemented
-    args = (rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps)
-    return tuple(_march_train(*args, capacity, warp))
+    return tuple(_march_train(a, a.noise, a.capacity))
 
 
-def _march_train(
-    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity, warp
-):
-    """The kernels of both training marches; capacity -1: sized by the count (a host sync);
-    warp: a warp per ray (with dt_gamma 0) or a thread walking each ray."""
-    dt_min, dt_max = _torch_impl._step_params(bound, C, G, max_steps)
+def _march_train(a: SimpleNamespace, noise: torch.Tensor | None, capacity: int):
+    """The kernels of both training marches (``a``: either march's arguments); capacity -1:
+    sized by the count (a host sync); ``a.warp``: a warp per ray (with dt_gamma 0) or a thread
+    walking each ray."""
+    dt_min, dt_max = _torch_impl._step_params(a.bound, a.C, a.G, a.max_steps)
     return _ext().march_rays_train(
-        rays_o.contiguous(),
-        rays_d.contiguous(),
-        nears.contiguous(),
-        fars.contiguous(),
+        a.rays_o.contiguous(),
+        a.rays_d.contiguous(),
+        a.nears.contiguous(),
+        a.fars.contiguous(),
         None if noise is None else _f32(noise),
-        density_bitfield.contiguous(),
-        float(bound),
-        int(C),
-        int(G),
-        float(dt_gamma),
-        int(max_steps),
+        a.density_bitfield.contiguous(),
+        float(a.bound),
+        int(a.C),
+        int(a.G),
+        float(a.dt_gamma),
+        int(a.max_steps),
         dt_min,
         dt_max,
         int(capacity),
-        bool(warp),
+        bool(a.warp),
     )
 
 
@@ -150,117 +152,106 @@ class _CompositeRaysTrain(torch.autograd.Function):
         return grad_sigmas, grad_rgbs, None, None, None
 
 
-def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh):  # noqa: N803 - the twin's name
+@takes_args_of(_torch_impl.composite_rays_train)
+def composite_rays_train(a: SimpleNamespace):
     """Computes in float32 (float64 when sigmas are float64), like the twin."""
-    if not sigmas.is_cuda:
+    if not a.sigmas.is_cuda:
         return NotImplemented
-    cdt = torch.float64 if sigmas.dtype == torch.float64 else torch.float32
+    cdt = torch.float64 if a.sigmas.dtype == torch.float64 else torch.float32
     return _CompositeRaysTrain.apply(
-        sigmas.to(cdt).contiguous(),
-        rgbs.to(cdt).contiguous(),
-        ts.to(cdt).contiguous(),
-        rays.to(torch.int32).contiguous(),
-        float(T_thresh),
+        a.sigmas.to(cdt).contiguous(),
+        a.rgbs.to(cdt).contiguous(),
+        a.ts.to(cdt).contiguous(),
+        a.rays.to(torch.int32).contiguous(),
+        float(a.T_thresh),
     )
 
 
-def prune_rays_train(sigmas, ts, rays, T_min):  # noqa: N803 - the twin's name
-    if not _prune_on_gpu(sigmas, ts):
+@takes_args_of(_torch_impl.prune_rays_train)
+def prune_rays_train(a: SimpleNamespace):
+    if not _prune_on_gpu(a):
         return NotImplemented
-    return tuple(_prune_train(sigmas, ts, rays, T_min, -1)[:2])
+    return tuple(_prune_train(a, -1)[:2])
 
 
-def _prune_on_gpu(sigmas: torch.Tensor, ts: torch.Tensor) -> bool:
-    return _is_f32_cuda(sigmas, ts) and sigmas.dim() == 1 and sigmas.shape[0] > 0
+@takes_args_of(_torch_impl.prune_rays_train_fixed)
+def prune_rays_train_fixed(a: SimpleNamespace):
+    if not _prune_on_gpu(a):
+        return NotImplemented
+    return tuple(_prune_train(a, a.capacity))
 
 
-def _prune_train(sigmas, ts, rays, T_min, capacity):  # noqa: N803 - the twin's name
-    """The kernels of both prunings; capacity -1: keep sized by the kept count (a host sync)."""
+def _prune_on_gpu(a: SimpleNamespace) -> bool:
+    return _is_f32_cuda(a.sigmas, a.ts) and a.sigmas.dim() == 1 and a.sigmas.shape[0] > 0
+
+
+def _prune_train(a: SimpleNamespace, capacity: int):
+    """The kernels of both prunings (``a``: either pruning's arguments); capacity -1: keep
+    sized by the kept count (a host sync)."""
     return _ext().prune_rays_train(
-        sigmas.contiguous(),
-        ts.contiguous(),
-        rays.to(torch.int32).contiguous(),
-        float(T_min),
+        a.sigmas.contiguous(),
+        a.ts.contiguous(),
+        a.rays.to(torch.int32).contiguous(),
+        float(a.T_min),
         int(capacity),
     )
 
 
-def prune_rays_train_fixed(sigmas, ts, rays, T_min, capacity):  # noqa: N803 - the twin's name
-    if not _prune_on_gpu(sigmas, ts):
-        return NotImplemented
-    return tuple(_prune_train(sigmas, ts, rays, T_min, capacity))
-
-
-def march_rays(
-    n_alive,
-    n_step,
-    rays_alive,
-    rays_t,
-    rays_o,
-    rays_d,
-    bound,
-    density_bitfield,
-    C,
-    G,
-    nears,
-    fars,
-    dt_gamma,
-    max_steps,
-):
+@takes_args_of(_torch_impl.march_rays)
+def march_rays(a: SimpleNamespace):
     """Advances rays_t in place."""
     ok = (
-        _is_f32_cuda(rays_t, rays_o, rays_d, fars)
-        and rays_t.is_contiguous()
-        and rays_alive.dtype in (torch.int32, torch.int64)
-        and rays_alive.is_contiguous()
+        _is_f32_cuda(a.rays_t, a.rays_o, a.rays_d, a.fars)
+        and a.rays_t.is_contiguous()
+        and a.rays_alive.dtype in (torch.int32, torch.int64)
+        and a.rays_alive.is_contiguous()
     )
     if not ok:
         return NotImplemented
-    dt_min, dt_max = _torch_impl._step_params(bound, C, G, max_steps)
+    dt_min, dt_max = _torch_impl._step_params(a.bound, a.C, a.G, a.max_steps)
     xyzs, dirs, ts = _ext().march_rays(
-        int(n_alive),
-        int(n_step),
-        rays_alive,
-        rays_t,
-        rays_o.contiguous(),
-        rays_d.contiguous(),
-        density_bitfield.contiguous(),
-        float(bound),
-        int(C),
-        int(G),
-        fars.contiguous(),
-        float(dt_gamma),
-        int(max_steps),
+        int(a.n_alive),
+        int(a.n_step),
+        a.rays_alive,
+        a.rays_t,
+        a.rays_o.contiguous(),
+        a.rays_d.contiguous(),
+        a.density_bitfield.contiguous(),
+        float(a.bound),
+        int(a.C),
+        int(a.G),
+        a.fars.contiguous(),
+        float(a.dt_gamma),
+        int(a.max_steps),
         dt_min,
         dt_max,
     )
     return xyzs, dirs, ts
 
 
-def composite_rays(
-    n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image, fars, T_thresh
-):  # noqa: N803 - the twin's name
+@takes_args_of(_torch_impl.composite_rays)
+def composite_rays(a: SimpleNamespace):
     """Updates weights_sum, depth, image (float32, contiguous) and rays_alive in place."""
     ok = (
-        _is_f32_cuda(weights_sum, depth, image, rays_t, fars)
-        and all(t.is_contiguous() for t in (weights_sum, depth, image, rays_alive))
-        and rays_alive.dtype in (torch.int32, torch.int64)
-        and image.shape[-1] <= _MAX_COMPOSITE_CHANNELS
+        _is_f32_cuda(a.weights_sum, a.depth, a.image, a.rays_t, a.fars)
+        and all(t.is_contiguous() for t in (a.weights_sum, a.depth, a.image, a.rays_alive))
+        and a.rays_alive.dtype in (torch.int32, torch.int64)
+        and a.image.shape[-1] <= _MAX_COMPOSITE_CHANNELS
     )
     if not ok:
         return NotImplemented
     _ext().composite_rays(
-        int(n_alive),
-        int(n_step),
-        rays_alive,
-        rays_t.contiguous(),
-        _f32(sigmas).reshape(-1),
-        _f32(rgbs),
-        _f32(ts),
-        weights_sum,
-        depth,
-        image,
-        fars.contiguous(),
-        float(T_thresh),
+        int(a.n_alive),
+        int(a.n_step),
+        a.rays_alive,
+        a.rays_t.contiguous(),
+        _f32(a.sigmas).reshape(-1),
+        _f32(a.rgbs),
+        _f32(a.ts),
+        a.weights_sum,
+        a.depth,
+        a.image,
+        a.fars.contiguous(),
+        float(a.T_thresh),
     )
     return None

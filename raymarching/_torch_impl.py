@@ -1,9 +1,16 @@
-"""Pure-PyTorch twin of the CUDA ray marcher: what ``raymarching``'s functions run on CPU.
+"""Pure-PyTorch twin of the CUDA ray marcher: what ``raymarching``'s functions run on CPU, and
+the one typed, documented signature of each of them.
 
 These functions define the semantics (the grid layout and the sample lattice are described in
-``raymarching``'s docstring, each function's arguments and results at its public twin
-``raymarching.<name>``); the CUDA kernels must return the same values
+``raymarching``'s docstring); the CUDA kernels must return the same values
 (``tests/test_raymarching.py`` and ``tests/test_cuda_kernels.py`` compare them).
+``raymarching.<name>`` is the function of that name here, wrapped by the CUDA-or-twin dispatch
+(``cuda_kernels.backend``), and ``raymarching._cuda.<name>`` takes the same arguments. Arguments
+marked "CUDA only" choose between kernels; the twin ignores them.
+
+Shapes: N rays, M packed samples; C cascades of G^3 cells. The marching functions share their
+leading parameters (the rays and box, the occupancy grid, the rays' segments): their signatures
+put one such group on a line (ruff would give each parameter its own).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 SQRT3 = math.sqrt(3.0)
 
@@ -20,8 +28,23 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def near_far_from_aabb(rays_o, rays_d, aabb, min_near=0.2):
-    """See ``raymarching.near_far_from_aabb``."""
+def near_far_from_aabb(
+    rays_o: Tensor, rays_d: Tensor, aabb: Tensor, min_near: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Entry/exit distances of rays through an axis-aligned box.
+
+    Args:
+        rays_o, rays_d: [N,3] float32 origins and directions.
+        aabb: [6] (xmin, ymin, zmin, xmax, ymax, zmax).
+        min_near: nears are clamped to at least this.
+
+    Returns:
+        nears, fars: [N] float32; rays that miss the box get ``near = far = 1e10``.
+
+    >>> o = torch.tensor([[0.0, 0.0, 3.0]]); d = torch.tensor([[0.0, 0.0, -1.0]])
+    >>> near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    (tensor([2.]), tensor([4.]))
+    """
     inv = 1.0 / torch.where(rays_d.abs() < 1e-15, torch.full_like(rays_d, 1e-15), rays_d)
     t1 = (aabb[:3] - rays_o) * inv
     t2 = (aabb[3:] - rays_o) * inv
@@ -52,19 +75,38 @@ def _compact_by_3(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def morton3D(coords):
-    """See ``raymarching.morton3D``."""
+def morton3D(coords: Tensor) -> Tensor:  # noqa: N802 - the reference's name
+    """[N,3] integer cell coordinates (each < 1024) to [N] int64 Morton indices.
+
+    >>> morton3D(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]))
+    tensor([1, 2, 4, 7])
+    """
     return _split_by_3(coords[:, 0]) | (_split_by_3(coords[:, 1]) << 1) | (_split_by_3(coords[:, 2]) << 2)
 
 
-def morton3D_invert(indices):
-    """See ``raymarching.morton3D_invert``."""
+def morton3D_invert(indices: Tensor) -> Tensor:  # noqa: N802 - the reference's name
+    """[N] integer Morton indices to [N,3] int64 coordinates (inverse of ``morton3D``).
+
+    >>> morton3D_invert(torch.tensor([1, 2, 4, 7])).tolist()
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]
+    """
     i = indices.to(torch.int64)
     return torch.stack([_compact_by_3(i), _compact_by_3(i >> 1), _compact_by_3(i >> 2)], -1)
 
 
-def packbits(grid, thresh):
-    """See ``raymarching.packbits``."""
+def packbits(grid: Tensor, thresh: float) -> Tensor:
+    """Occupancy bits of a density grid.
+
+    Args:
+        grid: [C, G^3] (or flat [C*G^3]) float32 densities in Morton order.
+        thresh: a cell is occupied when its density is above this.
+
+    Returns:
+        [C*G^3/8] uint8; bit ``b`` of byte ``k`` is cell ``8k+b``.
+
+    >>> packbits(torch.tensor([0.0, 2, 0, 0, 0, 0, 0, 3]), 1.0)
+    tensor([130], dtype=torch.uint8)
+    """
     bits = (grid.reshape(-1, 8) > thresh).to(torch.int32)
     weights = 2 ** torch.arange(8, device=grid.device, dtype=torch.int32)
     return (bits * weights).sum(-1).to(torch.uint8)
@@ -110,9 +152,41 @@ def _lattice(t0: torch.Tensor, n: int, dt_gamma: float, dt_min: float, dt_max: f
 
 
 def march_rays_train(
-    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb, dt_gamma, max_steps, noise
-):
-    """See ``raymarching.march_rays_train``."""
+    rays_o: Tensor, rays_d: Tensor, bound: float,
+    density_bitfield: Tensor, C: int, G: int,
+    nears: Tensor, fars: Tensor,
+    perturb: bool = False, dt_gamma: float = 0.0, max_steps: int = 1024, noise: Tensor | None = None,
+    warp: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Packed samples in occupied cells along each ray (training).
+
+    Args:
+        rays_o, rays_d: [N,3] float32 origins and directions.
+        bound: the scene box is [-bound, bound]^3.
+        density_bitfield: [C*G^3/8] uint8 from ``packbits``.
+        C, G: cascades and cells per axis of the grid.
+        nears, fars: [N] float32 from ``near_far_from_aabb``.
+        perturb: jitter each ray's first sample by ``noise`` (drawn if None) times its step.
+        dt_gamma: step growth with distance (0: a fixed step).
+        max_steps: lattice points visited per ray at most.
+        noise: [N] float32 in [0,1), the jitter to use (for reproducible comparisons).
+        warp: CUDA only (the twin ignores it), with ``dt_gamma`` 0: a warp per ray testing 32
+            lattice points at a time (True, the default) or a thread walking each ray with
+            empty-space skips (False). The same samples; ``scripts/bench_render.py --ab_march``
+            times both.
+
+    Returns:
+        xyzs, dirs: [M,3] float32; ts: [M,2] float32 (t, dt); rays: [N,2] int32 (offset,
+        count), each ray's samples contiguous and ordered front to back (the rays' order in the
+        packed arrays is arbitrary on CUDA: rays reserve slices atomically).
+
+    >>> o = torch.tensor([[0.0, 0, 3]]); d = torch.tensor([[0.0, 0, -1]])
+    >>> bits = packbits(torch.ones(8**3), 0.5)
+    >>> n, f = near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    >>> xyzs, dirs, ts, rays = march_rays_train(o, d, 1.0, bits, 1, 8, n, f, max_steps=8)
+    >>> rays.tolist(), [round(v, 3) for v in ts[:, 0].tolist()][:3]
+    ([[0, 5]], [2.0, 2.433, 2.866])
+    """
     N = rays_o.shape[0]
     dt_min, dt_max = _step_params(bound, C, G, max_steps)
     if perturb:
@@ -165,8 +239,28 @@ def _exclusive_depth(tau: torch.Tensor, rays: torch.Tensor, ids_c: torch.Tensor)
     return csum - csum.index_select(0, start).index_select(0, ids_c)
 
 
-def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
-    """See ``raymarching.composite_rays_train``."""
+def composite_rays_train(
+    sigmas: Tensor, rgbs: Tensor, ts: Tensor, rays: Tensor, T_thresh: float = 1e-4
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Front-to-back alpha compositing of packed samples (differentiable in sigmas and rgbs).
+
+    ``alpha_i = 1 - exp(-sigma_i dt_i)``, ``T_i = prod_{j<i} (1 - alpha_j)``,
+    ``w_i = alpha_i T_i``; a sample whose ``T_i < T_thresh`` is dropped (early termination).
+    Computes in float32 (float64 when sigmas are float64, for gradcheck).
+
+    Args:
+        sigmas: [M] densities; rgbs: [M,C] colours (any channel count C);
+        ts: [M,2] (t, dt); rays: [N,2] int (offset, count), packed in any order.
+        T_thresh: transmittance below which samples are dropped.
+
+    Returns:
+        weights [M], weights_sum [N], depth [N] (``sum w t``), image [N,C].
+
+    >>> w, ws, d, img = composite_rays_train(torch.tensor([1e9]), torch.ones(1, 3),
+    ...     torch.tensor([[2.0, 0.1]]), torch.tensor([[0, 1]]))
+    >>> ws.tolist(), d.tolist()
+    ([1.0], [2.0])
+    """
     M, N = sigmas.shape[0], rays.shape[0]
     ids = _ray_ids(rays, M)
     owned = ids >= 0
@@ -186,8 +280,28 @@ def composite_rays_train(sigmas, rgbs, ts, rays, T_thresh=1e-4):
     return weights, weights_sum, depth, image
 
 
-def prune_rays_train(sigmas, ts, rays, T_min):
-    """See ``raymarching.prune_rays_train``."""
+def prune_rays_train(sigmas: Tensor, ts: Tensor, rays: Tensor, T_min: float) -> tuple[Tensor, Tensor]:
+    """Keep each ray's samples up to where its transmittance falls below ``T_min``.
+
+    Transmittance only decreases along a ray, so the kept samples are a prefix of each ray and
+    the packed layout survives: ``keep`` indexes the kept samples in order and ``new_rays``
+    gives each ray's (offset, count) among them. With ``T_min`` below the compositing
+    threshold, ``composite_rays_train`` of the kept samples equals that of all samples (the
+    dropped ones would get weight 0 and no gradient). On CUDA: three kernels and one host sync
+    (the kept count) instead of the twin's ~50 tensor ops.
+
+    Args:
+        sigmas: [M] float32 densities (no gradient needed); ts: [M,2] float32 (t, dt);
+        rays: [N,2] int (offset, count); T_min: the transmittance to stop at.
+
+    Returns:
+        keep [M'] int64 sample indices, new_rays [N,2] int32.
+
+    >>> keep, r = prune_rays_train(torch.tensor([0.0, 1e4, 1.0, 1.0]),
+    ...     torch.tensor([[0.0, 0.1]] * 4), torch.tensor([[0, 3], [3, 1]]), 1e-5)
+    >>> keep.tolist(), r.tolist()
+    ([0, 1, 3], [[0, 2], [2, 1]])
+    """
     M, N = sigmas.shape[0], rays.shape[0]
     device = sigmas.device
     if M == 0:
@@ -220,9 +334,37 @@ def _fit_rows(t: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def march_rays_train_fixed(
-    rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, noise, dt_gamma, max_steps, capacity
-):
-    """See ``raymarching.march_rays_train_fixed`` (this twin packs the rays in ray order)."""
+    rays_o: Tensor, rays_d: Tensor, bound: float,
+    density_bitfield: Tensor, C: int, G: int,
+    nears: Tensor, fars: Tensor,
+    noise: Tensor | None, dt_gamma: float, max_steps: int, capacity: int,
+    warp: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``march_rays_train`` into exactly ``capacity`` rows, without a host sync: the shapes a
+    CUDA graph needs.
+
+    Rows past the samples are zeros that belong to no ray. When the samples need more rows,
+    the rays whose slices cross the end keep only what fits (which rays: unspecified; the CUDA
+    kernel packs rays in any order, this twin in ray order) and ``total`` tells.
+
+    Args:
+        rays_o, rays_d: [N,3] float32; nears, fars: [N] float32;
+        bound, density_bitfield, C, G, dt_gamma, max_steps, warp (CUDA only):
+            as for ``march_rays_train``.
+        noise: [N] float32 jitter in [0,1) (``perturb``), or None for none.
+        capacity: rows of the outputs.
+
+    Returns:
+        xyzs, dirs: [capacity,3] float32; ts: [capacity,2] float32; rays: [N,2] int32; total:
+        [1] int32, the samples needed (more than ``capacity``: some were dropped).
+
+    >>> o = torch.tensor([[0.0, 0, 3]]); d = torch.tensor([[0.0, 0, -1]])
+    >>> n, f = near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    >>> out = march_rays_train_fixed(o, d, 1.0, packbits(torch.ones(8**3), 0.5), 1, 8, n, f,
+    ...     None, 0.0, 8, 3)
+    >>> [t.shape[0] for t in out[:3]], out[3].tolist(), out[4].tolist()
+    ([3, 3, 3], [[0, 3]], [5])
+    """
     perturb = noise is not None
     xyzs, dirs, ts, rays = march_rays_train(
         rays_o, rays_d, bound, density_bitfield, C, G, nears, fars, perturb, dt_gamma, max_steps, noise
@@ -231,30 +373,63 @@ def march_rays_train_fixed(
     return (*(_fit_rows(t, capacity) for t in (xyzs, dirs, ts)), _clip_rays(rays, capacity), total)
 
 
-def prune_rays_train_fixed(sigmas, ts, rays, T_min, capacity):
-    """See ``raymarching.prune_rays_train_fixed``."""
+def prune_rays_train_fixed(
+    sigmas: Tensor, ts: Tensor, rays: Tensor, T_min: float, capacity: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``prune_rays_train`` into exactly ``capacity`` kept indices, without a host sync (zeros
+    past the kept ones: they belong to no ray); kept samples past the capacity are dropped,
+    their rays' counts clipped.
+
+    Args:
+        sigmas, ts, rays, T_min: as for ``prune_rays_train`` ([M], [M,2], [N,2], a float).
+        capacity: entries of ``keep``.
+
+    Returns:
+        keep [capacity] int64, new_rays [N,2] int32 and total [1] int32 (the samples kept
+        before clipping to the capacity).
+
+    >>> keep, r, total = prune_rays_train_fixed(torch.tensor([0.0, 1e4, 1.0, 1.0]),
+    ...     torch.tensor([[0.0, 0.1]] * 4), torch.tensor([[0, 3], [3, 1]]), 1e-5, 2)
+    >>> keep.tolist(), r.tolist(), total.tolist()
+    ([0, 1], [[0, 2], [0, 0]], [3])
+    """
     keep, new_rays = prune_rays_train(sigmas, ts, rays, T_min)
     total = torch.full((1,), keep.numel(), dtype=torch.int32, device=sigmas.device)
     return _fit_rows(keep, capacity), _clip_rays(new_rays, capacity), total
 
 
 def march_rays(
-    n_alive,
-    n_step,
-    rays_alive,
-    rays_t,
-    rays_o,
-    rays_d,
-    bound,
-    density_bitfield,
-    C,
-    G,
-    nears,
-    fars,
-    dt_gamma,
-    max_steps,
-):
-    """See ``raymarching.march_rays``."""
+    n_alive: int, n_step: int, rays_alive: Tensor, rays_t: Tensor,
+    rays_o: Tensor, rays_d: Tensor, bound: float,
+    density_bitfield: Tensor, C: int, G: int,
+    nears: Tensor, fars: Tensor,
+    dt_gamma: float = 0.0, max_steps: int = 1024,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The next ``n_step`` occupied samples of each alive ray (inference).
+
+    ``rays_t`` holds each ray's next lattice point and is advanced in place past the last
+    lattice point visited; unused sample slots have ``dt = 0``. Rays with ``rays_t >= far``
+    are exhausted.
+
+    Args:
+        n_alive: rays still marching (``rays_alive``'s length); n_step: samples per ray.
+        rays_alive: [n_alive] int32/int64 indices of the rays still marching (entries < 0
+            are skipped).
+        rays_t: [N] float32, updated in place; start it at ``nears``.
+        rays_o, rays_d: [N,3] float32; nears, fars: [N] float32.
+        bound, density_bitfield, C, G, dt_gamma, max_steps: as for ``march_rays_train``.
+
+    Returns:
+        xyzs, dirs: [n_alive*n_step, 3] float32; ts: [n_alive*n_step, 2] float32 (t, dt).
+
+    >>> o = torch.tensor([[0.0, 0, 3]]); d = torch.tensor([[0.0, 0, -1]])
+    >>> n, f = near_far_from_aabb(o, d, torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    >>> rays_t = n.clone()
+    >>> xyzs, dirs, ts = march_rays(1, 2, torch.tensor([0]), rays_t, o, d, 1.0,
+    ...     packbits(torch.ones(8**3), 0.5), 1, 8, n, f, max_steps=8)
+    >>> [round(v, 3) for v in ts[:, 0].tolist()], round(rays_t.item(), 3)
+    ([2.0, 2.433], 2.866)
+    """
     dt_min, dt_max = _step_params(bound, C, G, max_steps)
     idx = rays_alive.long()
     o, d, far = rays_o[idx], rays_d[idx], fars[idx]
@@ -294,9 +469,32 @@ def march_rays(
 
 
 def composite_rays(
-    n_alive, n_step, rays_alive, rays_t, sigmas, rgbs, ts, weights_sum, depth, image, fars, T_thresh
-):
-    """See ``raymarching.composite_rays``."""
+    n_alive: int,
+    n_step: int,
+    rays_alive: Tensor,
+    rays_t: Tensor,
+    sigmas: Tensor,
+    rgbs: Tensor,
+    ts: Tensor,
+    weights_sum: Tensor,
+    depth: Tensor,
+    image: Tensor,
+    fars: Tensor,
+    T_thresh: float = 1e-2,
+) -> None:
+    """Accumulate one ``march_rays`` batch into the frame, in place (inference).
+
+    Rays whose transmittance falls below ``T_thresh``, or that are exhausted
+    (``rays_t >= far``), are marked dead by setting ``rays_alive[i] = -1``.
+
+    Args:
+        n_alive, n_step: as for ``march_rays``.
+        rays_alive: [n_alive] int32/int64, updated in place; rays_t: [N] float32.
+        sigmas: [n_alive*n_step]; rgbs: [n_alive*n_step, C]; ts: [n_alive*n_step, 2].
+        weights_sum, depth: [N] float32; image: [N,C] float32 (updated in place).
+        fars: [N] float32.
+        T_thresh: transmittance below which a ray is finished.
+    """
     idx = rays_alive.long()
     sig = sigmas.float().reshape(n_alive, n_step)
     dt = ts[:, 1].reshape(n_alive, n_step)

@@ -122,3 +122,37 @@ def test_module_shapes_and_layout():
     assert y.shape == (2, 5, 8)
     assert enc.offsets[-1] == enc.embeddings.shape[0]
     assert all(o % 8 == 0 for o in enc.offsets)
+
+
+def test_public_encode_and_cuda_take_the_twins_arguments(monkeypatch):
+    """``gridencoder.grid_encode`` and ``_cuda.grid_encode`` have the twin's one signature; a GPU
+    input's call reaches the CUDA side with the CUDA-only options by name (here: a stand-in
+    that declines, so the twin runs, ignoring them)."""
+    import inspect
+    import types
+
+    import gridencoder
+    from cuda_kernels.backend import takes_args_of
+    from gridencoder import _cuda as gc
+
+    twin = inspect.signature(ge.grid_encode)
+    assert inspect.signature(gridencoder.grid_encode) == twin == inspect.signature(gc.grid_encode)
+    offsets, points = ge.level_layout(3, 2, 2.0, 4, 19)
+    emb = torch.randn(offsets[-1], 2)
+    x = torch.rand(5, 3)
+    assert gc.grid_encode(x, emb, offsets, points, 2.0, 4) is NotImplemented  # CPU tensors
+
+    seen = []
+
+    @takes_args_of(ge.grid_encode)
+    def kernel(a):
+        seen.append((a.interpolation, a.max_level, a.out_dtype, a.live, a.agg_mode, a.soa))
+        return NotImplemented
+
+    class OnGpu(torch.Tensor):
+        is_cuda = property(lambda self: True)
+
+    monkeypatch.setattr(gridencoder._backend, "_module", types.SimpleNamespace(grid_encode=kernel))
+    out = gridencoder.grid_encode(x.as_subclass(OnGpu), emb, offsets, points, 2.0, 4, agg_mode=0, soa=False)
+    assert torch.equal(out, ge.grid_encode(x, emb, offsets, points, 2.0, 4))
+    assert seen == [("linear", None, None, None, 0, False)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import types
 
 import pytest
 import torch
@@ -273,3 +275,60 @@ def test_fixed_size_march_is_the_variable_one_padded_or_clipped(room):
         fkeep, fnew, kept = rm.prune_rays_train_fixed(sig, ft, frays, 1e-4, keep.numel() + 7)
         assert kept.tolist() == [keep.numel()] and torch.equal(fkeep[: keep.numel()], keep)
         assert torch.equal(fnew, new_rays) and not fkeep[keep.numel() :].any()
+
+
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it lives on a GPU: it takes the dispatch's CUDA branch."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+PUBLIC = [n for n in raymarching.__all__ if n not in ("cuda_backend", "set_backend")]
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_function_cuda_and_twin_share_one_signature(name):
+    """``raymarching.<name>`` and ``_cuda.<name>`` take the twin's arguments (its one typed
+    signature); on CPU tensors the CUDA side declines (NotImplemented) without building."""
+    from raymarching import _cuda as rc
+
+    twin = inspect.signature(getattr(rm, name))
+    assert inspect.signature(getattr(raymarching, name)) == twin == inspect.signature(getattr(rc, name))
+    assert getattr(raymarching, name).__doc__ == getattr(rm, name).__doc__
+    args = [torch.zeros(1, 3) if p.annotation == "Tensor" else 1 for p in twin.parameters.values()]
+    required = [a for a, p in zip(args, twin.parameters.values()) if p.default is p.empty]
+    assert getattr(rc, name)(*required) is NotImplemented
+    with pytest.raises(TypeError):
+        getattr(rc, name)(*args, no_such_argument=1)
+    with pytest.raises(TypeError):
+        getattr(rc, name)(*required[:-1])
+
+
+def test_dispatch_hands_gpu_calls_to_cuda_by_name(monkeypatch):
+    """A GPU tensor's call goes to ``_cuda.<name>`` with the arguments bound by name (defaults
+    and the CUDA-only ``warp`` included); NotImplemented there runs the twin; CPU calls never
+    reach it."""
+    from cuda_kernels.backend import takes_args_of
+
+    calls = []
+
+    @takes_args_of(rm.march_rays_train)
+    def kernel(a):
+        calls.append((a.max_steps, a.warp, a.perturb, a.dt_gamma))
+        return NotImplemented if a.warp else "kernel"
+
+    monkeypatch.setattr(raymarching._backend, "_module", types.SimpleNamespace(march_rays_train=kernel))
+    o, d = torch.tensor([[0.0, 0, 3]]), torch.tensor([[0.0, 0, -1]])
+    n, f = rm.near_far_from_aabb(o, d, UNIT_BOX)
+    bits = rm.packbits(torch.ones(8**3), 0.5)
+    twin = rm.march_rays_train(o, d, 1.0, bits, 1, 8, n, f, max_steps=8)
+    cpu = raymarching.march_rays_train(o, d, 1.0, bits, 1, 8, n, f, max_steps=8)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(cpu, twin))
+    gpu = o.as_subclass(_OnGpu)
+    assert raymarching.march_rays_train(gpu, d, 1.0, bits, 1, 8, n, f, False, 0.0, 8, None, False) == "kernel"
+    by_name = dict(rays_o=gpu, rays_d=d, bound=1.0, density_bitfield=bits, C=1, G=8, nears=n, fars=f)
+    fallback = raymarching.march_rays_train(**by_name, max_steps=8)
+    assert all(torch.equal(a, b) for a, b in zip(fallback, twin))
+    assert calls == [(8, False, False, 0.0), (8, True, False, 0.0)]
