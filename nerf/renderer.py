@@ -20,7 +20,7 @@ from common.config import option
 from raymarching._torch_impl import _ray_ids
 
 from .fast import NeRFSpeedConfig
-from .graphed import GraphedPasses, GraphedRender
+from .fast.graphed import training_graphs
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,23 @@ def composite(sigmas: torch.Tensor, colors: torch.Tensor, z: torch.Tensor, delta
     return weights, weights.sum(-1), (weights * z).sum(-1), (weights[..., None] * colors).sum(-2)
 
 
+def expand_light(
+    light_d: torch.Tensor | None, n_per_image: int, B: int, device: torch.device | str
+) -> torch.Tensor | None:
+    """A light direction per image ([B,3] or [3]) as ``run``/``run_cuda`` take it: [1,3] when
+    every ray shares one light (no per-sample gather needed), else [B*n_per_image,3].
+
+    >>> expand_light(torch.ones(2, 3), 4, 2, "cpu").shape, expand_light(torch.ones(3), 4, 2, "cpu").shape
+    (torch.Size([8, 3]), torch.Size([1, 3]))
+    """
+    if light_d is None:
+        return None
+    light_d = light_d.to(device).reshape(-1, 3)
+    if light_d.shape[0] == 1 or B == 1:
+        return light_d[:1]
+    return light_d.repeat_interleave(n_per_image, 0)
+
+
 class NeRFRenderer(nn.Module):
     """Renders a field. Subclasses provide ``forward``, ``density``, ``normal``, ``background``.
 
@@ -139,14 +156,11 @@ class NeRFRenderer(nn.Module):
         self.density_thresh = float(cfg.density_thresh) * density_thresh_scale
         self.min_near = float(cfg.min_near)
         self.cuda_ray = bool(cfg.cuda_ray)
-        # --graph_pass: the training network pass replayed from CUDA graphs (nerf/graphed.py).
-        self.graph_pass = bool(speed.graph_pass)
-        self.graphs = GraphedPasses(per_octave=int(speed.graph_buckets))
-        # --graph_render: the whole training render replayed from CUDA graphs at fixed sizes.
-        self.graph_render = bool(speed.graph_render)
-        self.render_graphs = GraphedRender(
-            headroom=float(speed.graph_render_headroom), max_work=int(speed.graph_render_max_work) or None
-        )
+        # The speed layer (nerf/fast/graphed.py): the training network pass (--graph_pass, in
+        # train_render) or the whole training render (--graph_render, in run_cuda) from CUDA graphs.
+        self.graph_pass, self.graph_render = bool(speed.graph_pass), bool(speed.graph_render)
+        self.graphs, self.render_graphs = training_graphs(speed)
+        self.march_warp = bool(speed.march_warp)  # the CUDA training march: a warp per ray
         b = self.bound
         self.register_buffer("aabb", torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32))
         if self.cuda_ray:
@@ -155,16 +169,6 @@ class NeRFRenderer(nn.Module):
             self.register_buffer("density_bitfield", torch.zeros(self.cascade * G3 // 8, dtype=torch.uint8))
             self.register_buffer("mean_density", torch.zeros(()))
             self.register_buffer("grid_updates", torch.zeros((), dtype=torch.long))
-
-    # ---------------------------------------------------------------------------------------
-    def _expand_light(self, light_d, n_per_image: int, B: int, device) -> torch.Tensor | None:
-        """[1,3] when every ray shares one light (no per-sample gather needed), else [B*n,3]."""
-        if light_d is None:
-            return None
-        light_d = light_d.to(device).reshape(-1, 3)
-        if light_d.shape[0] == 1 or B == 1:
-            return light_d[:1]
-        return light_d.repeat_interleave(n_per_image, 0)
 
     def run(
         self,
@@ -289,7 +293,15 @@ class NeRFRenderer(nn.Module):
         N = rays_o.shape[0]
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
         xyzs, dirs, ts, rays = raymarching.march_rays_train(
-            rays_o, rays_d, *self._grid(), nears, fars, perturb, cfg.dt_gamma, cfg.max_steps
+            rays_o,
+            rays_d,
+            *self._grid(),
+            nears,
+            fars,
+            perturb,
+            cfg.dt_gamma,
+            cfg.max_steps,
+            warp=self.march_warp,
         )
         marched = xyzs.shape[0]
         if self._prunes(need) and marched > 0:
@@ -317,53 +329,6 @@ class NeRFRenderer(nn.Module):
     def _prunes(self, need: bool) -> bool:
         return bool(self.cfg.prune_samples) and need
 
-    def train_render_fixed(
-        self,
-        rays_o: torch.Tensor,
-        rays_d: torch.Tensor,
-        noise: torch.Tensor | None,
-        light_d: torch.Tensor | None,
-        ambient_ratio: float | torch.Tensor,
-        shading: str,
-        need: bool,
-        T_thresh: float,
-        capacity: tuple[int, int],
-    ) -> dict:
-        """``train_render`` at fixed sizes, with no host sync: what ``--graph_render`` captures.
-
-        The march fills ``capacity[0]`` rows and the pruning keeps up to ``capacity[1]``; padding
-        rows belong to no ray (weight 0, no gradient). noise: [N] jitter or None. Besides the
-        outputs: ``n_pruned`` and ``n_padding`` [] (device counts for per-sample means over the
-        padded ``weights``), ``complete`` [] bool (every sample fit: the outputs are the eager
-        render's) and ``totals`` [2] int32, the samples marched and kept before any clipping.
-        """
-        cfg = self.cfg
-        N = rays_o.shape[0]
-        nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
-        xyzs, dirs, ts, rays, marched = raymarching.march_rays_train_fixed(
-            rays_o, rays_d, *self._grid(), nears, fars, noise, cfg.dt_gamma, cfg.max_steps, capacity[0]
-        )
-        fit = marched.clamp(max=capacity[0])  # samples in the march's rows
-        rows, kept = capacity[0], fit
-        if self._prunes(need):
-            with torch.no_grad():
-                sigma_pre = self.density(xyzs, live_count=fit)["sigma"].float()
-            keep, rays, kept = raymarching.prune_rays_train_fixed(
-                sigma_pre, ts, rays, 0.1 * T_thresh, capacity[1]
-            )
-            xyzs, dirs, ts = xyzs[keep], dirs[keep], ts[keep]
-            rows = capacity[1]
-        in_rays = kept.clamp(max=rows)
-        # The padding rows' field evaluation is skipped by the CUDA and Triton kernels.
-        out = self.network_pass(
-            xyzs, dirs, ts, rays, light_d, ambient_ratio, shading, need, T_thresh, N, live_count=in_rays
-        )
-        out["n_pruned"] = (fit - in_rays).reshape(())
-        out["n_padding"] = (rows - in_rays).reshape(())
-        out["complete"] = ((marched <= capacity[0]) & (kept <= rows)).reshape(())
-        out["totals"] = torch.cat([marched, kept])
-        return out
-
     def run_cuda(
         self,
         rays_o,
@@ -390,7 +355,6 @@ class NeRFRenderer(nn.Module):
         cfg = self.cfg
         N, device = rays_o.shape[0], rays_o.device
         nears, fars = raymarching.near_far_from_aabb(rays_o, rays_d, self.aabb, self.min_near)
-        C, G = self.cascade, self.grid_size
 
         # Inference: march a few samples per alive ray at a time, drop finished rays.
         T_infer = float(cfg.infer_T_thresh)
@@ -413,10 +377,7 @@ class NeRFRenderer(nn.Module):
                 rays_t,
                 rays_o,
                 rays_d,
-                self.bound,
-                self.density_bitfield,
-                C,
-                G,
+                *self._grid(),
                 nears,
                 fars,
                 cfg.dt_gamma,
@@ -469,7 +430,7 @@ class NeRFRenderer(nn.Module):
         B, n = rays_o.shape[:2]
         device = rays_o.device
         ro, rd = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
-        light = self._expand_light(light_d, n, B, device)
+        light = expand_light(light_d, n, B, device)
         fn = self.run_cuda if self.cuda_ray else self.run
         kwargs = dict(ambient_ratio=ambient_ratio, shading=shading, perturb=perturb, need_normal=need_normal)
         # run_cuda's alive-ray loop bounds its own memory: chunking would only multiply its

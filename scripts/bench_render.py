@@ -17,9 +17,7 @@ against full sweeps.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import statistics
 import sys
 import time
@@ -135,20 +133,6 @@ def render_frame(model, ro: torch.Tensor, rd: torch.Tensor) -> dict:
     dev = ro.device.type
     with torch.no_grad(), torch.autocast(dev, dtype=torch.float16, enabled=dev == "cuda"):
         return model.render(ro, rd, bg_color=torch.ones(3, device=ro.device), max_ray_batch=4096)
-
-
-@contextlib.contextmanager
-def march_warp(warp: bool):
-    """The renderer's training marches with ``warp`` (a warp per ray, or a thread walking each
-    ray): raymarching.march_rays_train(_fixed) wrapped for the duration, as ``counted`` wraps
-    march_rays (the renderer has no option for it)."""
-    saved = raymarching.march_rays_train, raymarching.march_rays_train_fixed
-    raymarching.march_rays_train = functools.partial(saved[0], warp=warp)
-    raymarching.march_rays_train_fixed = functools.partial(saved[1], warp=warp)
-    try:
-        yield
-    finally:
-        raymarching.march_rays_train, raymarching.march_rays_train_fixed = saved
 
 
 def counted(fn) -> tuple[object, list[tuple[int, int]]]:
@@ -330,13 +314,13 @@ def ab_rounds(model, device, light, repeat: int, attr: str, values, shadings=("l
 
 def ab_march(model, device, light, repeat: int) -> list[str]:
     """Training renders, eager and replayed from CUDA graphs (--graph_render), with the CUDA
-    training march as a thread walking each ray and as a warp per ray
-    (``raymarching.march_rays_train``'s ``warp``, through ``march_warp``), alternating, three rounds per case; each graphed
-    measurement captures its graphs anew (the march is chosen at capture)."""
-    from nerf.graphed import GraphedRender
+    training march as a thread walking each ray and as a warp per ray (the renderer's
+    ``march_warp``, ``NeRFSpeedConfig.march_warp``), alternating, three rounds per case; each
+    graphed measurement captures its graphs anew (the march is chosen at capture)."""
+    from nerf.fast.graphed import GraphedRender
 
     ro, rd = rays(device, 64, 64)
-    saved = (model.graph_render, model.render_graphs)
+    saved = (model.graph_render, model.render_graphs, model.march_warp)
     lines = ["", "| training render | round | thread per ray, ms | warp per ray, ms |", "|---|---|---|---|"]
     for graphed in (False, True):
         model.graph_render = graphed
@@ -345,12 +329,12 @@ def ab_march(model, device, light, repeat: int) -> list[str]:
                 ms = []
                 for warp in (False, True):
                     model.render_graphs = GraphedRender(max_work=saved[1].max_work)
+                    model.march_warp = warp
                     fn = lambda s=shading: train_render(model, ro, rd, light, s)  # noqa: E731
-                    with march_warp(warp):
-                        ms.append(timeit(fn, repeat, device, warmup=8)[0])
+                    ms.append(timeit(fn, repeat, device, warmup=8)[0])
                 label = f"{shading}{', graphed' if graphed else ''}"
                 lines.append(f"| {label} | {r + 1} | {ms[0]:.2f} | {ms[1]:.2f} |")
-    model.graph_render, model.render_graphs = saved
+    model.graph_render, model.render_graphs, model.march_warp = saved
     return lines
 
 
@@ -361,20 +345,29 @@ def ab_frames(model, device, size: int, repeat: int, attr: str, values) -> list[
     return alternate(model, device, attr, values, "frame", cases)
 
 
+def _owner(model, attr: str) -> tuple[object, str]:
+    """The object and name a dotted attribute path of the model ends at (``fused_head.triton``)."""
+    *path, name = attr.split(".")
+    for part in path:
+        model = getattr(model, part)
+    return model, name
+
+
 def alternate(model, device, attr: str, values, what: str, cases) -> list[str]:
-    """Markdown rows: each (label, fn, repeat) of ``cases`` timed with ``model.<attr>`` set to each
-    of ``values`` in turn, three rounds; ``what`` heads the label column."""
-    saved = getattr(model, attr)
+    """Markdown rows: each (label, fn, repeat) of ``cases`` timed with ``model.<attr>`` (a dotted
+    path) set to each of ``values`` in turn, three rounds; ``what`` heads the label column."""
+    owner, name = _owner(model, attr)
+    saved = getattr(owner, name)
     lines = ["", f"| {what} | round | " + " | ".join(f"{attr}={v}, ms" for v in values) + " |"]
     lines.append("|---|---|" + "---|" * len(values))
     for label, fn, reps in cases:
         for r in range(3):
             ms = []
             for v in values:
-                setattr(model, attr, v)
+                setattr(owner, name, v)
                 ms.append(timeit(fn, reps, device)[0])
             lines.append(f"| {label} | {r + 1} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
-    setattr(model, attr, saved)
+    setattr(owner, name, saved)
     return lines
 
 
@@ -429,14 +422,14 @@ def main() -> None:
         "--fused_head",
         action="store_true",
         help="also time the training renders with the MLP + head as one autograd node "
-        "(FieldNetwork.fused_head) against the module path",
+        "(FieldNetwork.fused_head, nerf/fast/field.py) against the module path",
     )
     ap.add_argument(
         "--fused_mlp",
         action="store_true",
         help="also time the training renders and the test frame with the MLP + head and the fd shading "
-        "as Triton kernels (FieldNetwork.fused_mlp, --fused_mlp) against the PyTorch path (_MLPHead, "
-        "_FDShade)",
+        "as Triton kernels (FieldNetwork.fused_head.triton, --fused_mlp) against the PyTorch path "
+        "(_MLPHead, _FDShade)",
     )
     ap.add_argument(
         "--graph_render",
@@ -448,7 +441,7 @@ def main() -> None:
         "--ab_march",
         action="store_true",
         help="also time the training renders (eager and graphed) with the CUDA training march as a "
-        "thread per ray against a warp per ray (raymarching.march_rays_train's warp), alternating",
+        "thread per ray against a warp per ray (--march_warp), alternating",
     )
     ap.add_argument(
         "--ab",
@@ -456,7 +449,7 @@ def main() -> None:
         default=[],
         metavar="ATTR",
         help="also time the training renders with the model's boolean attribute ATTR off and on, "
-        "alternating (e.g. blob_in_kernel); repeatable",
+        "alternating (a dotted path, e.g. fused_head.blob_in_kernel); repeatable",
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -548,7 +541,13 @@ def main() -> None:
         )
     if args.fused_head:
         thresh_lines += ab_rounds(
-            model, device, light, args.repeat, "fused_head", (True, False), ("albedo", "lambertian")
+            model,
+            device,
+            light,
+            args.repeat,
+            "fused_head",
+            (model.fused_head, None),
+            ("albedo", "lambertian"),
         )
     if args.ab_march and device.type == "cuda":
         thresh_lines += ab_march(model, device, light, args.repeat)
@@ -562,9 +561,11 @@ def main() -> None:
         )
     if args.fused_mlp:
         thresh_lines += ab_rounds(
-            model, device, light, args.repeat, "fused_mlp", (False, True), ("albedo", "lambertian")
+            model, device, light, args.repeat, "fused_head.triton", (False, True), ("albedo", "lambertian")
         )
-        thresh_lines += ab_frames(model, device, args.test_size, args.repeat, "fused_mlp", (False, True))
+        thresh_lines += ab_frames(
+            model, device, args.test_size, args.repeat, "fused_head.triton", (False, True)
+        )
 
     # Occupancy-grid quality of partial refreshes: start from the full-sweep grid, run 64
     # partial refreshes (the default fraction), compare occupied sets.

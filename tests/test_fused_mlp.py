@@ -1,4 +1,4 @@
-"""nerf/fused_mlp.py: the MLP + density/albedo head as Triton kernels (``--fused_mlp``) against
+"""nerf/fast/fused_mlp.py: the MLP + density/albedo head as Triton kernels (``--fused_mlp``) against
 ``_MLPHead`` (cuBLAS GEMMs, the reference), and the fallback where the kernels do not apply."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nerf import fused_mlp
-from nerf.network_base import _MLPHead
+from nerf.fast import fused_mlp
+from nerf.fast.field import _MLPHead
 from tests.conftest import nerf_configs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -35,7 +35,7 @@ def test_fused_mlp_falls_back_off_the_gpu():
         )
         torch.manual_seed(0)
         model = NeRFNetwork(*opt)
-        assert model.fused_mlp == on
+        assert model.fused_head.triton == on
         outs.append(model.density(x)["sigma"])
     assert torch.equal(outs[0], outs[1])
 
@@ -231,7 +231,7 @@ def test_fused_mlp_training_render_matches(shading):
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.5, 1.0]], device="cuda"), dim=-1)
     results = {}
     for name, fused, half in (("fp32", False, False), ("cublas", False, True), ("triton", True, True)):
-        model.fused_mlp = fused
+        model.fused_head.triton = fused
         model.zero_grad()
         torch.manual_seed(1)  # the same jittered march
         with torch.autocast("cuda", dtype=torch.float16, enabled=half):
@@ -255,10 +255,10 @@ def test_fused_mlp_training_render_matches(shading):
 @pytest.mark.parametrize("shading", ["lambertian", "textureless", "normal", "albedo"])
 @pytest.mark.parametrize("per_sample_light", [False, True])
 def test_triton_fd_shade_matches_the_autograd_node(shading, per_sample_light):
-    """``fused_mlp.fd_shade`` against ``network_base._FDShade`` (its reference): sigma, colour,
+    """``fused_mlp.fd_shade`` against ``nerf.fast.field._FDShade`` (its reference): sigma, colour,
     normals and the gradients of the merged call's densities and albedos, with a NaN and an inf
     density among the fd points and a sample whose fd points agree (zero gradient)."""
-    from nerf.network_base import _FDShade
+    from nerf.fast.field import _FDShade
 
     if fused_mlp._kernels() is None:
         pytest.skip("Triton is not available")

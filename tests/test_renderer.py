@@ -183,15 +183,14 @@ def test_shading_in_one_or_two_field_calls_gives_the_same_result():
 
 
 def test_mlp_without_gradients_fuses_relu_and_gives_the_same_output(monkeypatch):
-    """No-grad MLP calls use one GEMM with a ReLU epilogue per hidden layer: same values as
+    """No-grad FusedReluMLP calls use one GEMM with a ReLU epilogue per hidden layer: same values as
     Linear + ReLU, also on a transposed (feature-major) input as the CUDA encoder returns."""
-    from nerf import network_base
-    from nerf.network_base import MLP
+    from nerf.fast import field as fast_field
 
-    if not network_base._FUSED_RELU:
+    if not fast_field.FUSED_RELU:
         pytest.skip("this torch has no _addmm_activation")
     torch.manual_seed(0)
-    mlp = MLP(32, 4, 64, 3)
+    mlp = fast_field.FusedReluMLP(32, 4, 64, 3)
     calls = []
     real = torch._addmm_activation
     monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -236,6 +235,7 @@ def test_pruned_training_render_equals_the_full_one():
 def test_fixed_size_training_render_equals_the_variable_one(shading):
     """--graph_render's render at fixed sizes (padding rows in no ray): same image, normals,
     orientation loss, entropy and gradients as the variable-size one; the counts it reports."""
+    from nerf.fast.fixed_render import train_render_fixed
     from nerf.utils import weight_entropy
 
     field, o, d = _blob_scene(prune_samples=True)
@@ -248,7 +248,7 @@ def test_fixed_size_training_render_equals_the_variable_one(shading):
     ref, marched, kept = field.train_render(o, d, light, 0.2, shading, True, need, 1e-4)
     assert kept < marched if need else kept == marched
     cap = (marched + 37, kept + 11)
-    got = field.train_render_fixed(o, d, noise, light, torch.tensor(0.2), shading, need, 1e-4, cap)
+    got = train_render_fixed(field, o, d, noise, light, torch.tensor(0.2), shading, need, 1e-4, cap)
     assert got["totals"].tolist() == [marched, kept]
     rows = cap[1] if need else cap[0]
     assert got["weights"].shape == (rows,) and int(got["n_padding"]) == rows - kept
@@ -268,15 +268,37 @@ def test_fixed_size_training_render_equals_the_variable_one(shading):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.parametrize("warp", [False, True])
+def test_march_warp_reaches_both_training_marches(warp, monkeypatch):
+    """NeRFSpeedConfig.march_warp (--march_warp) is the ``warp`` of the eager and the
+    fixed-size training march (the CUDA kernels' choice; the twin takes the same samples)."""
+    import raymarching
+    from nerf.fast.fixed_render import train_render_fixed
+
+    field, o, d = _blob_scene(march_warp=warp)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    seen = []
+    for name in ("march_rays_train", "march_rays_train_fixed"):
+        real = getattr(raymarching, name)
+        monkeypatch.setattr(
+            raymarching, name, lambda *a, real=real, **k: seen.append(k["warp"]) or real(*a, **k)
+        )
+    _, marched, kept = field.train_render(o, d, None, 1.0, "albedo", True, False, 1e-4)
+    train_render_fixed(field, o, d, None, None, 1.0, "albedo", False, 1e-4, (marched, kept))
+    assert seen == [warp, warp]
+
+
 def test_fixed_size_training_render_past_its_capacity_drops_samples_and_reports_the_totals():
     """Too small a march or pruning capacity: finite outputs of the fixed sizes, and the true
     totals (the march's always; the pruning's when the march fit) above the capacity."""
+    from nerf.fast.fixed_render import train_render_fixed
+
     field, o, d = _blob_scene(prune_samples=True)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     light = torch.tensor([[0.3, 0.5, 1.0]])
     _, marched, kept = field.train_render(o, d, light, 0.2, "lambertian", False, True, 1e-4)
     for cap in ((marched // 2, kept), (marched, kept // 2)):
-        got = field.train_render_fixed(o, d, None, light, 0.2, "lambertian", True, 1e-4, cap)
+        got = train_render_fixed(field, o, d, None, light, 0.2, "lambertian", True, 1e-4, cap)
         assert int(got["totals"][0]) == marched
         if cap[0] == marched:  # the pruning saw every sample
             assert int(got["totals"][1]) == kept
@@ -334,14 +356,14 @@ def test_a_batch_of_images_with_their_own_lights_equals_rendering_each_alone():
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("shading", ["lambertian", "textureless", "normal", "albedo"])
 def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, shading, monkeypatch):
-    """FieldNetwork.fused_head (_MLPHead and _FDShade, autograd nodes with hand-written
-    backwards) gives the module path's sigma, colour, normals and gradients (hash table and
+    """FieldNetwork.fused_head (nerf/fast/field.py: FusedHead, with _MLPHead and _FDShade,
+    autograd nodes with hand-written backwards) gives the module path's sigma, colour, normals and gradients (hash table and
     MLP) for every shading, in fp32 and under bf16 autocast, with and without the GPU path's
     padding (rows to a bucket size, 500 -> 512; the last layer's 4 output columns to 8)."""
-    from nerf import network_base
+    from nerf.fast import field as fast_field
     from nerf.network_grid import NeRFNetwork
 
-    if not network_base._FUSED_RELU:
+    if not fast_field.FUSED_RELU:
         pytest.skip("this torch has no _addmm_activation")
     torch.manual_seed(0)
     opt = _opt(
@@ -361,11 +383,12 @@ def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, shadin
     light = torch.tensor([[0.3, 0.5, 1.0]])
     wc, wn = torch.rand(500, 3), torch.randn(500, 3)  # loss weights: every output's gradient differs
     results = []
-    model.pad_rows = pad  # the GPU path's row padding (bucket_rows), forced on CPU
+    head = model.fused_head
+    head.pad_rows = pad  # the GPU path's row padding (bucket_rows), forced on CPU
     if pad:  # and the last layer's output padding (4 -> 8 columns)
-        monkeypatch.setattr(network_base, "_PAD_OUT_MIN_ROWS", 0)
+        monkeypatch.setattr(fast_field, "_PAD_OUT_MIN_ROWS", 0)
     for fused in (False, True):
-        model.fused_head = fused
+        model.fused_head = head if fused else None
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             sigma, color, normal = model(x, x, light, 0.2, shading, need_normal=True)
@@ -386,12 +409,12 @@ def test_fused_mlp_head_equals_the_module_path(activation, autocast, pad, shadin
 
 
 def test_graph_pass_pads_buckets_and_captures_on_reuse(monkeypatch, capsys):
-    """nerf/graphed.py on the CPU, with the capture replaced by the module itself: the padded
+    """nerf/fast/graphed.py on the CPU, with the capture replaced by the module itself: the padded
     pass (rows in no ray) gives the eager pass's outputs and gradients; a bucket is captured on
     its second use, the least recently used graph is dropped, and a failed capture falls back
     to the eager pass for good, in one line."""
     import raymarching
-    from nerf.graphed import GraphedPasses, sample_bucket
+    from nerf.fast.graphed import GraphedPasses, sample_bucket
 
     field, o, d = _blob_scene()
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
@@ -495,11 +518,11 @@ class _DoneEvent:
 
 
 def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, capsys):
-    """nerf/graphed.py's GraphedRender on the CPU, with the capture replaced by the function
+    """nerf/fast/graphed.py's GraphedRender on the CPU, with the capture replaced by the function
     itself: warm-up renders are eager, then the fixed-size render gives the eager outputs;
     an undersized capture loses samples, marks its outputs incomplete (on the device), is
     reported once (a step later) and captured again larger; renders above --graph_render_max_work stay eager."""
-    from nerf.graphed import GraphedRender
+    from nerf.fast.graphed import GraphedRender, collector_frozen
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda fn, args, **kw: fn)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
@@ -516,23 +539,21 @@ def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, cap
         graphs.pinned = [torch.zeros(2, dtype=torch.int32) for _ in range(4)]  # no pinned memory here
         return graphs.run(field, *args)
 
-    graphs = GraphedRender(warmup=2, headroom=1.2)
-    for step in range(4):
-        out, ref = render(graphs, step), render(None, step)
-        assert graphs.captures == (0 if step < 2 else 1)
-        for k in ("image", "depth", "weights_sum", "normal_image", "loss_orient"):
-            torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
-        assert step < 2 or bool(out["complete"])
-    assert graphs.overflows == 0 and capsys.readouterr().err == ""
-    # The first capture froze the objects alive then (cheap collections at each drop);
-    # thaw() (the end of Trainer.train) undoes it.
     import gc
 
-    from nerf.graphed import thaw
-
-    assert gc.get_freeze_count() > 0
-    thaw()
+    graphs = GraphedRender(warmup=2, headroom=1.2)
+    with collector_frozen():
+        for step in range(4):
+            out, ref = render(graphs, step), render(None, step)
+            assert graphs.captures == (0 if step < 2 else 1)
+            for k in ("image", "depth", "weights_sum", "normal_image", "loss_orient"):
+                torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
+            assert step < 2 or bool(out["complete"])
+        # The first capture in the block froze the objects alive then (cheap collections at
+        # each drop); leaving the block (the end of Trainer.train) undoes it.
+        assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
+    assert graphs.overflows == 0 and capsys.readouterr().err == ""
 
     (key,) = graphs.sizes
     graphs._poll()  # the counts of the replays so far, before they are forgotten
@@ -547,6 +568,7 @@ def test_graph_render_sizes_overflows_and_work_limit_on_the_cpu(monkeypatch, cap
     torch.testing.assert_close(out["image"], render(None, 9)["image"], atol=1e-6, rtol=1e-5)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "marked incomplete" in err[0] and "captured again larger" in err[0]
+    assert gc.get_freeze_count() == 0  # captures outside collector_frozen() freeze nothing
 
     def broken(fn, args, **kw):
         raise ValueError("no kernel for this GPU")

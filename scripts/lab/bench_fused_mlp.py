@@ -1,5 +1,5 @@
 """The field's MLP + density/albedo head: cuBLAS (``_MLPHead``) against the Triton kernels
-(``nerf/fused_mlp.py``, ``--fused_mlp``), forward alone and forward plus backward, at row counts
+(``nerf/fast/fused_mlp.py``, ``--fused_mlp``), forward alone and forward plus backward, at row counts
 of a fitted scene's 64x64 render (100k), its fd passes (700k) and a fresh field's (2.1M); with
 ``--sweep``, the kernels' launch settings (rows per tile, warps, backward programs per SM); and
 the host's cost per call on 256 rows (launches, Python), for the head and the fd shading.
@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nerf import fused_mlp  # noqa: E402
-from nerf.network_base import _FDShade, _MLPHead, bucket_rows  # noqa: E402
+from nerf.fast import fused_mlp  # noqa: E402
+from nerf.fast.field import _FDShade, _MLPHead, bucket_rows  # noqa: E402
 from scripts.bench_render import timeit  # noqa: E402
 
 

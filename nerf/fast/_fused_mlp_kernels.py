@@ -1,13 +1,13 @@
-"""Triton kernels of ``nerf/fused_mlp.py``: the field's 3-layer ReLU MLP and its density/albedo
+"""Triton kernels of ``nerf/fast/fused_mlp.py``: the field's 3-layer ReLU MLP and its density/albedo
 head, forward and backward, one tile of rows per step with the weights held on chip.
 
 Shapes (constexpr, powers of two): F_P >= the encoder width F, H hidden units, O = 16 head
 columns (4 used: density logit and 3 albedo logits; tensor-core tiles need 16). Operands in
 DT (fp16 or bf16), products accumulated in fp32, activations rounded to DT between layers: the
-arithmetic of ``network_base._MLPHead``'s cuBLAS GEMMs.
+arithmetic of ``field._MLPHead``'s cuBLAS GEMMs.
 
 Then the fd normals and shading of a merged field call (``fd_shade_*``), elementwise over the
-samples, in fp32: the arithmetic of ``network_base._FDShade``.
+samples, in fp32: the arithmetic of ``field._FDShade``.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def fd_shade_forward_kernel(
     SIG, ALB, L, l_stride, COLOR, NRM, n, inv_2eps, ratio, SHADING: tl.constexpr, BLOCK: tl.constexpr,
     RATIO_PTR: tl.constexpr,
 ):  # fmt: skip
-    """Normals [n,3] fp32 and shaded colour [n,3] of n samples (``network_base._FDShade``)."""
+    """Normals [n,3] fp32 and shaded colour [n,3] of n samples (``field._FDShade``)."""
     ratio = _ambient(ratio, RATIO_PTR)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
