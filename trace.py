@@ -60,7 +60,7 @@ def capture_inputs(main_argv: list[str]):
     real = sd_utils.StableDiffusion.predict_noise
 
     def spy(self, x, t, emb):
-        if self.channels_last:  # what predict_noise does before it looks for a traced UNet
+        if self.fast.channels_last:  # what the speed layer does before it looks for a traced UNet
             x = x.contiguous(memory_format=torch.channels_last)
         seen.update(sd=self, x=x.detach().clone(), t=t.detach().clone(), emb=emb.detach().clone())
         raise _Captured
@@ -120,19 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     own, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         raise SystemExit("trace.py: the traced UNet is for CUDA runs; no CUDA device here")
-    from guidance.sd_utils import (
-        CudaGraphed,
-        bind_live_weights,
-        default_traced_dir,
-        signature,
-    )
+    from guidance.sd_fast import CudaGraphed, bind_live_weights, default_traced_dir, signature
 
     sd, x, t, emb = capture_inputs(rest)
     sig = signature(x, t, emb)
     print(f"[trace] UNet inputs of this run: {sig}", flush=True)
     out_dir = Path(own.trace_dir) if own.trace_dir else default_traced_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = sd.traced_key_for(sig)
+    key = sd.fast.traced_key_for(sig)
     package = out_dir / f"{key}.pt2"
     tmp_package = out_dir / f".{key}.tmp.pt2"
 
@@ -184,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in rows.items():
         print(f"[trace] {name:20s} {ms:7.2f} ms  ({rows['eager'] / ms:.2f}x eager)", flush=True)
     print(f"[trace] traced vs eager output: relative L2 difference {diff:.2e}", flush=True)
-    graph = sd.unet_graph
+    graph = sd.fast.unet_graph
     mine = rows["traced, CUDA graph" if graph else "traced"]
     theirs = rows["eager, CUDA graph" if graph else "eager"]
     ok = diff < 2e-2
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(sd.dtype),
         "inputs": [list(map(str, s)) for s in sig],
         "torch": torch.__version__,
-        "device": sd._device_name,
+        "device": sd.fast.device_name,
         "timings_ms": rows,
         "relative_l2_vs_eager": diff,
         "constants_in_package": False,

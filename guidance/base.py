@@ -22,9 +22,12 @@ import torch
 
 from common.config import option
 
+from .views import VIEW_POLICIES
+
 # What a batch of cameras carries for the guidance (``nerf.provider.NeRFDataset`` makes them):
 # polar, azimuth, radius, fovy [B] (degrees), dir [B] int64 view classes (views.FRONT ...),
-# view_weights [B,5] blend weights over views.INTERP_VIEWS.
+# view_weights [B,5] blend weights over views.INTERP_VIEWS. A training batch carries more keys
+# (rays, poses): a guidance ignores them.
 CAMERA_KEYS = ("polar", "azimuth", "radius", "fovy", "dir", "view_weights")
 
 
@@ -39,7 +42,7 @@ class GuidanceConfig:
         "interp",
         "view-dependent prompting: blend front/side/back embeddings by azimuth, append the discrete "
         "view suffix, or use the prompt alone",
-        choices=["interp", "discrete", "none"],
+        choices=list(VIEW_POLICIES),
     )
     guidance_scale: float = option(100.0, "classifier-free guidance scale")
     t_range: tuple[float, float] = option(
@@ -52,8 +55,10 @@ class Guidance(Protocol):
     """A prior that scores renders. What the Trainer calls, and what each call promises."""
 
     def prepare(self, cond: GuidanceConfig) -> None:
-        """Compute the conditioning once (prompt embeddings, disk-cached where costly) and free
-        what is only needed for it (a text encoder). Draws nothing from the run's RNG."""
+        """Keep ``cond`` for ``train_step`` (guidance scale, view policy), compute the
+        conditioning once (prompt embeddings, disk-cached where costly) and free what is only
+        needed for it (a text encoder). Draws nothing from the run's RNG. Without a prompt
+        (``cond.text`` None: a test-only run) nothing is computed."""
 
     def train_step(
         self,
@@ -65,8 +70,9 @@ class Guidance(Protocol):
         save_guidance_path: str | None = None,
     ) -> torch.Tensor:
         """The loss of renders ``pred_rgb`` [B,3,H,W] in [0,1] (or [B,4,H,W] normal + mask with
-        ``as_latent``) seen from ``cameras`` (``CAMERA_KEYS``, [B] each): a scalar whose gradient
-        with respect to the renders is the prior's update times ``grad_scale``. With
+        ``as_latent``) seen from ``cameras`` (``CAMERA_KEYS``, [B] each; other keys ignored),
+        conditioned per view by the prepared policy (``views.view_embeddings``): a scalar whose
+        gradient with respect to the renders is the prior's update times ``grad_scale``. With
         ``save_guidance_path`` it also writes a preview strip (render, noisy, x0 estimate)."""
         ...
 

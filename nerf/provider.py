@@ -20,9 +20,18 @@ import torch
 
 from common.config import option
 
-# Discrete view classes returned by ``get_view_direction``.
-FRONT, SIDE, BACK, SIDE_OTHER, OVERHEAD, BOTTOM = 0, 1, 2, 3, 4, 5
-VIEW_NAMES = ("front", "side", "back", "side", "overhead", "bottom")
+# The view classes and their prompts belong to the guidance's conditioning; re-exported here.
+from guidance.views import (  # noqa: F401
+    BACK,
+    BOTTOM,
+    FRONT,
+    INTERP_VIEWS,
+    OVERHEAD,
+    SIDE,
+    SIDE_OTHER,
+    VIEW_NAMES,
+    view_prompt,
+)
 
 
 def safe_normalize(x: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
@@ -68,18 +77,6 @@ def get_view_direction(
     res[thetas <= overhead] = OVERHEAD
     res[thetas >= 180 - overhead] = BOTTOM
     return res
-
-
-INTERP_VIEWS = ("front", "side", "back", "overhead", "bottom")
-
-
-def view_prompt(text: str, direction: int) -> str:
-    """The discrete view-dependent prompt for a class from ``get_view_direction``.
-
-    >>> view_prompt("a red cube", FRONT), view_prompt("a red cube", OVERHEAD)
-    ('a red cube, front view', 'a red cube, overhead view')
-    """
-    return f"{text}, {VIEW_NAMES[int(direction)]} view"
 
 
 def interp_view_weights(

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from guidance.sd_factory import build_sd  # noqa: E402
-from guidance.sd_utils import StableDiffusion  # noqa: E402
+from guidance.sd_utils import StableDiffusion, unet_eager  # noqa: E402
 from main import build_guidance, configs_from, configure_cuda_allocator, parse_args  # noqa: E402
 from nerf.graphed import thaw  # noqa: E402
 from nerf.network_base import build_field  # noqa: E402
@@ -203,7 +203,7 @@ def sds_image_grad(sd: StableDiffusion, emb: torch.Tensor, device: torch.device)
     torch.manual_seed(99)  # the VAE posterior sample
     amp = torch.float16 if sd.dtype == torch.float16 else torch.bfloat16
     with torch.autocast(device.type, dtype=amp, enabled=device.type == "cuda" and sd.dtype != torch.float32):
-        loss = sd.train_step(emb, img, t=t, noise=noise)
+        loss = sd.sds_step(emb, img, t=t, noise=noise)
     loss.backward()
     return img.grad.detach().float().cpu()
 
@@ -216,7 +216,7 @@ def flops(sd: StableDiffusion, emb: torch.Tensor, device: torch.device) -> dict[
     t = torch.tensor([500, 500], device=device)
     out = {}
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        sd._unet_eager(x, t, emb.to(sd.dtype))
+        unet_eager(sd.unet, x, t, emb.to(sd.dtype))
     out["unet"] = fc.get_total_flops() / 1e9
     img = torch.rand(1, 3, sd.image_size, sd.image_size, device=device, requires_grad=True)
     with FlopCounterMode(display=False) as fc:
@@ -305,7 +305,7 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     opt, model, sd, trainer, train_set = build(args, model_path, extra, tmp / f"ws{len(name)}", device)
-    trainer.prepare_embeddings()
+    sd.prepare(trainer.cond)  # what the trainer does at the start of a run
     if args.fitted:
         # A formed object (bench_render's ball on a box) instead of the fresh field's fog.
         fit(model, device, args.fitted)
@@ -398,7 +398,7 @@ def run_variant(name: str, extra: list[str], args, model_path: str, device: torc
         res["train_alloc_gib"], res["train_reserved_gib"] = train_alloc, train_reserved
     for k in ("render", "vae", "unet", "optim", "other"):
         res[k] = statistics.median(p[k] for p in parts)
-    emb = trainer.text_embeddings_for(train_set.train_batch())
+    emb = sd.embeddings_for(train_set.train_batch())
 
     res["grad"] = sds_image_grad(sd, emb[[0, 1]], device)
     if args.flops and not args.flop_counts:

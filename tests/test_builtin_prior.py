@@ -6,18 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from guidance.sd_utils import MODEL_KEYS, StableDiffusion
+from guidance.base import GuidanceConfig
+from guidance.sd_utils import MODEL_KEYS, SDConfig, StableDiffusion
 
 BUILTIN = Path(MODEL_KEYS["builtin"])
 pytestmark = pytest.mark.skipif(not (BUILTIN / "unet").is_dir(), reason="pretrained/builtin is not present")
 
 
 def test_builtin_prior_loads_through_stable_diffusion(embed_cache):
-    sd = StableDiffusion("cpu", sd_version="builtin")
+    sd = StableDiffusion(SDConfig(sd_version="builtin"), device="cpu")
     assert (sd.image_size, sd.latent_size) == (64, 16)
     emb = sd.get_text_embeds(["", "a red mug, front view"])
-    loss = sd.train_step(emb, torch.rand(1, 3, 32, 32, requires_grad=True), guidance_scale=20)
+    loss = sd.sds_step(emb, torch.rand(1, 3, 32, 32, requires_grad=True), guidance_scale=20)
     assert torch.isfinite(loss)
+    # The same class, so the same Guidance protocol: prepared once, then renders + cameras.
+    sd.prepare(GuidanceConfig(text="a red mug", view_prompt="discrete", guidance_scale=20))
+    cams = {"polar": torch.tensor([90.0]), "dir": torch.tensor([0]), "view_weights": torch.eye(5)[:1]}
+    assert torch.isfinite(sd.train_step(torch.rand(1, 3, 32, 32, requires_grad=True), cams))
 
 
 @pytest.mark.slow

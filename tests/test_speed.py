@@ -6,14 +6,22 @@ same image, t, noise and VAE posterior sample; the CPU tests cover the fallbacks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from guidance import sd_utils
-from guidance.sd_utils import StableDiffusion, signature, traced_key
+from guidance import sd_fast, sd_utils
+from guidance.sd_fast import SDSpeedConfig, signature, traced_key
+from guidance.sd_utils import SDConfig, StableDiffusion, unet_eager
 from main import O_SPEED_DEFAULTS, parse_args
+
+
+def _sd(tiny_sd, device: str, precision: str = "fp32", **levers) -> StableDiffusion:
+    """The tiny model with these speed levers on (the others off, no traced UNet)."""
+    speed = dataclasses.replace(SDSpeedConfig(unet_traced="off"), **levers)
+    return StableDiffusion(SDConfig(hf_key=str(tiny_sd)), speed, device=device, precision=precision)
 
 
 def _sds_grad(sd: StableDiffusion, emb: torch.Tensor, seed: int, as_latent: bool = False) -> torch.Tensor:
@@ -27,7 +35,7 @@ def _sds_grad(sd: StableDiffusion, emb: torch.Tensor, seed: int, as_latent: bool
     torch.manual_seed(seed)  # the VAE posterior sample
     amp = torch.bfloat16 if sd.dtype == torch.bfloat16 else torch.float16
     with torch.autocast(dev.type, dtype=amp, enabled=sd.dtype != torch.float32):
-        loss = sd.train_step(emb, img, guidance_scale=7.5, as_latent=as_latent, t=t, noise=noise)
+        loss = sd.sds_step(emb, img, guidance_scale=7.5, as_latent=as_latent, t=t, noise=noise)
     loss.backward()
     assert torch.isfinite(loss)
     return img.grad.detach().double()
@@ -72,10 +80,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
 )
 def test_fast_paths_give_the_eager_sds_gradient(tiny_sd, embed_cache, levers, tol):
-    bf16 = levers.get("bf16", False)
-    ref = StableDiffusion("cuda", fp16=False, hf_key=str(tiny_sd))  # fp32 eager
-    eager = StableDiffusion("cuda", fp16=True, bf16=bf16, hf_key=str(tiny_sd))  # eager, same dtype
-    fast = StableDiffusion("cuda", fp16=True, hf_key=str(tiny_sd), **levers)
+    levers = dict(levers)
+    precision = "bf16" if levers.pop("bf16", False) else "fp16"
+    ref = _sd(tiny_sd, "cuda")  # fp32 eager
+    eager = _sd(tiny_sd, "cuda", precision)  # eager, same dtype
+    fast = _sd(tiny_sd, "cuda", precision, **levers)
     emb = ref.get_text_embeds(["", "a red cube"])
     for seed in range(3):  # later calls replay the graphs captured by the first
         for as_latent in (False, True):
@@ -88,15 +97,15 @@ def test_fast_paths_give_the_eager_sds_gradient(tiny_sd, embed_cache, levers, to
             info = (seed, as_latent, _rel(g_fast, g_eager), _rel(g_eager, g_ref), _rel(g_fast, g_ref))
             assert _rel(g_fast, g_eager) < tol, info
             assert _rel(g_fast, g_ref) < 4 * tol, info
-    assert len(fast._graphs) == (1 if levers.get("unet_graph") else 0)
-    assert len(fast._vae_graphs) == (1 if levers.get("vae_graph") or levers.get("compile_vae") else 0)
-    assert fast.compile_vae == levers.get("compile_vae", False)  # compiled, not fallen back
-    assert fast.compile_unet == levers.get("compile_unet", False)
+    assert len(fast.fast._graphs) == (1 if levers.get("unet_graph") else 0)
+    assert len(fast.fast._vae_graphs) == (1 if levers.get("vae_graph") or levers.get("compile_vae") else 0)
+    assert fast.fast.compile_vae == levers.get("compile_vae", False)  # compiled, not fallen back
+    assert fast.fast.compile_unet == levers.get("compile_unet", False)
 
 
 @pytest.mark.cuda
 def test_graph_replays_fresh_inputs_and_other_shapes_get_their_own(tiny_sd, embed_cache):
-    sd = StableDiffusion("cuda", fp16=True, hf_key=str(tiny_sd), unet_graph=True)
+    sd = _sd(tiny_sd, "cuda", "fp16", unet_graph=True)
     emb = sd.get_text_embeds(["", "a red cube", "", "a blue ball"]).half()
     for B in (1, 2, 1):
         x = torch.randn(2 * B, 4, sd.latent_size, sd.latent_size, device="cuda").half()
@@ -104,32 +113,33 @@ def test_graph_replays_fresh_inputs_and_other_shapes_get_their_own(tiny_sd, embe
         e = torch.cat([emb[:B], emb[2 : 2 + B]])
         got = sd.predict_noise(x, t, e).clone()
         with torch.no_grad():
-            want = sd._unet_eager(x, t, e)
+            want = unet_eager(sd.unet, x, t, e)
         assert _rel(got.double(), want.double()) < 5e-3
-    assert len(sd._graphs) == 2  # one per batch size, each captured once
+    assert len(sd.fast._graphs) == 2  # one per batch size, each captured once
 
 
 def test_cpu_ignores_graph_levers_and_matches_eager(tiny_sd, embed_cache):
     """On a CPU the graph levers are off and the result is the eager one exactly."""
-    eager = StableDiffusion("cpu", hf_key=str(tiny_sd))
-    fast = StableDiffusion(
+    eager = _sd(tiny_sd, "cpu")
+    fast = _sd(
+        tiny_sd,
         "cpu",
-        hf_key=str(tiny_sd),
         unet_graph=True,
         vae_graph=True,
         vae_channels_last=True,
         vae_fused_gn=True,
         unet_traced="auto",
     )
-    assert not fast.unet_graph and not fast.vae_graph and fast.unet_traced is None
-    assert not fast.vae_channels_last and not fast.vae_fused_gn  # they belong to the GPU encoder path
+    paths = fast.fast
+    assert not paths.unet_graph and not paths.vae_graph and paths.unet_traced is None and not paths.on
+    assert not paths.vae_channels_last and not paths.vae_fused_gn  # they belong to the GPU encoder path
     emb = eager.get_text_embeds(["", "a red cube"])
     assert torch.equal(_sds_grad(eager, emb, 0), _sds_grad(fast, emb, 0))
 
 
 def test_channels_last_gives_the_same_gradient_on_cpu(tiny_sd, embed_cache):
-    eager = StableDiffusion("cpu", hf_key=str(tiny_sd))
-    fast = StableDiffusion("cpu", hf_key=str(tiny_sd), channels_last=True)
+    eager = _sd(tiny_sd, "cpu")
+    fast = _sd(tiny_sd, "cpu", channels_last=True)
     assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     emb = eager.get_text_embeds(["", "a red cube"])
     for as_latent in (False, True):
@@ -142,10 +152,10 @@ def test_fused_qkv_gives_the_unfused_prediction_on_cpu(tiny_sd, embed_cache):
     and SDS gradient, the unfused projections dropped, and traced artifacts keyed apart."""
     from diffusers.models.attention_processor import Attention
 
-    plain = StableDiffusion("cpu", hf_key=str(tiny_sd))
-    fused = StableDiffusion("cpu", hf_key=str(tiny_sd), unet_fused_qkv=True)
+    plain = _sd(tiny_sd, "cpu")
+    fused = _sd(tiny_sd, "cpu", unet_fused_qkv=True)
     attns = [m for m in fused.unet.modules() if isinstance(m, Attention)]
-    assert fused.unet_fused_qkv and attns and all(m.fused_projections for m in attns)
+    assert fused.fast.unet_fused_qkv and attns and all(m.fused_projections for m in attns)
     assert all(not hasattr(m, "to_k") and not hasattr(m, "to_v") for m in attns)
     assert all(hasattr(m, "to_q") == m.is_cross_attention for m in attns)
     assert not any(p.requires_grad for p in fused.unet.parameters())
@@ -160,13 +170,15 @@ def test_fused_qkv_gives_the_unfused_prediction_on_cpu(tiny_sd, embed_cache):
     assert _rel(b.double(), a.double()) < 1e-5
     assert _rel(_sds_grad(fused, emb, 2), _sds_grad(plain, emb, 2)) < 1e-5
     sig = signature(x, t, emb)
-    assert fused.traced_key_for(sig) != plain.traced_key_for(sig)
-    assert plain.traced_key_for(sig) == traced_key(sd_utils._fingerprint(plain.key), plain.dtype, sig, "cpu")
+    assert fused.fast.traced_key_for(sig) != plain.fast.traced_key_for(sig)
+    assert plain.fast.traced_key_for(sig) == traced_key(
+        sd_utils.fingerprint(plain.key), plain.dtype, sig, "cpu"
+    )
 
 
 def _fake_traced(sd: StableDiffusion, tmp_path, sig: tuple, calls: list) -> None:
     """Pretend trace.py made an artifact for ``sig``: the loader returns a counting eager UNet."""
-    key = sd.traced_key_for(sig)
+    key = sd.fast.traced_key_for(sig)
     (tmp_path / f"{key}.pt2").write_bytes(b"")
     meta = {"key": key, "package": f"{key}.pt2", "inputs": [list(map(str, s)) for s in sig]}
     (tmp_path / f"{key}.json").write_text(json.dumps(meta))
@@ -176,17 +188,17 @@ def _fake_traced(sd: StableDiffusion, tmp_path, sig: tuple, calls: list) -> None
 
         def fn(x, t, emb):
             calls.append(x.shape)
-            return sd._unet_eager(x, t, emb)
+            return unet_eager(sd.unet, x, t, emb)
 
         return fn
 
-    sd._load_traced = load
+    sd.fast._load_traced = load
 
 
 def test_traced_unet_is_used_when_it_matches_and_eager_otherwise(tiny_sd, embed_cache, tmp_path, capsys):
-    sd = StableDiffusion("cpu", hf_key=str(tiny_sd))
+    sd = _sd(tiny_sd, "cpu")
     # Traced artifacts are for CUDA; drive the CPU model through the same lookup.
-    sd.unet_traced, sd.traced_dir, sd.fast = "auto", tmp_path, True
+    sd.fast.unet_traced, sd.fast.traced_dir, sd.fast.on = "auto", tmp_path, True
     emb = sd.get_text_embeds(["", "a red cube"])
     x = torch.randn(2, 4, sd.latent_size, sd.latent_size)
     t = torch.tensor([100, 100])
@@ -194,7 +206,7 @@ def test_traced_unet_is_used_when_it_matches_and_eager_otherwise(tiny_sd, embed_
     _fake_traced(sd, tmp_path, signature(x, t, emb), calls)
     with torch.no_grad():
         out = sd.predict_noise(x, t, emb)
-        assert calls == [x.shape] and torch.allclose(out, sd._unet_eager(x, t, emb))
+        assert calls == [x.shape] and torch.allclose(out, unet_eager(sd.unet, x, t, emb))
         # Another batch size (or Perp-Neg's larger batch): eager, with one warning line.
         x2, t2, e2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([emb, emb])
         sd.predict_noise(x2, t2, e2)
@@ -207,15 +219,15 @@ def test_traced_unet_is_used_when_it_matches_and_eager_otherwise(tiny_sd, embed_
 def test_explicit_traced_path_of_another_model_falls_back_with_a_warning(
     tiny_sd, embed_cache, tmp_path, capsys
 ):
-    sd = StableDiffusion("cpu", hf_key=str(tiny_sd))
+    sd = _sd(tiny_sd, "cpu")
     meta = {"key": "0" * 24, "package": "other.pt2", "inputs": [["(2, 4, 64, 64)"]], "dtype": "torch.float16"}
     (tmp_path / "other.json").write_text(json.dumps(meta))
-    sd.unet_traced, sd.fast = str(tmp_path / "other.pt2"), True
+    sd.fast.unet_traced, sd.fast.on = str(tmp_path / "other.pt2"), True
     emb = sd.get_text_embeds(["", "a red cube"])
     x = torch.randn(2, 4, sd.latent_size, sd.latent_size)
     with torch.no_grad():
         out = sd.predict_noise(x, torch.tensor([5, 5]), emb)
-    assert torch.allclose(out, sd._unet_eager(x, torch.tensor([5, 5]), emb))
+    assert torch.allclose(out, unet_eager(sd.unet, x, torch.tensor([5, 5]), emb))
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[speed]")]
     assert len(err) == 1 and "does not match" in err[0] and "running eager" in err[0]
 
@@ -260,7 +272,7 @@ def test_traced_package_is_bound_to_the_live_unet_weights():
             self.got = (constants, check_full_update, user_managed)
 
     runner = Runner()
-    sd_utils.bind_live_weights(runner, unet)
+    sd_fast.bind_live_weights(runner, unet)
     constants, full, user_managed = runner.got
     assert set(constants) == {"unet.0.weight", "unet.1.bias"} and full and user_managed
     assert constants["unet.0.weight"].data_ptr() == unet[0].weight.data_ptr()

@@ -11,7 +11,7 @@ element-wise) from 5 profiled calls, with the longest kernels. Needs a GPU:
 
 Variants (comma-separated names of ``VARIANTS``):
   compiled: the -O UNet (``torch.compile`` defaults).
-  compiled + fused qkv: ``guidance.sd_utils.fuse_qkv`` first, as --unet_fused_qkv (one GEMM for q, k and v of
+  compiled + fused qkv: ``guidance.sd_fast.fuse_qkv`` first, as --unet_fused_qkv (one GEMM for q, k and v of
     each self-attention, one for k and v of each cross-attention).
   compiled + autotuned GEMMs: Inductor's ``max_autotune_gemm`` (Triton GEMM templates with
     fused epilogues, timed against cuBLAS per shape); convolutions stay cuDNN's.
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from guidance.sd_factory import CONFIGS  # noqa: E402
-from guidance.sd_utils import fuse_qkv  # noqa: E402
+from guidance.sd_fast import fuse_qkv  # noqa: E402
 from scripts.trace_stats import device_ms, ms_by_kind  # noqa: E402
 
 GEMM_TUNING = {"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}
