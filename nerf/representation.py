@@ -29,6 +29,9 @@ from .network_base import FieldConfig
 from .provider import safe_normalize
 from .renderer import RendererConfig
 
+Cameras = dict[str, Any]  # a batch of cameras: nerf.provider.NeRFDataset's batches
+Render = dict[str, Any]  # what Representation.render_batch returns
+
 
 @runtime_checkable
 class Representation(Protocol):
@@ -49,14 +52,15 @@ class Representation(Protocol):
 
     def render_batch(
         self,
-        data: dict[str, Any],
+        data: Cameras,
         *,
-        shading: str = "albedo",
-        ambient_ratio: float = 1.0,
-        need_normal: bool = False,
-        training: bool = False,
-    ) -> dict[str, Any]:
-        """Render a batch of cameras, with gradients unless called under ``no_grad``.
+        shading: str = ...,
+        ambient_ratio: float = ...,
+        need_normal: bool = ...,
+        training: bool = ...,
+    ) -> Render:
+        """Render a batch of cameras, with gradients unless called under ``no_grad``. Defaults:
+        albedo shading, ambient ratio 1, normals only where the shading needs them, inference.
 
         ``data``: a batch of ``nerf.provider.NeRFDataset`` (``rays_o``/``rays_d`` [B,H*W,3],
         ``poses`` [B,4,4], ``intrinsics``, ``H``, ``W``; the guidance's camera keys).
@@ -75,8 +79,8 @@ class Representation(Protocol):
 
     def regularizers(
         self,
-        out: dict[str, Any],
-        data: dict[str, Any],
+        out: Render,
+        data: Cameras,
         losses: LossConfig,
         *,
         progress: float,
@@ -160,27 +164,12 @@ class NeRFRepresentation:
         B, H, W = rays_o.shape[0], data["H"], data["W"]
         if training:
             light_d, bg_color = random_light_and_background(data, self.bg_net is not None)
-            out = self.render(
-                rays_o,
-                rays_d,
-                light_d=light_d,
-                ambient_ratio=ambient_ratio,
-                shading=shading,
-                bg_color=bg_color,
-                perturb=True,
-                need_normal=need_normal,
-            )
-        else:
-            out = self.render(
-                rays_o,
-                rays_d,
-                ambient_ratio=ambient_ratio,
-                shading=shading,
-                bg_color=None,
-                perturb=False,
-                need_normal=need_normal,
-                max_ray_batch=self.cfg.max_ray_batch,
-            )
+            kw = dict(light_d=light_d, bg_color=bg_color, perturb=True)
+        else:  # no light, the learnt (or white) background, rays in chunks
+            kw = dict(bg_color=None, perturb=False, max_ray_batch=self.cfg.max_ray_batch)
+        out = self.render(
+            rays_o, rays_d, ambient_ratio=ambient_ratio, shading=shading, need_normal=need_normal, **kw
+        )
         res = {
             "rgb": out["image"].reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous(),
             "opacity": out["weights_sum"].reshape(B, 1, H, W),
