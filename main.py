@@ -24,7 +24,8 @@ from nerf.mesh import MeshConfig
 from nerf.network_base import FieldConfig
 from nerf.provider import CameraConfig
 from nerf.renderer import RendererConfig
-from nerf.utils import TrainerConfig
+from nerf.representation import nerf_configs  # noqa: F401 - scripts import it from here
+from nerf.trainer import TrainerConfig
 
 BUILTIN_DEFAULTS = {
     # The built-in prior sees objects at one distance and field of view (docs/builtin-prior.md);
@@ -305,12 +306,6 @@ def configs_from(opt: argparse.Namespace) -> Configs:
     )
 
 
-def nerf_configs(opt: argparse.Namespace) -> tuple[FieldConfig, RendererConfig, NeRFSpeedConfig]:
-    """The field's, renderer's and speed layer's configs (``nerf.network_base.build_field``)."""
-    c = configs_from(opt)
-    return c.field, c.renderer, c.nerf_speed
-
-
 def build_guidance(opt: argparse.Namespace, device) -> dict:
     """The guidance models a run asks for, keyed by name (``{"SD": StableDiffusion}``)."""
     import torch
@@ -342,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from guidance.sd_utils import ModelNotFoundError
+    from nerf.checkpoint import CheckpointError
     from nerf.network_base import build_field
     from nerf.provider import NeRFDataset
-    from nerf.utils import CheckpointError, Trainer, TrainingDiverged, seed_everything
+    from nerf.step_gate import TrainingDiverged
+    from nerf.trainer import Trainer
+    from nerf.utils import seed_everything
 
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device

@@ -6,9 +6,10 @@ from .encoding import get_encoder
 from .fast import NeRFSpeedConfig
 from .network_base import FieldConfig, FieldNetwork
 from .renderer import RendererConfig
+from .representation import NeRFRepresentation
 
 
-class NeRFNetwork(FieldNetwork):
+class NeRFNetwork(NeRFRepresentation, FieldNetwork):
     """Frequency encoding (12 octaves) + 5x64 MLP with residual LayerNorm blocks;
     autograd normals; the learning rate decays exponentially (see ``Trainer``)."""
 

@@ -6,9 +6,10 @@ from .encoding import get_encoder
 from .fast import NeRFSpeedConfig
 from .network_base import FieldConfig, FieldNetwork
 from .renderer import RendererConfig
+from .representation import NeRFRepresentation
 
 
-class NeRFNetwork(FieldNetwork):
+class NeRFNetwork(NeRFRepresentation, FieldNetwork):
     """Hash grid (``grid_levels`` x 2 features, table 2^``grid_log2_size``, base resolution
     ``grid_base``, finest ``grid_finest * bound``, smoothstep) + 3x64 MLP."""
 

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
+from nerf.representation import nerf_configs  # noqa: E402, F401 - tests import it from here
+
 # Options of a tiny but complete run (grid backbone, occupancy grid, 16x16 renders).
 TINY_RUN = [
     "--w",
@@ -42,27 +44,6 @@ TINY_RUN = [
     "64",
     "--quiet",
 ]
-
-
-def nerf_configs(ns=None, **kw) -> tuple:
-    """(FieldConfig, RendererConfig, NeRFSpeedConfig) from flat option values, as the command
-    line names them (each key must belong to one of the three), or from ``main.parse_args``'
-    options ``ns`` (updated by ``kw``)."""
-    import dataclasses
-
-    from common.config import from_namespace
-    from nerf.fast import NeRFSpeedConfig
-    from nerf.network_base import FieldConfig
-    from nerf.renderer import RendererConfig
-
-    classes = (FieldConfig, RendererConfig, NeRFSpeedConfig)
-    known = {f.name for c in classes for f in dataclasses.fields(c)}
-    if ns is not None:
-        kw = {**{k: v for k, v in vars(ns).items() if k in known}, **kw}
-    unknown = set(kw) - known
-    if unknown:
-        raise TypeError(f"not a field, renderer or speed option: {sorted(unknown)}")
-    return tuple(from_namespace(c, kw) for c in classes)
 
 
 def pytest_collection_modifyitems(config, items):

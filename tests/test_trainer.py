@@ -8,7 +8,8 @@ import torch
 from main import configs_from, parse_args
 from nerf.network_base import build_field
 from nerf.provider import NeRFDataset
-from nerf.utils import Trainer
+from nerf.step_gate import grads_finite_flag
+from nerf.trainer import Trainer
 from tests.conftest import TINY_RUN
 
 
@@ -74,8 +75,8 @@ def test_deferred_readback_gives_the_same_run(tmp_path, monkeypatch, device):
             assert p["loss"] == q["loss"]
         else:
             assert abs(p["loss"] - q["loss"]) <= 2 * spread + 1e-6 * abs(p["loss"]), (p, q, spread)
-    assert t_sync.nonfinite_total == t_def.nonfinite_total == 3
-    assert t_sync.nonfinite_run == t_def.nonfinite_run == 0
+    assert t_sync.gate.nonfinite_total == t_def.gate.nonfinite_total == 3
+    assert t_sync.gate.nonfinite_run == t_def.gate.nonfinite_run == 0
     # The skipped steps changed nothing: Adan counted only the 4 applied ones.
     emb = t_def.model.encoder.embeddings
     assert int(t_def.optimizer.state[emb]["step"]) == 4
@@ -89,11 +90,11 @@ def test_gradient_finiteness_flag(tmp_path, monkeypatch):
     for p in params:
         p.grad = torch.full_like(p, 3e38)
     params[0].grad = None
-    assert bool(trainer._grads_finite_flag())
+    assert bool(grads_finite_flag(trainer.optimizer, trainer.device))
     for bad in (float("nan"), float("inf"), -float("inf")):
         params[-1].grad = torch.zeros_like(params[-1])
         params[-1].grad.view(-1)[-1] = bad
-        assert not bool(trainer._grads_finite_flag())
+        assert not bool(grads_finite_flag(trainer.optimizer, trainer.device))
 
 
 @pytest.mark.parametrize("defer", [False, True])
@@ -114,14 +115,59 @@ def test_incomplete_graphed_render_skips_the_step(tmp_path, monkeypatch, defer, 
 
     monkeypatch.setattr(NeRFRenderer, "render", render)
     said: list[str] = []
-    monkeypatch.setattr(trainer, "log", lambda msg, **k: said.append(msg))
+    monkeypatch.setattr(trainer.gate, "log", lambda msg, **k: said.append(msg))
     for step in range(3):
         before = [p.detach().clone() for p in trainer.model.parameters()]
         trainer.train_one_step(data.train_batch())
         same = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
         assert same == (step in clipped)  # the clipped render's gradient was not applied
     trainer.flush()
-    assert trainer.incomplete_total == 1 and trainer.nonfinite_total == trainer.nonfinite_run == 0
+    gate = trainer.gate
+    assert gate.incomplete_total == 1 and gate.nonfinite_total == gate.nonfinite_run == 0
     emb = trainer.model.encoder.embeddings
     assert int(trainer.optimizer.state[emb]["step"]) == 2  # Adan counted only the applied steps
     assert len(said) == 1 and "[step 1]" in said[0] and "too few rows: step skipped" in said[0]
+
+
+@pytest.mark.parametrize("backbone", ["grid", "vanilla"])
+def test_the_nerf_is_a_representation_with_its_regularizers_in_order(backbone):
+    """Both backbones implement the Trainer's interface; every regularizer with a weight comes
+    back, in the order the loss sums them, and a training render draws from the global RNG."""
+    from nerf.losses import LossConfig
+    from nerf.network_base import FieldConfig, build_field
+    from nerf.provider import CameraConfig
+    from nerf.representation import Representation
+
+    torch.manual_seed(0)
+    field = build_field(FieldConfig(backbone=backbone, grid_levels=2, grid_log2_size=8))
+    assert isinstance(field, Representation)
+    data = NeRFDataset(CameraConfig(h=8, w=8), type="train", size=1).train_batch()
+    out = field.render_batch(data, shading="lambertian", need_normal=True, training=True)
+    assert out["rgb"].shape == (1, 3, 8, 8) and out["normal"].shape == (1, 3, 8, 8)
+    losses = LossConfig(
+        lambda_opacity=1.0,
+        lambda_tv=1.0,
+        lambda_wd=1.0,
+        lambda_2d_normal_smooth=1.0,
+        lambda_3d_normal_smooth=1.0,
+    )
+    parts = field.regularizers(out, data, losses, progress=0.5, elapsed=0.5)
+    grid = ["wd", "tv"] if backbone == "grid" else []
+    expected = ["entropy", "opacity", "orient", "normal_2d"] + grid
+    assert [k for k in parts if k != "normal_3d"] == expected  # normal_3d only where rays hit
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in parts.values())
+    assert field.stats() == {} and field.state_optional == ("encoder_bg",)
+
+
+def test_nerf_configs_from_flat_values_or_parsed_options():
+    """One builder of the field's configs for main.py, scripts and tests."""
+    import main
+    from nerf.representation import nerf_configs
+
+    opt, _ = parse_args(["--text", "x", "--grid_levels", "4", "-O"])
+    assert main.nerf_configs is nerf_configs
+    field, render, speed = nerf_configs(opt)
+    assert (field.grid_levels, render.cuda_ray) == (4, True)
+    assert nerf_configs(opt, grid_levels=2)[0].grid_levels == 2
+    with pytest.raises(TypeError, match="lr"):
+        nerf_configs(lr=1.0)
