@@ -20,15 +20,14 @@ import torch
 from tqdm import tqdm
 
 from common.config import option
-from common.rng import forked_rng
 from guidance.base import Guidance, GuidanceConfig
 
 from .checkpoint import TrainerCheckpoints
-from .graphed import thaw
+from .fast.graphed import collector_frozen
 from .losses import LossConfig
 from .optimizer import EMA, Adan
 from .outputs import TrainerOutputs, WorkspaceIndex
-from .provider import BACK, BOTTOM, FRONT, INTERP_VIEWS, OVERHEAD, SIDE, SIDE_OTHER, NeRFDataset, view_prompt
+from .provider import NeRFDataset
 from .representation import Representation
 from .step_gate import StepGate, grads_finite_flag, readback
 
@@ -116,51 +115,22 @@ class Trainer(TrainerCheckpoints, TrainerOutputs):
         self.gate = StepGate(cfg.max_nonfinite, self.log, self.ckpt_dir)
         self.index = WorkspaceIndex(self.workspace)
         self.epoch = self.global_step = 0
-        self.embeddings: dict[str, torch.Tensor] = {}
         self._log_start()
 
-    # --- the guidance's two touch points ------------------------------------------------------
-    def _prepare_guidance(self) -> None:
-        """Embed the prompt, its view variants and the negative prompt once (disk-cached)."""
-        cond = self.cond
-        if "SD" not in self.guidance or cond.text is None:
-            return
-        sd = self.guidance["SD"]
-        names = ["uncond", "default"] + list(INTERP_VIEWS)
-        dirs = {"front": FRONT, "side": SIDE, "back": BACK, "overhead": OVERHEAD, "bottom": BOTTOM}
-        prompts = [cond.negative, cond.text] + [view_prompt(cond.text, dirs[v]) for v in INTERP_VIEWS]
-        # Loading a text encoder initialises weights from the global RNG: keep it out of the
-        # training stream so a cached run and a fresh one draw the same random numbers.
-        with forked_rng(self.device):
-            embeds = sd.get_text_embeds(prompts)
-        self.embeddings = {n: embeds[i : i + 1] for i, n in enumerate(names)}
-        sd.release_text_encoder()
+    # --- the guidance ------------------------------------------------------------------------
+    def prepare_guidance(self) -> None:
+        """Each prior prepares its conditioning once (prompt embeddings, disk-cached)."""
+        for g in self.guidance.values():
+            g.prepare(self.cond)
 
-    prepare_embeddings = _prepare_guidance  # scripts/bench_sds.py's name
-
-    def _guidance_loss(self, pred: torch.Tensor, data: dict, as_latent: bool, save_path: str | None):
-        """The prior's loss on renders ``pred`` [B,3|4,H,W] of ``data``'s cameras (None: none)."""
-        if "SD" not in self.guidance:
-            return None
+    def guidance_losses(self, pred: torch.Tensor, data: dict, as_latent: bool, save_path: str | None):
+        """{part name: loss} of each prior on renders ``pred`` [B,3|4,H,W] of ``data``'s cameras:
+        "sds" for Stable Diffusion (the reference's name), ``sds_<name>`` for the others."""
         kw = dict(as_latent=as_latent, grad_scale=self.losses.lambda_guidance, save_guidance_path=save_path)
-        cond = self.text_embeddings_for(data)
-        return self.guidance["SD"].train_step(cond, pred, guidance_scale=self.cond.guidance_scale, **kw)
-
-    def text_embeddings_for(self, data: dict) -> torch.Tensor:
-        """[2B,77,D]: the negative prompt for each view, then the view-dependent prompt."""
-        cond, E = self.cond, self.embeddings
-        B = data["polar"].shape[0]
-        if cond.view_prompt == "interp":
-            w = data["view_weights"]  # interp_view_weights, computed with the cameras
-            stack = torch.cat([E[v] for v in INTERP_VIEWS])  # [5,77,D]
-            cond = torch.einsum("bk,kld->bld", w.to(stack.dtype), stack)
-        elif cond.view_prompt == "discrete":
-            by_class = {FRONT: "front", SIDE: "side", SIDE_OTHER: "side", BACK: "back"}
-            by_class.update({OVERHEAD: "overhead", BOTTOM: "bottom"})
-            cond = torch.cat([E[by_class[int(d)]] for d in data["dir"]])
-        else:
-            cond = E["default"].expand(B, -1, -1)
-        return torch.cat([E["uncond"].expand(B, -1, -1), cond])
+        return {
+            "sds" if name == "SD" else f"sds_{name}": g.train_step(pred, data, **kw)
+            for name, g in self.guidance.items()
+        }
 
     # --- one iteration ------------------------------------------------------------------------
     def progress(self, step: int | None = None) -> float:
@@ -197,15 +167,15 @@ class Trainer(TrainerCheckpoints, TrainerOutputs):
             pred.register_hook(lambda g: g.clamp(-limit, limit))
         parts: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=self.device)
-        sds = self._guidance_loss(pred, data, as_latent, save_guidance_path)
-        if sds is not None:
-            parts["sds"] = sds
-            loss = loss + sds
+        for k, v in self.guidance_losses(pred, data, as_latent, save_guidance_path).items():
+            parts[k] = v
+            loss = loss + v
+        scored = set(parts)
         # The entropy ramps in over the first half of the steps, the grid TV of the schedule.
         elapsed = self.global_step / cfg.iters
         parts.update(self.model.regularizers(out, data, losses, progress=ratio, elapsed=elapsed))
         for k, v in parts.items():
-            if k != "sds":
+            if k not in scored:
                 loss = loss + v
         # Detached 0-d tensors, not floats: train_one_step reads them all in one device->host copy.
         # "complete" (--graph_render): False when the fixed-size render had too few rows.
@@ -267,9 +237,11 @@ class Trainer(TrainerCheckpoints, TrainerOutputs):
         cfg, per_epoch = self.cfg, train_set.size
         max_epoch = math.ceil(cfg.iters / per_epoch)
         kill_at = int(os.environ.get("DREAMFUSION_KILL_AFTER_STEP", "0"))  # fault injection for tests
-        self._prepare_guidance()
+        self.prepare_guidance()
         start = time.time()
-        try:
+        # Graph captures (--graph_render, --graph_pass) freeze the run's objects for cheap
+        # collections, for the loop's duration only.
+        with collector_frozen():
             while self.epoch < max_epoch and self.global_step < cfg.iters:
                 self.epoch += 1
                 steps = min(per_epoch, cfg.iters - self.global_step)
@@ -295,6 +267,4 @@ class Trainer(TrainerCheckpoints, TrainerOutputs):
                     self.evaluate(valid_set)
                 if test_set is not None and (self.epoch % cfg.test_interval == 0 or last):
                     self.test(test_set)
-        finally:
-            thaw()  # --graph_render froze the run's objects for cheap collections: not past the run
         self.log(f"[done] {self.global_step} steps in {time.time() - start:.1f} s", echo=not cfg.quiet)
