@@ -8,9 +8,7 @@ These functions define the semantics (the grid layout and the sample lattice are
 (``cuda_kernels.backend``), and ``raymarching._cuda.<name>`` takes the same arguments. Arguments
 marked "CUDA only" choose between kernels; the twin ignores them.
 
-Shapes: N rays, M packed samples; C cascades of G^3 cells. The marching functions share their
-leading parameters (the rays and box, the occupancy grid, the rays' segments): their signatures
-put one such group on a line (ruff would give each parameter its own).
+Shapes: N rays, M packed samples; C cascades of G^3 cells.
 """
 
 from __future__ import annotations
@@ -152,12 +150,20 @@ def _lattice(t0: torch.Tensor, n: int, dt_gamma: float, dt_min: float, dt_max: f
 
 
 def march_rays_train(
-    rays_o: Tensor, rays_d: Tensor, bound: float,
-    density_bitfield: Tensor, C: int, G: int,
-    nears: Tensor, fars: Tensor,
-    perturb: bool = False, dt_gamma: float = 0.0, max_steps: int = 1024, noise: Tensor | None = None,
+    rays_o: Tensor,
+    rays_d: Tensor,
+    bound: float,
+    density_bitfield: Tensor,
+    C: int,
+    G: int,
+    nears: Tensor,
+    fars: Tensor,
+    perturb: bool = False,
+    dt_gamma: float = 0.0,
+    max_steps: int = 1024,
+    noise: Tensor | None = None,
     warp: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Packed samples in occupied cells along each ray (training).
 
     Args:
@@ -334,12 +340,20 @@ def _fit_rows(t: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def march_rays_train_fixed(
-    rays_o: Tensor, rays_d: Tensor, bound: float,
-    density_bitfield: Tensor, C: int, G: int,
-    nears: Tensor, fars: Tensor,
-    noise: Tensor | None, dt_gamma: float, max_steps: int, capacity: int,
+    rays_o: Tensor,
+    rays_d: Tensor,
+    bound: float,
+    density_bitfield: Tensor,
+    C: int,
+    G: int,
+    nears: Tensor,
+    fars: Tensor,
+    noise: Tensor | None,
+    dt_gamma: float,
+    max_steps: int,
+    capacity: int,
     warp: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``march_rays_train`` into exactly ``capacity`` rows, without a host sync: the shapes a
     CUDA graph needs.
 
@@ -399,12 +413,21 @@ def prune_rays_train_fixed(
 
 
 def march_rays(
-    n_alive: int, n_step: int, rays_alive: Tensor, rays_t: Tensor,
-    rays_o: Tensor, rays_d: Tensor, bound: float,
-    density_bitfield: Tensor, C: int, G: int,
-    nears: Tensor, fars: Tensor,
-    dt_gamma: float = 0.0, max_steps: int = 1024,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    n_alive: int,
+    n_step: int,
+    rays_alive: Tensor,
+    rays_t: Tensor,
+    rays_o: Tensor,
+    rays_d: Tensor,
+    bound: float,
+    density_bitfield: Tensor,
+    C: int,
+    G: int,
+    nears: Tensor,
+    fars: Tensor,
+    dt_gamma: float = 0.0,
+    max_steps: int = 1024,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The next ``n_step`` occupied samples of each alive ray (inference).
 
     ``rays_t`` holds each ray's next lattice point and is advanced in place past the last
