@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.sd_factory import build_sd  # noqa: E402
 from guidance.sd_utils import StableDiffusion, unet_eager  # noqa: E402
 from main import build_guidance, configs_from, configure_cuda_allocator, parse_args  # noqa: E402
-from nerf.graphed import thaw  # noqa: E402
+from nerf.fast.graphed import collector_frozen  # noqa: E402
 from nerf.network_base import build_field  # noqa: E402
 from nerf.provider import NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
@@ -298,7 +298,15 @@ class Marks:
 
 
 def run_variant(name: str, extra: list[str], args, model_path: str, device: torch.device, tmp: Path) -> dict:
-    thaw()  # the last variant's objects, frozen by its first graph capture, can go now
+    """One variant's measurements, its graph captures inside ``collector_frozen`` as in a run
+    (``Trainer.train``); its objects are unfrozen, and can go, when it ends."""
+    with collector_frozen():
+        return measure_variant(name, extra, args, model_path, device, tmp)
+
+
+def measure_variant(
+    name: str, extra: list[str], args, model_path: str, device: torch.device, tmp: Path
+) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

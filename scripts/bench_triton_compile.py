@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nerf import fused_mlp  # noqa: E402
+from nerf.fast import fused_mlp  # noqa: E402
 
 
 def timed(fn) -> float:

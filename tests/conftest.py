@@ -68,13 +68,3 @@ def embed_cache(tmp_path, monkeypatch) -> Path:
     """Keep text-embedding caches inside the test's folder."""
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path / ".cache" / "dreamfusion" / "text_embeds"
-
-
-@pytest.fixture(autouse=True)
-def _thaw_after_graph_captures():
-    """A graph capture (--graph_render, --graph_pass) gc.freeze()s the process's objects: undo
-    it after each test so that one test's objects do not outlive it."""
-    yield
-    from nerf.graphed import thaw
-
-    thaw()

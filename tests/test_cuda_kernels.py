@@ -498,7 +498,7 @@ def test_graphed_network_pass_equals_eager(shading):
     import torch.nn.functional as F
 
     from main import parse_args
-    from nerf.graphed import GraphedPasses, sample_bucket
+    from nerf.fast.graphed import GraphedPasses, sample_bucket
     from nerf.network_grid import NeRFNetwork
     from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
 
@@ -604,7 +604,7 @@ def test_graphed_training_render_equals_eager(shading, capsys):
     import torch.nn.functional as F
 
     from main import parse_args
-    from nerf.graphed import GraphedRender
+    from nerf.fast.graphed import GraphedRender
     from nerf.network_grid import NeRFNetwork
     from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy
     from nerf.utils import weight_entropy
