@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from guidance.sd_utils import ModelNotFoundError
     from nerf.checkpoint import CheckpointError
-    from nerf.network_base import build_field
+    from nerf.fields import build_field
     from nerf.provider import NeRFDataset
     from nerf.step_gate import TrainingDiverged
     from nerf.trainer import Trainer

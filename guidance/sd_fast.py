@@ -171,7 +171,12 @@ class SDFast:
     Args:
         unet, vae: the loaded (frozen, eval) models; changed in place.
         speed: the levers.
-        key: the model's hub id or folder (``sd_utils.fingerprint``, for traced UNets' keys).
+        reference_unet: ``(unet, x, t, emb) -> eps``, the reference UNet call this layer
+            speeds up (``sd_utils.unet_eager``).
+        reference_moments: ``(vae, x) -> moments``, the reference encoder half
+            (``sd_utils.vae_moments``).
+        model_id: ``() -> str``, the model's identity for traced UNets' keys
+            (``sd_utils.fingerprint`` of its hub id or folder; called only when one is looked up).
         device, dtype: where the models are, and their dtype.
         precision: the run's precision ("bf16" runs the prior in its own dtype, autocast off).
         traced_dir: where ``unet_traced="auto"`` looks (default ``default_traced_dir()``).
@@ -183,17 +188,21 @@ class SDFast:
         vae: torch.nn.Module,
         speed: SDSpeedConfig,
         *,
-        key: str,
+        reference_unet: Callable[..., torch.Tensor],
+        reference_moments: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+        model_id: Callable[[], str],
         device: torch.device,
         dtype: torch.dtype,
         precision: str = "fp32",
         traced_dir: str | Path | None = None,
     ):
-        # The reference this layer wraps (imported here: sd_utils imports this module's config).
-        from . import sd_utils
-
-        self.ref = sd_utils
-        self.unet, self.vae, self.key, self.dtype = unet, vae, key, dtype
+        # The reference this layer wraps, passed in: the speed layer imports nothing of it.
+        self.reference_unet, self.reference_moments, self.model_id = (
+            reference_unet,
+            reference_moments,
+            model_id,
+        )
+        self.unet, self.vae, self.dtype = unet, vae, dtype
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.unet_graph = bool(speed.unet_graph) and cuda
@@ -246,7 +255,7 @@ class SDFast:
     # --- UNet ------------------------------------------------------------------------------------
     def unet_eager(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """The reference UNet call (``sd_utils.unet_eager``) on this model."""
-        return self.ref.unet_eager(self.unet, x, t, emb)
+        return self.reference_unet(self.unet, x, t, emb)
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """UNet noise prediction for the CFG batch ``x`` [2B,4,h,w] (model dtype), ``t`` [2B],
@@ -288,7 +297,7 @@ class SDFast:
 
     def traced_key_for(self, sig: tuple) -> str:
         """``traced_key`` of this model (with its q/k/v fusion: other weight names) for inputs ``sig``."""
-        model = self.ref.fingerprint(self.key) + ("+fused_qkv" if self.unet_fused_qkv else "")
+        model = self.model_id() + ("+fused_qkv" if self.unet_fused_qkv else "")
         return traced_key(model, self.dtype, sig, self.device_name)
 
     def _traced_for(self, sig: tuple) -> UNetFn | None:
@@ -349,7 +358,7 @@ class SDFast:
 
     def vae_moments_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The reference encoder half (``sd_utils.vae_moments``) on this model."""
-        return self.ref.vae_moments(self.vae, x)
+        return self.reference_moments(self.vae, x)
 
     def vae_moments(self, x: torch.Tensor) -> torch.Tensor:
         """``vae_moments_eager`` through the enabled levers (compiled and/or graphed), one per signature."""

@@ -10,6 +10,7 @@ cached), a hub id, or a local folder in diffusers' layout (``--hf_key``). The sp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -248,7 +249,9 @@ class StableDiffusion(torch.nn.Module):
             self.unet,
             self.vae,
             speed,
-            key=self.key,
+            reference_unet=unet_eager,
+            reference_moments=vae_moments,
+            model_id=functools.partial(fingerprint, self.key),
             device=self.device,
             dtype=self.dtype,
             precision=precision,

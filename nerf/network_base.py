@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.config import option
 
 from .encoding import FreqEncoder
 from .fast import NeRFSpeedConfig
+from .fast.field import FusedHead, FusedReluMLP
+from .field_parts import MLP, SHADINGS, _central_difference, _shade, biased_softplus, trunc_exp
 from .provider import safe_normalize
 from .renderer import NeRFRenderer, RendererConfig
 
@@ -45,89 +46,6 @@ class FieldConfig:
     grid_finest: int = option(2048, "finest hash-grid resolution (times bound)")
 
 
-class _TruncExp(torch.autograd.Function):
-    """exp(x) in fp32 whose backward is clamped at exp(15), so large logits cannot blow up."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.exp(x)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * torch.exp(x.clamp(max=15))
-
-
-def trunc_exp(x: torch.Tensor) -> torch.Tensor:
-    return _TruncExp.apply(x)
-
-
-def biased_softplus(x: torch.Tensor, bias: float = 0.0) -> torch.Tensor:
-    return F.softplus(x - bias)
-
-
-class ResBlock(nn.Module):
-    """Linear + LayerNorm with a skip connection and SiLU (the vanilla backbone's block)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dense = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        return F.silu(x + self.norm(self.dense(x)))
-
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU (or residual blocks in the middle)."""
-
-    def __init__(self, dim_in: int, dim_out: int, dim_hidden: int, num_layers: int, residual: bool = False):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            first, last = i == 0, i == num_layers - 1
-            if residual and not first and not last:
-                layers.append(ResBlock(dim_hidden))
-            else:
-                layers.append(nn.Linear(dim_in if first else dim_hidden, dim_out if last else dim_hidden))
-        self.layers = nn.ModuleList(layers)
-        self.residual = residual
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            hidden = i != len(self.layers) - 1 and isinstance(layer, nn.Linear)
-            x = layer(x)
-            if hidden:
-                x = F.silu(x) if self.residual else F.relu(x, inplace=True)
-        return x
-
-
-def _shade(
-    albedo: torch.Tensor, normal: torch.Tensor | None, l: torch.Tensor | None, ratio: float, shading: str
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Colour [N,3] of a shading, and for lambertian/textureless also lam [N] (ambient plus
-    diffuse factor) and n.l [N]: ``lam = ratio + (1 - ratio) * max(0, n.l)``."""
-    if shading == "albedo":
-        return albedo, None, None
-    if shading == "normal":
-        return (normal + 1) / 2, None, None
-    dot = (normal * l).sum(-1)
-    lam = ratio + (1 - ratio) * dot.clamp(min=0)
-    return (lam[:, None].expand(-1, 3) if shading == "textureless" else albedo * lam[:, None]), lam, dot
-
-
-def _central_difference(s: torch.Tensor, eps: float) -> torch.Tensor:
-    """[6*N] densities at the +x,+y,+z,-x,-y,-z offsets (offset-major) -> [N,3] gradient."""
-    s = s.reshape(6, -1)
-    return ((s[:3] - s[3:]) / (2 * eps)).t()
-
-
-SHADINGS = ("albedo", "lambertian", "textureless", "normal")
-
-
 class FieldNetwork(NeRFRenderer):
     """A NeRF field: encoder -> MLP -> (density logit, albedo logits), plus shading.
 
@@ -151,9 +69,6 @@ class FieldNetwork(NeRFRenderer):
         super().__init__(
             render, speed, density_thresh_scale=25 if cfg.density_activation == "softplus" else 1
         )
-        # The speed layer builds on this module, hence imported here (nerf/fast/field.py).
-        from .fast.field import FusedHead, FusedReluMLP
-
         mlp = FusedReluMLP if speed.fused_relu else MLP  # Linear + ReLU as one GEMM without gradients
         self.field_cfg = cfg
         self.encoder = encoder
@@ -335,21 +250,3 @@ class FieldNetwork(NeRFRenderer):
         if self.bg_net is not None:
             groups.append({"params": self.bg_net.parameters(), "lr": lr})
         return groups
-
-
-def build_field(
-    cfg: FieldConfig, render: RendererConfig = RendererConfig(), speed: NeRFSpeedConfig = NeRFSpeedConfig()
-) -> FieldNetwork:
-    """The NeRF of ``cfg.backbone``: "grid" (``network_grid.py``) or "vanilla" (``network.py``).
-
-    >>> field = build_field(FieldConfig(grid_levels=2, grid_log2_size=8))
-    >>> field.density(torch.zeros(2, 3))["sigma"].shape
-    torch.Size([2])
-    """
-    if cfg.backbone == "grid":
-        from .network_grid import NeRFNetwork
-    elif cfg.backbone == "vanilla":
-        from .network import NeRFNetwork
-    else:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}")
-    return NeRFNetwork(cfg, render, speed)

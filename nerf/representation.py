@@ -152,7 +152,7 @@ class NeRFRepresentation:
         """``Representation.render_batch``; also ``render``: the dict of ``NeRFRenderer.render``
         ([B,H*W,...] per ray, ``weights`` per sample, ``loss_orient``) for ``regularizers``.
 
-        >>> from nerf.network_base import build_field
+        >>> from nerf.fields import build_field
         >>> from nerf.provider import CameraConfig, NeRFDataset
         >>> field = build_field(FieldConfig(grid_levels=2, grid_log2_size=8))
         >>> data = NeRFDataset(CameraConfig(h=4, w=4), type="train", size=1).train_batch()
@@ -263,7 +263,7 @@ class NeRFRepresentation:
 
 
 def nerf_configs(ns: Any = None, **kw: Any) -> tuple[FieldConfig, RendererConfig, NeRFSpeedConfig]:
-    """(FieldConfig, RendererConfig, NeRFSpeedConfig) for ``nerf.network_base.build_field``, from
+    """(FieldConfig, RendererConfig, NeRFSpeedConfig) for ``nerf.fields.build_field``, from
     flat option values named as on the command line (each key must belong to one of the three),
     or from parsed options ``ns`` (``main.parse_args``; a Namespace or a dict) updated by ``kw``.
 

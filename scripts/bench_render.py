@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gridencoder  # noqa: E402
 import raymarching  # noqa: E402
 from main import nerf_configs, parse_args  # noqa: E402
-from nerf.network_base import build_field  # noqa: E402
+from nerf.fields import build_field  # noqa: E402
 from nerf.provider import circle_poses, get_rays, intrinsics_from_fovy  # noqa: E402
 from scripts.trace_stats import summary  # noqa: E402
 

@@ -35,7 +35,7 @@ from guidance.sd_factory import build_sd  # noqa: E402
 from guidance.sd_utils import StableDiffusion, unet_eager  # noqa: E402
 from main import build_guidance, configs_from, configure_cuda_allocator, parse_args  # noqa: E402
 from nerf.fast.graphed import collector_frozen  # noqa: E402
-from nerf.network_base import build_field  # noqa: E402
+from nerf.fields import build_field  # noqa: E402
 from nerf.provider import NeRFDataset  # noqa: E402
 from nerf.utils import Trainer  # noqa: E402
 from scripts.bench_render import fit  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from main import configs_from, parse_args  # noqa: E402
 from main import main as run_main  # noqa: E402
-from nerf.network_base import build_field  # noqa: E402
+from nerf.fields import build_field  # noqa: E402
 from shapes.metrics import (  # noqa: E402
     colour_error,
     eval_cameras,

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from main import nerf_configs, parse_args  # noqa: E402
-from nerf.network_base import build_field  # noqa: E402
+from nerf.fields import build_field  # noqa: E402
 from scripts.bench_render import BALL_C, BALL_R, BOX_C, BOX_H, fit, rays  # noqa: E402
 
 

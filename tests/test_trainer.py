@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from main import configs_from, parse_args
-from nerf.network_base import build_field
+from nerf.fields import build_field
 from nerf.provider import NeRFDataset
 from nerf.step_gate import grads_finite_flag
 from nerf.trainer import Trainer
@@ -133,8 +133,9 @@ def test_incomplete_graphed_render_skips_the_step(tmp_path, monkeypatch, defer, 
 def test_the_nerf_is_a_representation_with_its_regularizers_in_order(backbone):
     """Both backbones implement the Trainer's interface; every regularizer with a weight comes
     back, in the order the loss sums them, and a training render draws from the global RNG."""
+    from nerf.fields import build_field
     from nerf.losses import LossConfig
-    from nerf.network_base import FieldConfig, build_field
+    from nerf.network_base import FieldConfig
     from nerf.provider import CameraConfig
     from nerf.representation import Representation
 

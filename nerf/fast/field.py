@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,11 @@ from torch.autograd.function import once_differentiable
 
 from gridencoder import GridEncoder
 
-from ..network_base import MLP, FieldNetwork, _central_difference, _shade
+from ..field_parts import MLP, _central_difference, _shade
 from . import fused_mlp
+
+if TYPE_CHECKING:  # the field builds these variants; they only name its type
+    from ..network_base import FieldNetwork
 
 FUSED_RELU = hasattr(torch, "_addmm_activation")  # this torch has the ReLU-epilogue GEMM
 

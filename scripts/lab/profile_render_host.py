@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import raymarching  # noqa: E402
 from main import nerf_configs, parse_args  # noqa: E402
 from nerf.fast import fused_mlp  # noqa: E402
-from nerf.network_base import build_field  # noqa: E402
+from nerf.fields import build_field  # noqa: E402
 from scripts.bench_render import fit, rays, train_render  # noqa: E402
 
 
