@@ -10,6 +10,7 @@ Options that change other options print what they changed at start-up.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from dataclasses import dataclass
@@ -207,6 +208,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     err = parser.error
     if not opt.test and not (opt.text and opt.text.strip()):
         err("--text is required (and must not be empty) unless --test is given")
+    for name, value in vars(opt).items():  # NaN and inf pass argparse's float(); no option takes them
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            err(f"--{name} must be a finite number, got {value}")
+    if not 0 <= opt.seed < 2**32:  # what NumPy's generator takes
+        err(f"--seed must be in [0, 2**32), got {opt.seed}")
+    if opt.lr <= 0:
+        err(f"--lr must be positive, got {opt.lr}")
+    if opt.guidance_scale < 0:
+        err(f"--guidance_scale must be >= 0, got {opt.guidance_scale}")
     for name in (
         "iters",
         "dataset_size_train",
@@ -252,8 +263,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         err("--theta_range must lie in [0, 180]")
     if not (0 < opt.fovy_range[0] and opt.fovy_range[1] < 180):
         err("--fovy_range must lie in (0, 180)")
-    if not (0 <= opt.t_range[0] and opt.t_range[1] <= 1):
-        err("--t_range must lie in [0, 1]")
+    if not (0 <= opt.t_range[0] < opt.t_range[1] <= 1):
+        err(f"--t_range must satisfy 0 <= min < max <= 1, got {opt.t_range[0]} {opt.t_range[1]}")
     if opt.grid_size % 2 or opt.grid_size > 1024:
         err("--grid_size must be even and at most 1024")
     if not 0 < opt.infer_T_thresh < 1:

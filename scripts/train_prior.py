@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         fused=dev.type == "cuda",
     )
     if args.resume:
-        ck = torch.load(args.ckpt, map_location=dev, weights_only=False)
+        ck = torch.load(args.ckpt, map_location=dev, weights_only=True)  # data only: never runs code
         vae.load_state_dict(ck["vae"])
         vae.register_to_config(scaling_factor=ck["scaling_factor"])
         unet.load_state_dict(ck["unet"])

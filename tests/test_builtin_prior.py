@@ -65,3 +65,23 @@ def test_short_cpu_run_recovers_the_silhouette(tmp_path, monkeypatch):
 
 
 IOU_FLOOR = 0.5
+
+
+def test_the_prior_trainings_checkpoint_resumes_as_data_only(tmp_path):
+    """scripts/train_prior.py's resume file holds state dicts, numbers and the loss log only:
+    it loads with ``weights_only=True`` (a file from elsewhere never runs code)."""
+    from types import SimpleNamespace
+
+    from scripts.train_prior import save_ckpt
+
+    nets = [torch.nn.Linear(3, 2) for _ in range(5)]
+    vae = SimpleNamespace(state_dict=nets[0].state_dict, config=SimpleNamespace(scaling_factor=0.18))
+    opt = torch.optim.AdamW([{"params": nets[1].parameters(), "lr": 1e-3, "base": 1e-3}])
+    nets[1](torch.ones(1, 3)).sum().backward()
+    opt.step()
+    log = {"vae_curve": [[0, 0.5, 0.25, 0.1]], "unet_curve": [], "vae_seconds": 1.5}
+    path = tmp_path / "ck" / "prior.pth"
+    save_ckpt(str(path), vae, nets[1], nets[2], nets[3], nets[4], opt, 7, log)
+    ck = torch.load(path, weights_only=True)
+    assert ck["step"] == 7 and ck["log"] == log and ck["scaling_factor"] == 0.18
+    assert torch.equal(ck["unet"]["weight"], nets[1].weight) and ck["opt"]["state"][0]["step"] == 1
