@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def expand_files(argv: list[str]) -> list[str]:
-    """Replace every ``--file PATH`` by the arguments in PATH (shell quoting, # comments)."""
+def expand_files(argv: list[str], _open: tuple[str, ...] = ()) -> list[str]:
+    """Replace every ``--file PATH`` by the arguments in PATH (shell quoting, # comments).
+    A file that includes itself, directly or through others, is an error (``_open``: the files
+    being expanded)."""
     out, i = [], 0
     while i < len(argv):
         tok = argv[i]
@@ -158,7 +160,14 @@ def expand_files(argv: list[str]) -> list[str]:
             continue
         if not Path(path).is_file():
             raise SystemExit(f"main.py: error: argument file {path} not found")
-        out += expand_files(shlex.split(Path(path).read_text(), comments=True))
+        key = str(Path(path).resolve())
+        if key in _open:
+            raise SystemExit(f"main.py: error: argument file {path} includes itself")
+        try:
+            words = shlex.split(Path(path).read_text(), comments=True)
+        except ValueError as e:  # shlex: "No closing quotation" and the like
+            raise SystemExit(f"main.py: error: argument file {path}: {e}") from None
+        out += expand_files(words, (*_open, key))
     return out
 
 
@@ -263,6 +272,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         err("--theta_range must lie in [0, 180]")
     if not (0 < opt.fovy_range[0] and opt.fovy_range[1] < 180):
         err("--fovy_range must lie in (0, 180)")
+    if opt.device != "auto":
+        import torch
+
+        try:
+            dev = torch.device(opt.device)
+        except RuntimeError:
+            err(f"--device must be auto, cpu, cuda or cuda:N, got {opt.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            err(f"--device {opt.device}: no CUDA device is available here (use --device cpu or auto)")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            err(f"--device {opt.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.type not in ("cpu", "cuda"):
+            err(f"--device must be auto, cpu, cuda or cuda:N, got {opt.device!r}")
+    if not opt.workspace.strip():
+        err("--workspace must name a folder (an empty name would write into the current one)")
+    if Path(opt.workspace).exists() and not Path(opt.workspace).is_dir():
+        err(f"--workspace {opt.workspace} is a file, not a folder")
     if not (0 <= opt.t_range[0] < opt.t_range[1] <= 1):
         err(f"--t_range must satisfy 0 <= min < max <= 1, got {opt.t_range[0]} {opt.t_range[1]}")
     if opt.grid_size % 2 or opt.grid_size > 1024:

@@ -154,6 +154,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_sd, tmp_path, monkeypa
         (["--text", "x", "--decimate_target", "nan"], "--decimate_target must be a finite number"),
         (["--text", "x", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
         (["--text", "x", "--seed", str(2**70)], "--seed must be in [0, 2**32)"),
+        (["--text", "x", "--device", "gpu0"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
+        (["--text", "x", "--device", "meta"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--text", "x", "--workspace", ""], "--workspace must name a folder"),
+        (["--text", "x", "--workspace", "  "], "--workspace must name a folder"),
         (["--file", "/nonexistent/args.txt"], "argument file /nonexistent/args.txt not found"),
         (["--text", "x", "--graph_render_max_work", "-1"], "--graph_render_max_work must be >= 0"),
         (["--text", "x", "--graph_render_headroom", "0.9"], "--graph_render_headroom must be at least 1"),
@@ -166,6 +170,37 @@ def test_bad_input_fails_at_parse_time_in_one_line(args, message, capsys):
     err = capsys.readouterr().err + str(e.value.code)
     assert message in err
     assert len([line for line in capsys.readouterr().err.splitlines() if line]) <= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--text", "x", "--device", "cuda"])
+    assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_a_workspace_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    with pytest.raises(SystemExit):
+        parse_args(["--text", "x", "--workspace", str(f)])
+    assert f"--workspace {f} is a file, not a folder" in capsys.readouterr().err
+    assert f.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('--text "unclosed\n', "No closing quotation"),
+        ("--file {self}\n", "includes itself"),
+    ],
+)
+def test_bad_argument_files_are_one_line(tmp_path, text, message):
+    f = tmp_path / "run.args"
+    f.write_text(text.format(self=f))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--file", str(f)])
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_argument_files_keep_quoted_strings(tmp_path):
