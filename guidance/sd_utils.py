@@ -97,7 +97,18 @@ def _load(cls, key: str, subfolder: str, **kwargs):
         raise ModelNotFoundError(_missing_message(key)) from None
 
 
+def looks_like_path(key: str) -> bool:
+    """A folder path, not a hub id ("org/name" has one slash and no leading "/", "." or "~").
+
+    >>> looks_like_path("/data/sd21"), looks_like_path("./sd"), looks_like_path("org/name")
+    (True, True, False)
+    """
+    return key.startswith(("/", ".", "~")) or key.count("/") > 1 or "\\" in key
+
+
 def _missing_message(key: str) -> str:
+    if looks_like_path(key):
+        return f"no diffusers model folder at {key} (check --hf_key, or use --sd_version builtin)"
     return (
         f"diffusion model '{key}' is not in the Hugging Face cache and could not be downloaded; "
         f"on a machine with internet run `huggingface-cli download {key}` (then copy "

@@ -88,6 +88,11 @@ def test_missing_model_is_one_clear_line(tmp_path, monkeypatch):
     assert "\n" not in msg and "nobody/no-such-model-xyz" in msg and "huggingface-cli download" in msg
     with pytest.raises(ModelNotFoundError, match="could not be loaded"):
         _sd(tmp_path)  # an empty local folder
+    missing = tmp_path / "no" / "such-folder"
+    with pytest.raises(ModelNotFoundError) as e:
+        _sd(str(missing))  # a mistyped local path: named as a folder, no download advice
+    msg = str(e.value)
+    assert f"no diffusers model folder at {missing}" in msg and "huggingface-cli" not in msg
 
 
 def test_save_guidance_writes_a_preview(sd, tmp_path):
