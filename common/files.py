@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,3 +42,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
             tmp.unlink()
         raise
     return path
+
+
+_TEMP = re.compile(r"^\..+\.tmp(\d+)(\.[^.]*)?$")  # temp_path's names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of writes that never finished (their process was killed)
+    anywhere below ``folder``: names of ``temp_path``'s form whose process is gone. A live
+    process's temporary file is left alone. Returns the files removed.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / ".df.tmp999999999.pth").write_bytes(b"half"), (d / "df.pth").write_bytes(b"x")
+    >>> [p.name for p in remove_stale_temps(d)], sorted(p.name for p in d.iterdir())
+    (['.df.tmp999999999.pth'], ['df.pth'])
+    """
+    removed = []
+    for p in Path(folder).rglob(".*.tmp*"):
+        m = _TEMP.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed

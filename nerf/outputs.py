@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.files import atomic_write
+from common.files import atomic_write, remove_stale_temps
 from common.rng import forked_rng
 
 from .mesh import MeshConfig
@@ -223,6 +223,10 @@ class TrainerOutputs:
         for sub in ("checkpoints", "validation", "results", "run"):
             (self.workspace / sub).mkdir(parents=True, exist_ok=True)
         self.log_path = self.workspace / f"log_{self.name}.txt"
+        for p in remove_stale_temps(self.workspace):  # left by a killed run's unfinished writes
+            self.log(
+                f"[workspace] removed {p.relative_to(self.workspace)}, the temporary file of an unfinished write"
+            )
 
     def _log_start(self) -> None:
         """The run's first log lines: its command, options and model."""

@@ -110,3 +110,23 @@ def test_a_representation_and_a_prior_of_our_own_train_through_the_interfaces(tm
     _, resumed, _ = _run(tmp_path / "ws", iters=16)
     assert resumed.steps_seen == list(range(12, 16))
     assert torch.equal(resumed.logit, whole.logit)
+
+
+def test_a_killed_writes_temporary_files_are_removed_at_start(tmp_path):
+    """A kill -9 during an atomic write leaves its hidden temporary file; the next run on the
+    workspace removes it (and says so), but never a live process's."""
+    import os
+    import subprocess
+    import sys
+
+    ws = tmp_path / "ws"
+    (ws / "checkpoints").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    stale = ws / "checkpoints" / f".df_ep0003.tmp{int(dead.stdout)}.pth"
+    live = ws / "checkpoints" / f".df_ep0004.tmp{os.getpid()}.pth"
+    kept = ws / "checkpoints" / "df_ep0002.pth"
+    for p in (stale, live, kept):
+        p.write_bytes(b"x")
+    Trainer(TrainerConfig(workspace=str(ws), quiet=True), ColourBall(), {}, torch.device("cpu"))
+    assert not stale.exists() and live.exists() and kept.exists()
+    assert "removed checkpoints/.df_ep0003" in (ws / "log_df.txt").read_text()
