@@ -182,14 +182,17 @@ def sds_grad(
     eps_hat: torch.Tensor, noise: torch.Tensor, alphas_t: torch.Tensor, grad_scale: float
 ) -> torch.Tensor:
     """The SDS update of the latents [B,4,h,w]: ``grad_scale * (1 - alphas_cumprod[t]) *
-    (eps_hat - eps)`` (non-finite entries zeroed), from the guided prediction ``eps_hat`` and
-    the noise ``noise`` [B,4,h,w] and ``alphas_t`` = ``alphas_cumprod[t]`` [B].
+    (eps_hat - eps)``, from the guided prediction ``eps_hat`` and the noise ``noise`` [B,4,h,w]
+    and ``alphas_t`` = ``alphas_cumprod[t]`` [B]. Non-finite entries are kept (the reference
+    zeroes them): the loss is then non-finite and the Trainer skips and counts the step.
 
     >>> sds_grad(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([0.75]), 2.0).item()
     0.5
+    >>> sds_grad(torch.full((1, 1, 1, 1), float("nan")), torch.zeros(1, 1, 1, 1), torch.tensor([0.75]), 1.0).isnan().all()
+    tensor(True)
     """
     w = (1 - alphas_t).view(-1, 1, 1, 1)
-    return torch.nan_to_num(grad_scale * w * (eps_hat - noise.float()))
+    return grad_scale * w * (eps_hat - noise.float())
 
 
 def predict_x0(alphas_t: torch.Tensor, noisy: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
