@@ -161,17 +161,6 @@ def _freeze_at_first_capture() -> None:
         _Collector.frozen = True
 
 
-def thaw() -> None:
-    """Undo a freeze of ``collector_frozen`` now (kept for callers written before it; it
-    unfreezes on exit by itself).
-
-    >>> thaw()  # harmless when nothing is frozen
-    """
-    if _Collector.frozen:
-        gc.unfreeze()
-        _Collector.frozen = False
-
-
 @contextlib.contextmanager
 def _cache_kept() -> Iterator[None]:
     """``torch.cuda.empty_cache`` does nothing inside: what a capture needs.
